@@ -1,0 +1,180 @@
+"""Reading pair files (JSON Lines) into validated records. No database here: the caller sees every
+bad line, each error naming its line number, before anything is written."""
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+PromptContent = str | list[dict[str, str]]
+
+PAIR_FIELDS = {"prompt", "response_a", "response_b", "meta", "source_a", "source_b"}
+TRANSCRIPT_FIELDS = {"chosen", "rejected"}
+ROLES = {"system", "user", "assistant"}
+_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+@dataclass(frozen=True)
+class PairRecord:
+    line: int
+    prompt: PromptContent
+    response_a: str
+    response_b: str
+    source_a: str = ""
+    source_b: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class _LineError(Exception):
+    pass
+
+
+def parse_pair_lines(lines: Iterable[bytes], *, max_line_bytes: int) -> tuple[list[PairRecord], list[str]]:
+    """Parse raw lines; return the good records and one error per bad line (none when all is well)."""
+    records: list[PairRecord] = []
+    errors: list[str] = []
+    for number, raw in enumerate(lines, start=1):
+        try:
+            record = _parse_line(number, raw, max_line_bytes)
+        except _LineError as error:
+            errors.append(f"line {number}: {error}")
+            continue
+        if record is not None:
+            records.append(record)
+    if not records and not errors:
+        errors.append("the file holds no pairs")
+    return records, errors
+
+
+def _parse_line(number: int, raw: bytes, max_line_bytes: int) -> PairRecord | None:
+    if len(raw) > max_line_bytes:
+        raise _LineError(f"line is {len(raw):,} bytes, over the limit of {max_line_bytes:,}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise _LineError(f"not valid UTF-8 (byte 0x{raw[error.start]:02x} at offset {error.start})") from None
+    if not text.strip():
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise _LineError(f"invalid JSON: {error.msg} at column {error.colno}") from None
+    if not isinstance(value, dict):
+        raise _LineError(f"expected a JSON object, got {type(value).__name__}")
+    if TRANSCRIPT_FIELDS & value.keys():
+        return _parse_transcript(number, value)
+    return _parse_pair(number, value)
+
+
+def _parse_pair(number: int, value: dict[str, Any]) -> PairRecord:
+    unknown = sorted(value.keys() - PAIR_FIELDS)
+    if unknown:
+        raise _LineError(f"unknown field {unknown[0]!r} (expected prompt, response_a, response_b, meta)")
+    for name in ("prompt", "response_a", "response_b"):
+        if name not in value:
+            raise _LineError(f"missing field {name!r}")
+    meta = value.get("meta", {})
+    if not isinstance(meta, dict):
+        raise _LineError(f"field 'meta' must be an object, got {type(meta).__name__}")
+    response_a = _text(value, "response_a")
+    response_b = _text(value, "response_b")
+    if response_a == response_b:
+        raise _LineError("response_a and response_b are identical")
+    return PairRecord(
+        line=number,
+        prompt=_prompt(value["prompt"]),
+        response_a=response_a,
+        response_b=response_b,
+        source_a=_optional_text(value, "source_a"),
+        source_b=_optional_text(value, "source_b"),
+        meta=meta,
+    )
+
+
+def _parse_transcript(number: int, value: dict[str, Any]) -> PairRecord:
+    """The hh-rlhf layout: two whole dialogues sharing every turn but the last Assistant turn."""
+    unknown = sorted(value.keys() - TRANSCRIPT_FIELDS)
+    if unknown:
+        raise _LineError(f"unknown field {unknown[0]!r} (expected chosen, rejected)")
+    chosen_turns = split_transcript(_text(value, "chosen"), "chosen")
+    rejected_turns = split_transcript(_text(value, "rejected"), "rejected")
+    if chosen_turns[:-1] != rejected_turns[:-1]:
+        raise _LineError("chosen and rejected differ before their final Assistant turn")
+    chosen, rejected = chosen_turns[-1]["content"], rejected_turns[-1]["content"]
+    for name, answer in (("chosen", chosen), ("rejected", rejected)):
+        if not answer:
+            raise _LineError(f"field {name!r}: the final Assistant turn is empty")
+    if chosen == rejected:
+        raise _LineError("chosen and rejected end with the same answer")
+    return PairRecord(
+        line=number,
+        prompt=chosen_turns[:-1],
+        response_a=chosen,
+        response_b=rejected,
+        source_a="chosen",
+        source_b="rejected",
+        meta={"known_preference": "a", "format": "chosen_rejected"},
+    )
+
+
+def split_transcript(text: str, name: str) -> list[dict[str, str]]:
+    """`\\n\\nHuman: ...\\n\\nAssistant: ...` into chat messages; the last one must be the assistant's."""
+    pieces = _TURN.split(text)
+    if pieces[0].strip():
+        raise _LineError(f"field {name!r}: text before the first 'Human:' turn")
+    turns = [
+        {"role": "user" if speaker == "Human" else "assistant", "content": content.strip()}
+        for speaker, content in zip(pieces[1::2], pieces[2::2], strict=True)
+    ]
+    if len(turns) < 2 or turns[-1]["role"] != "assistant":
+        raise _LineError(f"field {name!r}: must end with an Assistant turn after at least one Human turn")
+    return turns
+
+
+def _text(value: dict[str, Any], name: str) -> str:
+    text = value[name]
+    if not isinstance(text, str):
+        raise _LineError(f"field {name!r} must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise _LineError(f"field {name!r} is empty")
+    return text
+
+
+def _optional_text(value: dict[str, Any], name: str) -> str:
+    if name not in value:
+        return ""
+    text = value[name]
+    if not isinstance(text, str):
+        raise _LineError(f"field {name!r} must be a string, got {type(text).__name__}")
+    return text
+
+
+def _prompt(prompt: Any) -> PromptContent:
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise _LineError("field 'prompt' is empty")
+        return prompt
+    if not isinstance(prompt, list):
+        raise _LineError(f"field 'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
+    if not prompt:
+        raise _LineError("field 'prompt' is an empty list of messages")
+    messages = []
+    for index, message in enumerate(prompt):
+        where = f"field 'prompt' message {index}"
+        if not isinstance(message, dict) or set(message) != {"role", "content"}:
+            raise _LineError(f"{where} must be an object with exactly 'role' and 'content'")
+        role, content = message["role"], message["content"]
+        if role not in ROLES:
+            raise _LineError(f"{where}: role {role!r} is not one of {', '.join(sorted(ROLES))}")
+        if not isinstance(content, str) or not content.strip():
+            raise _LineError(f"{where}: content must be a non-empty string")
+        messages.append({"role": role, "content": content})
+    if messages[-1]["role"] != "user":
+        raise _LineError("field 'prompt': the last message must be the user's")
+    return messages
+
+
+def summarize_errors(errors: list[str], limit: int = 20) -> str:
+    shown = "\n".join(errors[:limit])
+    return shown if len(errors) <= limit else f"{shown}\n... and {len(errors) - limit} more bad lines"

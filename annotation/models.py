@@ -1,0 +1,165 @@
+"""The labeling data model: projects of prompts, pairs of responses to compare, leases and votes."""
+
+import hashlib
+import json
+from typing import Any
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+LABELERS_GROUP = "labelers"
+ADMINS_GROUP = "admins"
+
+
+def content_hash(*parts: Any) -> str:
+    """A stable digest of JSON-serialisable parts, used to make imports and samples idempotent."""
+    encoded = json.dumps(parts, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(encoded.encode()).hexdigest()
+
+
+class Project(models.Model):
+    slug = models.SlugField(unique=True)
+    name = models.CharField(max_length=200)
+    guidelines = models.TextField(blank=True, help_text="Markdown shown to labelers beside every pair.")
+    overlap = models.PositiveSmallIntegerField(
+        default=settings.FLYWHEEL_DEFAULT_OVERLAP, help_text="How many different labelers vote on each comparison."
+    )
+    lease_seconds = models.PositiveIntegerField(
+        default=settings.FLYWHEEL_DEFAULT_LEASE_SECONDS,
+        help_text="How long a claimed comparison is reserved for its labeler.",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.CheckConstraint(condition=Q(overlap__gte=1), name="project_overlap_positive")]
+
+    def __str__(self) -> str:
+        return self.slug
+
+
+class Prompt(models.Model):
+    """A single text, or a conversation whose last message is the user's turn to answer."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="prompts")
+    text = models.TextField(blank=True)
+    messages = models.JSONField(null=True, blank=True, help_text='[{"role": ..., "content": ...}, ...]')
+    content_hash = models.CharField(max_length=64)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["project", "content_hash"], name="prompt_unique_content")]
+
+    @property
+    def content(self) -> str | list[dict[str, str]]:
+        """The prompt as imported and exported: a string or a list of chat messages."""
+        return self.messages if self.messages is not None else self.text
+
+    @property
+    def turns(self) -> list[dict[str, str]]:
+        return self.messages if self.messages is not None else [{"role": "user", "content": self.text}]
+
+
+class Response(models.Model):
+    prompt = models.ForeignKey(Prompt, on_delete=models.CASCADE, related_name="responses")
+    text = models.TextField()
+    source = models.CharField(max_length=200, blank=True, help_text="Model name, policy version or file.")
+
+
+class Comparison(models.Model):
+    class Origin(models.TextChoices):
+        IMPORTED = "imported"
+        GOLD = "gold"
+        ROUND_SAMPLE = "round_sample"
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="comparisons")
+    prompt = models.ForeignKey(Prompt, on_delete=models.CASCADE, related_name="comparisons")
+    response_a = models.ForeignKey(Response, on_delete=models.CASCADE, related_name="+")
+    response_b = models.ForeignKey(Response, on_delete=models.CASCADE, related_name="+")
+    origin = models.CharField(max_length=20, choices=Origin.choices, default=Origin.IMPORTED)
+    meta = models.JSONField(default=dict, blank=True)
+    content_hash = models.CharField(max_length=64)
+    # Kept in step with the Vote rows under the comparison's row lock, so that handing out work
+    # never has to count votes.
+    vote_count = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["project", "content_hash"], name="comparison_unique_content"),
+        ]
+        indexes = [models.Index(fields=["project", "-vote_count", "id"], name="comparison_queue")]
+
+
+class Assignment(models.Model):
+    """A lease: one labeler may vote on one comparison until expires_at."""
+
+    class Status(models.TextChoices):
+        OPEN = "open"
+        VOTED = "voted"
+        SKIPPED = "skipped"
+
+    comparison = models.ForeignKey(Comparison, on_delete=models.CASCADE, related_name="assignments")
+    labeler = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="assignments")
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.OPEN)
+    left_is_a = models.BooleanField(help_text="Whether response A was shown on the left (randomized).")
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["comparison", "labeler"], name="assignment_one_per_labeler"),
+        ]
+        indexes = [
+            models.Index(fields=["comparison", "status", "expires_at"], name="assignment_live"),
+            models.Index(fields=["labeler", "status"], name="assignment_by_labeler"),
+        ]
+
+    def is_live(self, now: Any = None) -> bool:
+        return self.status == self.Status.OPEN and self.expires_at > (now or timezone.now())
+
+    @property
+    def left(self) -> Response:
+        return self.comparison.response_a if self.left_is_a else self.comparison.response_b
+
+    @property
+    def right(self) -> Response:
+        return self.comparison.response_b if self.left_is_a else self.comparison.response_a
+
+
+class Vote(models.Model):
+    class Choice(models.TextChoices):
+        A = "a", "A better"
+        B = "b", "B better"
+        TIE = "tie", "Tie"
+        BOTH_BAD = "both_bad", "Both bad"
+
+    class Flag(models.TextChoices):
+        HARMFUL = "harmful"
+        UNSURE = "unsure"
+
+    comparison = models.ForeignKey(Comparison, on_delete=models.CASCADE, related_name="votes")
+    labeler = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="votes")
+    assignment = models.OneToOneField(Assignment, on_delete=models.SET_NULL, null=True, related_name="vote")
+    choice = models.CharField(max_length=10, choices=Choice.choices)
+    winner = models.ForeignKey(
+        Response, on_delete=models.CASCADE, null=True, related_name="+", help_text="Empty for tie and both bad."
+    )
+    strength = models.PositiveSmallIntegerField(default=1)
+    shown_left = models.ForeignKey(Response, on_delete=models.CASCADE, related_name="+")
+    rationale = models.TextField(blank=True)
+    flags = models.JSONField(default=list, blank=True)
+    time_spent_ms = models.PositiveIntegerField()
+    idempotency_key = models.CharField(max_length=200, null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["comparison", "labeler"], name="vote_once_per_labeler"),
+            models.UniqueConstraint(
+                fields=["labeler", "idempotency_key"],
+                condition=Q(idempotency_key__isnull=False),
+                name="vote_idempotency_key",
+            ),
+            models.CheckConstraint(condition=Q(strength__gte=1, strength__lte=3), name="vote_strength_1_3"),
+        ]

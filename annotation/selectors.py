@@ -1,0 +1,48 @@
+"""Reads for pages and the API."""
+
+from dataclasses import dataclass
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db.models import Exists, OuterRef, QuerySet
+from django.utils import timezone
+
+from annotation.models import ADMINS_GROUP, LABELERS_GROUP, Assignment, Comparison, Project, Vote
+
+
+def user_can_label(user: AbstractBaseUser) -> bool:
+    return user.is_authenticated and user.groups.filter(name__in=[LABELERS_GROUP, ADMINS_GROUP]).exists()
+
+
+def projects_for_labeler() -> QuerySet[Project]:
+    return Project.objects.order_by("name")
+
+
+@dataclass(frozen=True)
+class Progress:
+    votes_today: int
+    remaining: int
+
+
+def labeler_progress(*, project: Project, labeler: AbstractBaseUser) -> Progress:
+    """Votes this labeler cast today (any project), and comparisons of this project still open to them."""
+    start_of_day = timezone.localtime().replace(hour=0, minute=0, second=0, microsecond=0)
+    done_by_labeler = Assignment.objects.filter(
+        comparison=OuterRef("pk"),
+        labeler=labeler,
+        status__in=[Assignment.Status.VOTED, Assignment.Status.SKIPPED],
+    )
+    remaining = (
+        Comparison.objects.filter(project=project, vote_count__lt=project.overlap)
+        .filter(~Exists(done_by_labeler))
+        .count()
+    )
+    return Progress(
+        votes_today=Vote.objects.filter(labeler=labeler, created_at__gte=start_of_day).count(),
+        remaining=remaining,
+    )
+
+
+def assignment_for_display(*, assignment_id: int) -> Assignment:
+    return Assignment.objects.select_related(
+        "comparison__prompt", "comparison__response_a", "comparison__response_b", "comparison__project"
+    ).get(pk=assignment_id)

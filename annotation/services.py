@@ -1,0 +1,289 @@
+"""Every write of the labeling product. Views, the API, commands and tasks all call these."""
+
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.contrib.auth.models import AbstractBaseUser, Group
+from django.contrib.auth import get_user_model
+from django.db import transaction
+from django.db.models import Count, Exists, F, OuterRef, Subquery, Value
+from django.db.models.functions import Coalesce
+from django.utils import timezone
+
+from annotation.importing import PairRecord
+from annotation.models import (
+    ADMINS_GROUP,
+    LABELERS_GROUP,
+    Assignment,
+    Comparison,
+    Project,
+    Prompt,
+    Response,
+    Vote,
+    content_hash,
+)
+
+MAX_TIME_SPENT_MS = 24 * 3600 * 1000
+SCREEN_CHOICES = ("left", "right", "tie", "both_bad")
+
+
+class LabelingError(Exception):
+    """A request that cannot be honoured; the message is shown to the labeler as it is."""
+
+
+class LeaseGone(LabelingError):
+    pass
+
+
+class AlreadyVoted(LabelingError):
+    pass
+
+
+class IdempotencyKeyReused(LabelingError):
+    pass
+
+
+class InvalidVote(LabelingError):
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+def labeler_create(*, username: str, password: str, admin: bool = False) -> AbstractBaseUser:
+    """Create or update a user in the labelers group (and admins, when asked)."""
+    user_model = get_user_model()
+    with transaction.atomic():
+        user, _ = user_model.objects.get_or_create(username=username)
+        user.set_password(password)
+        user.is_staff = user.is_staff or admin
+        user.save()
+        user.groups.add(Group.objects.get_or_create(name=LABELERS_GROUP)[0])
+        if admin:
+            user.groups.add(Group.objects.get_or_create(name=ADMINS_GROUP)[0])
+    return user
+
+
+def project_get_or_create(*, slug: str, name: str = "", overlap: int | None = None) -> Project:
+    defaults = {"name": name or slug}
+    if overlap is not None:
+        defaults["overlap"] = overlap
+    project, created = Project.objects.get_or_create(slug=slug, defaults=defaults)
+    if not created and overlap is not None and project.overlap != overlap:
+        project.overlap = overlap
+        project.save(update_fields=["overlap"])
+    return project
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    created: int
+    duplicates: int
+
+
+def pairs_import(*, project: Project, records: list[PairRecord]) -> ImportResult:
+    """Write parsed pairs in one transaction; pairs already present (either order) are skipped."""
+    with transaction.atomic():
+        existing = set(Comparison.objects.filter(project=project).values_list("content_hash", flat=True))
+        prompt_ids = dict(Prompt.objects.filter(project=project).values_list("content_hash", "id"))
+        fresh: list[tuple[str, PairRecord]] = []
+        for record in records:
+            pair_hash = content_hash(record.prompt, sorted([record.response_a, record.response_b]))
+            if pair_hash not in existing:
+                existing.add(pair_hash)
+                fresh.append((pair_hash, record))
+
+        new_prompts = {}
+        for _, record in fresh:
+            prompt_hash = content_hash(record.prompt)
+            if prompt_hash not in prompt_ids and prompt_hash not in new_prompts:
+                is_text = isinstance(record.prompt, str)
+                new_prompts[prompt_hash] = Prompt(
+                    project=project,
+                    text=record.prompt if is_text else "",
+                    messages=None if is_text else record.prompt,
+                    content_hash=prompt_hash,
+                )
+        for prompt in Prompt.objects.bulk_create(new_prompts.values(), batch_size=1000):
+            prompt_ids[prompt.content_hash] = prompt.id
+
+        responses = []
+        for _, record in fresh:
+            prompt_id = prompt_ids[content_hash(record.prompt)]
+            responses.append(Response(prompt_id=prompt_id, text=record.response_a, source=record.source_a))
+            responses.append(Response(prompt_id=prompt_id, text=record.response_b, source=record.source_b))
+        responses = Response.objects.bulk_create(responses, batch_size=1000)
+
+        Comparison.objects.bulk_create(
+            [
+                Comparison(
+                    project=project,
+                    prompt_id=prompt_ids[content_hash(record.prompt)],
+                    response_a=responses[2 * index],
+                    response_b=responses[2 * index + 1],
+                    meta=record.meta,
+                    content_hash=pair_hash,
+                )
+                for index, (pair_hash, record) in enumerate(fresh)
+            ],
+            batch_size=1000,
+        )
+    return ImportResult(created=len(fresh), duplicates=len(records) - len(fresh))
+
+
+def _live_leases(now: datetime) -> Subquery:
+    return Subquery(
+        Assignment.objects.filter(comparison=OuterRef("pk"), status=Assignment.Status.OPEN, expires_at__gt=now)
+        .order_by()
+        .values("comparison")
+        .annotate(count=Count("*"))
+        .values("count")
+    )
+
+
+def assignment_claim(*, project: Project, labeler: AbstractBaseUser, now: datetime | None = None) -> Assignment | None:
+    """Lease the next comparison this labeler may vote on, or None when nothing is left.
+
+    A labeler holding a live lease in the project gets it back, renewed, so a reload does not
+    burn leases. Otherwise the candidate is a comparison they have not voted on or skipped whose
+    votes plus live leases are below the overlap, partially labeled ones first; locking it with
+    SKIP LOCKED keeps concurrent claimers off each other's rows without waiting.
+    """
+    now = now or timezone.now()
+    lease = timedelta(seconds=project.lease_seconds)
+    with transaction.atomic():
+        current = (
+            Assignment.objects.select_for_update()
+            .filter(labeler=labeler, comparison__project=project, status=Assignment.Status.OPEN, expires_at__gt=now)
+            .first()
+        )
+        if current is not None:
+            current.expires_at = now + lease
+            current.save(update_fields=["expires_at"])
+            return current
+
+        done_by_labeler = Assignment.objects.filter(
+            comparison=OuterRef("pk"),
+            labeler=labeler,
+            status__in=[Assignment.Status.VOTED, Assignment.Status.SKIPPED],
+        )
+        comparison = (
+            Comparison.objects.filter(project=project, vote_count__lt=project.overlap)
+            .annotate(leases=Coalesce(_live_leases(now), Value(0)))
+            .filter(leases__lt=project.overlap - F("vote_count"))
+            .filter(~Exists(done_by_labeler))
+            .order_by("-vote_count", "id")
+            .select_for_update(skip_locked=True, of=("self",))
+            .first()
+        )
+        if comparison is None:
+            return None
+        assignment, _ = Assignment.objects.update_or_create(
+            comparison=comparison,
+            labeler=labeler,
+            defaults={
+                "status": Assignment.Status.OPEN,
+                "left_is_a": random.random() < 0.5,
+                "created_at": now,
+                "expires_at": now + lease,
+            },
+        )
+    return assignment
+
+
+def assignment_skip(*, assignment: Assignment) -> None:
+    """Give the comparison back; this labeler is not offered it again."""
+    Assignment.objects.filter(pk=assignment.pk, status=Assignment.Status.OPEN).update(
+        status=Assignment.Status.SKIPPED
+    )
+
+
+def vote_submit(
+    *,
+    assignment_id: int,
+    labeler: AbstractBaseUser,
+    choice: str,
+    strength: int = 1,
+    rationale: str = "",
+    flags: list[str] | None = None,
+    time_spent_ms: int | None = None,
+    idempotency_key: str | None = None,
+    now: datetime | None = None,
+) -> tuple[Vote, bool]:
+    """Record the labeler's verdict on their assignment; returns (vote, created).
+
+    `choice` is what the labeler saw ("left", "right", "tie", "both_bad"); the vote stores the
+    winning Response, so the screen order never leaks into the data. The same idempotency key
+    returns the first vote. A vote after the lease expired counts only while the comparison still
+    has room: overlap is never exceeded.
+    """
+    if choice not in SCREEN_CHOICES:
+        raise InvalidVote("choice", f"{choice!r} is not one of {', '.join(SCREEN_CHOICES)}")
+    if strength not in (1, 2, 3):
+        raise InvalidVote("strength", f"{strength!r} is not 1, 2 or 3")
+    unknown_flags = sorted(set(flags or []) - set(Vote.Flag.values))
+    if unknown_flags:
+        raise InvalidVote("flags", f"{unknown_flags[0]!r} is not one of {', '.join(Vote.Flag.values)}")
+    if time_spent_ms is not None and not 0 <= time_spent_ms <= MAX_TIME_SPENT_MS:
+        raise InvalidVote("time_spent_ms", f"{time_spent_ms} is outside 0..{MAX_TIME_SPENT_MS}")
+    now = now or timezone.now()
+
+    with transaction.atomic():
+        # Lock the comparison before the assignment, the same order as assignment_claim.
+        comparison_id = (
+            Assignment.objects.filter(pk=assignment_id, labeler=labeler).values_list("comparison_id", flat=True).first()
+        )
+        if comparison_id is None:
+            raise Assignment.DoesNotExist(f"no assignment {assignment_id} for this labeler")
+        comparison = Comparison.objects.select_for_update().select_related("project").get(pk=comparison_id)
+        assignment = Assignment.objects.select_for_update().get(pk=assignment_id)
+
+        if idempotency_key:
+            earlier = Vote.objects.filter(labeler=labeler, idempotency_key=idempotency_key).first()
+            if earlier is not None:
+                if earlier.assignment_id != assignment.id:
+                    raise IdempotencyKeyReused("this Idempotency-Key was already used for another assignment")
+                return earlier, False
+        if assignment.status == Assignment.Status.VOTED:
+            raise AlreadyVoted("you have already voted on this comparison")
+        if not assignment.is_live(now):
+            others = (
+                Assignment.objects.filter(comparison=comparison, status=Assignment.Status.OPEN, expires_at__gt=now)
+                .exclude(pk=assignment.pk)
+                .count()
+            )
+            if comparison.vote_count + others >= comparison.project.overlap:
+                raise LeaseGone(
+                    "your lease on this comparison expired and it has since received all the votes it needs"
+                )
+
+        left, right = (
+            (comparison.response_a_id, comparison.response_b_id)
+            if assignment.left_is_a
+            else (comparison.response_b_id, comparison.response_a_id)
+        )
+        canonical = {"left": "a" if assignment.left_is_a else "b", "right": "b" if assignment.left_is_a else "a"}
+        vote = Vote.objects.create(
+            comparison=comparison,
+            labeler=labeler,
+            assignment=assignment,
+            choice=canonical.get(choice, choice),
+            winner_id={"left": left, "right": right}.get(choice),
+            strength=strength,
+            shown_left_id=left,
+            rationale=rationale,
+            flags=sorted(set(flags or [])),
+            time_spent_ms=time_spent_ms if time_spent_ms is not None else _elapsed_ms(assignment.created_at, now),
+            idempotency_key=idempotency_key or None,
+            created_at=now,
+        )
+        comparison.vote_count += 1
+        comparison.save(update_fields=["vote_count"])
+        assignment.status = Assignment.Status.VOTED
+        assignment.save(update_fields=["status"])
+    return vote, True
+
+
+def _elapsed_ms(start: datetime, end: datetime) -> int:
+    return max(0, min(MAX_TIME_SPENT_MS, int((end - start).total_seconds() * 1000)))
+

@@ -1,0 +1,12 @@
+from django.urls import path
+
+from annotation import api, views
+
+urlpatterns = [
+    path("", views.home, name="home"),
+    path("p/<slug:slug>/label/", views.label, name="label"),
+    path("assignments/<int:assignment_id>/vote/", views.vote, name="vote"),
+    path("assignments/<int:assignment_id>/skip/", views.skip, name="skip"),
+    path("api/v1/projects/<slug:slug>/assignments/", api.ClaimAPI.as_view(), name="api-claim"),
+    path("api/v1/assignments/<int:assignment_id>/vote/", api.VoteAPI.as_view(), name="api-vote"),
+]

@@ -1,0 +1,120 @@
+"""Labeling pages. htmx swaps the `pair` partial in place; without JavaScript the same forms post
+and redirect, so the page works either way."""
+
+import uuid
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.utils.cache import patch_vary_headers
+from django.views.decorators.http import require_GET, require_POST
+
+from annotation import selectors, services
+from annotation.models import Assignment, Project, Vote
+
+
+def _project_for_labeler(request: HttpRequest, slug: str) -> Project:
+    if not selectors.user_can_label(request.user):
+        raise PermissionDenied("You are not in the labelers group.")
+    return get_object_or_404(Project, slug=slug)
+
+
+def _assignment_for_labeler(request: HttpRequest, assignment_id: int) -> Assignment:
+    if not selectors.user_can_label(request.user):
+        raise PermissionDenied("You are not in the labelers group.")
+    try:
+        assignment = selectors.assignment_for_display(assignment_id=assignment_id)
+    except Assignment.DoesNotExist:
+        raise Http404("No such assignment.") from None
+    if assignment.labeler_id != request.user.pk:
+        raise Http404("No such assignment.")
+    return assignment
+
+
+def _pair_context(request: HttpRequest, project: Project, assignment: Assignment | None, **extra: object) -> dict:
+    return {
+        "project": project,
+        "progress": selectors.labeler_progress(project=project, labeler=request.user),
+        "assignment": assignment,
+        "strengths": [(1, "Slightly", "q"), (2, "Clearly", "w"), (3, "Much", "e")],
+        "flags": Vote.Flag.values,
+        "idempotency_key": uuid.uuid4().hex,
+        **extra,
+    }
+
+
+def _render_pair(request: HttpRequest, context: dict, status: int = 200) -> HttpResponse:
+    template = "annotation/label.html#pair" if request.htmx else "annotation/label.html"
+    # An htmx swap of an error keeps status 200 so the message replaces the pair in place.
+    response = render(request, template, context, status=200 if request.htmx else status)
+    patch_vary_headers(response, ["HX-Request"])
+    return response
+
+
+@require_GET
+@login_required
+def home(request: HttpRequest) -> HttpResponse:
+    can_label = selectors.user_can_label(request.user)
+    projects = selectors.projects_for_labeler() if can_label else Project.objects.none()
+    return render(request, "annotation/home.html", {"projects": projects, "can_label": can_label})
+
+
+@require_GET
+@login_required
+def label(request: HttpRequest, slug: str) -> HttpResponse:
+    project = _project_for_labeler(request, slug)
+    assignment = services.assignment_claim(project=project, labeler=request.user)
+    if assignment is not None:
+        assignment = selectors.assignment_for_display(assignment_id=assignment.pk)
+    return _render_pair(request, _pair_context(request, project, assignment))
+
+
+@require_POST
+@login_required
+def vote(request: HttpRequest, assignment_id: int) -> HttpResponse:
+    assignment = _assignment_for_labeler(request, assignment_id)
+    project = assignment.comparison.project
+    try:
+        services.vote_submit(
+            assignment_id=assignment.pk,
+            labeler=request.user,
+            choice=request.POST.get("choice", ""),
+            strength=_int_or_none(request.POST.get("strength")) or 1,
+            rationale=request.POST.get("rationale", "").strip(),
+            flags=request.POST.getlist("flags"),
+            time_spent_ms=_int_or_none(request.POST.get("time_spent_ms")),
+            idempotency_key=request.POST.get("idempotency_key") or None,
+        )
+    except services.InvalidVote as error:
+        message = "Pick left, right, tie or both bad first." if error.field == "choice" else str(error)
+        return _render_pair(request, _pair_context(request, project, assignment, error=message), status=400)
+    except services.LabelingError as error:
+        return _next_pair(request, project, notice=str(error), status=409)
+    return _next_pair(request, project, notice="Vote saved.")
+
+
+@require_POST
+@login_required
+def skip(request: HttpRequest, assignment_id: int) -> HttpResponse:
+    assignment = _assignment_for_labeler(request, assignment_id)
+    services.assignment_skip(assignment=assignment)
+    return _next_pair(request, assignment.comparison.project, notice="Skipped.")
+
+
+def _next_pair(request: HttpRequest, project: Project, *, notice: str, status: int = 200) -> HttpResponse:
+    if not request.htmx:
+        messages.info(request, notice)
+        return redirect("label", slug=project.slug)
+    assignment = services.assignment_claim(project=project, labeler=request.user)
+    if assignment is not None:
+        assignment = selectors.assignment_for_display(assignment_id=assignment.pk)
+    return _render_pair(request, _pair_context(request, project, assignment, notice=notice), status=status)
+
+
+def _int_or_none(value: str | None) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except ValueError:
+        return None
