@@ -1,7 +1,7 @@
 """HTTP API (DRF): one view per operation, each with its own input and output serializer."""
 
 from django.shortcuts import get_object_or_404
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_serializer
 from rest_framework import serializers, status
 from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.exceptions import NotFound, PermissionDenied
@@ -23,6 +23,7 @@ class ErrorSerializer(serializers.Serializer):
 
 
 class ClaimAPI(APIView):
+    @extend_schema_serializer(component_name="Assignment")
     class OutputSerializer(serializers.Serializer):
         class SideSerializer(serializers.Serializer):
             text = serializers.CharField()
@@ -54,6 +55,7 @@ class ClaimAPI(APIView):
 
 
 class VoteAPI(APIView):
+    @extend_schema_serializer(component_name="VoteInput")
     class InputSerializer(serializers.Serializer):
         choice = serializers.ChoiceField(choices=list(services.SCREEN_CHOICES))
         strength = serializers.IntegerField(min_value=1, max_value=3, default=1)
@@ -61,6 +63,7 @@ class VoteAPI(APIView):
         flags = serializers.ListField(child=serializers.ChoiceField(choices=Vote.Flag.values), default=list)
         time_spent_ms = serializers.IntegerField(min_value=0, max_value=services.MAX_TIME_SPENT_MS, required=False)
 
+    @extend_schema_serializer(component_name="Vote")
     class OutputSerializer(serializers.Serializer):
         vote = serializers.IntegerField(source="pk")
         assignment = serializers.IntegerField(source="assignment_id")

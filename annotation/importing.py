@@ -71,9 +71,8 @@ def _parse_pair(number: int, value: dict[str, Any]) -> PairRecord:
     unknown = sorted(value.keys() - PAIR_FIELDS)
     if unknown:
         raise _LineError(f"unknown field {unknown[0]!r} (expected prompt, response_a, response_b, meta)")
-    for name in ("prompt", "response_a", "response_b"):
-        if name not in value:
-            raise _LineError(f"missing field {name!r}")
+    if "prompt" not in value:
+        raise _LineError("missing field 'prompt'")
     meta = value.get("meta", {})
     if not isinstance(meta, dict):
         raise _LineError(f"field 'meta' must be an object, got {type(meta).__name__}")
@@ -133,6 +132,8 @@ def split_transcript(text: str, name: str) -> list[dict[str, str]]:
 
 
 def _text(value: dict[str, Any], name: str) -> str:
+    if name not in value:
+        raise _LineError(f"missing field {name!r}")
     text = value[name]
     if not isinstance(text, str):
         raise _LineError(f"field {name!r} must be a string, got {type(text).__name__}")

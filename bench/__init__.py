@@ -1,0 +1,1 @@
+"""Load benchmarks; run them as scripts (`python bench/labeling_load.py`)."""

@@ -1,0 +1,865 @@
+"""Labeling load benchmark: how many claim + vote cycles per second the HTTP API sustains.
+
+What it measures, on a database of its own (dropped and recreated every run):
+
+1. Setup: `manage.py migrate`, N labelers with API tokens, and two projects (overlap 3) with enough
+   synthetic comparisons that no phase runs dry. One probe claim + vote through Django's test
+   client records the SQL each request issues (queries per request, the claim query's text).
+2. gunicorn (`gunicorn -c gunicorn.conf.py config.wsgi`) on a free loopback port.
+3. N simulated labelers, one keep-alive HTTP/1.1 connection each (raw asyncio streams, no client
+   library, so the generator stays cheap on a small machine). One "vote" is one claim
+   (`POST /api/v1/projects/<slug>/assignments/`) followed by one vote
+   (`POST /api/v1/assignments/<id>/vote/`, with an Idempotency-Key so a retried vote is safe).
+   a. flat out for --duration seconds (after a short warm-up): votes/s and p50/p99 latency of
+      claim, vote and claim + vote.
+   b. paced: each labeler starts a vote every N / --paced-rate seconds on a fixed schedule;
+      achieved votes/s, p50/p99 latency (from the actual start, and from the scheduled start so a
+      slow server cannot hide behind late starts) and how many starts were late.
+   Every response status is counted per endpoint: 201, 200 (idempotent replay), 204 (nothing
+   left) and 409 (refused) are acceptable, anything else is an error.
+4. After each phase, invariants checked in SQL: no (comparison, labeler) voted twice, no
+   comparison with more votes than its overlap nor with votes + live leases above it,
+   Comparison.vote_count equal to the real count, assignment status in step with its vote, and
+   every vote the client saw acknowledged with 201 present in the database.
+5. Ceiling: gunicorn stopped, the same claim + vote transactions (the SQL assignment_claim and
+   vote_submit issue, rewritten by hand) run straight through psycopg on N connections spread over
+   a few client processes, flat out for the same duration, on a second project.
+6. A table on stdout and JSON in bench/results/labeling_load.json (machine, parameters, figures).
+
+Everything it starts (gunicorn, client processes) is stopped at the end, on error too, and the
+whole run is bounded by --timeout.
+
+    python bench/labeling_load.py [--labelers 100] [--duration 20] [--paced-rate 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import binascii
+import datetime as dt
+import json
+import math
+import multiprocessing
+import os
+import platform
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "labeling_load.json"
+ACCEPTABLE = frozenset({200, 201, 204, 409})
+CHOICES = ("left", "right", "tie", "both_bad")
+HTTP_SLUG = "bench-http"
+SQL_SLUG = "bench-sql"
+OVERLAP = 3
+REQUEST_TIMEOUT_S = 30.0
+LATE_TOLERANCE_MS = 10.0
+SECRET_KEY = "bench-only-secret-key-" + "x" * 40
+
+
+class BenchTimeout(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------------------------
+# Setup: database, schema, labelers, comparisons
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Config:
+    labelers: int
+    duration: float
+    warmup: float
+    paced_rate: float
+    paced_duration: float
+    ceiling_connections: int
+    ceiling_procs: int
+    database: str
+    admin_url: str
+    text_chars: int
+    http_comparisons: int
+    sql_comparisons: int
+    skip_ceiling: bool
+    output: Path
+    timeout: float
+
+    @property
+    def db_url(self) -> str:
+        base = self.admin_url.rsplit("/", 1)[0]
+        return f"{base}/{self.database}"
+
+
+def app_env(cfg: Config, port: int | None = None) -> dict[str, str]:
+    """The environment the app (migrate, gunicorn, in-process Django) runs with."""
+    env = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "DJANGO_SETTINGS_MODULE"}}
+    env.update(
+        DATABASE_URL=cfg.db_url,
+        SECRET_KEY=SECRET_KEY,
+        DEBUG="0",
+        SECURE_SSL_REDIRECT="0",
+        ALLOWED_HOSTS="127.0.0.1,localhost",
+        DJANGO_SETTINGS_MODULE="config.settings",
+        LOG_LEVEL="WARNING",
+    )
+    if port is not None:
+        env["GUNICORN_BIND"] = f"127.0.0.1:{port}"
+    return env
+
+
+def reset_database(cfg: Config) -> None:
+    with psycopg.connect(cfg.admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(cfg.database)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(cfg.database)))
+
+
+def migrate(cfg: Config) -> None:
+    subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"],
+        cwd=ROOT,
+        env=app_env(cfg),
+        check=True,
+        timeout=300,
+    )
+
+
+def django_setup(cfg: Config) -> None:
+    os.environ.update(app_env(cfg))
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import django
+
+    django.setup()
+
+
+_WORDS = (
+    "the model answer should explain why each step follows from the previous one and cite the "
+    "relevant facts clearly concise helpful harmless honest reasoning example detail summary "
+    "policy reward preference response prompt user assistant context question careful correct"
+).split()
+
+
+def _text(rng: random.Random, chars: int) -> str:
+    words: list[str] = []
+    size = 0
+    while size < chars:
+        word = rng.choice(_WORDS)
+        words.append(word)
+        size += len(word) + 1
+    return " ".join(words)
+
+
+@dataclass(frozen=True)
+class Seed:
+    tokens: list[str]
+    labeler_ids: list[int]
+    probe_token: str
+    http_project_id: int
+    sql_project_id: int
+
+
+def seed(cfg: Config) -> Seed:
+    """Labelers (one shared password hash: hashing N times would take most of a minute), tokens,
+    and the two projects, through the app's own services and models."""
+    from django.contrib.auth import get_user_model
+    from django.contrib.auth.hashers import make_password
+    from django.contrib.auth.models import Group
+    from django.db import connection
+    from rest_framework.authtoken.models import Token
+
+    from annotation import services
+    from annotation.importing import PairRecord
+    from annotation.models import LABELERS_GROUP
+
+    user_model = get_user_model()
+    group = Group.objects.get_or_create(name=LABELERS_GROUP)[0]
+    password = make_password("bench-password")
+    names = [f"bench{i:04d}" for i in range(cfg.labelers)] + ["bench-probe"]
+    users = user_model.objects.bulk_create([user_model(username=name, password=password) for name in names])
+    membership = user_model.groups.through
+    membership.objects.bulk_create([membership(user_id=user.pk, group_id=group.pk) for user in users])
+    tokens = Token.objects.bulk_create([Token(key=binascii.hexlify(os.urandom(20)).decode(), user=u) for u in users])
+
+    rng = random.Random(1)
+    pool = [_text(rng, cfg.text_chars) for _ in range(500)]
+    project_ids = []
+    for slug, count in ((HTTP_SLUG, cfg.http_comparisons), (SQL_SLUG, cfg.sql_comparisons)):
+        project = services.project_get_or_create(slug=slug, name=slug, overlap=OVERLAP)
+        records = [
+            PairRecord(
+                line=i,
+                prompt=f"Prompt {i}: {pool[i % len(pool)][: cfg.text_chars // 2]}",
+                response_a=f"[{i}a] {pool[(i * 7 + 1) % len(pool)]}",
+                response_b=f"[{i}b] {pool[(i * 13 + 2) % len(pool)]}",
+                source_a="policy-a",
+                source_b="policy-b",
+            )
+            for i in range(count)
+        ]
+        services.pairs_import(project=project, records=records)
+        project_ids.append(project.pk)
+    with connection.cursor() as cursor:
+        cursor.execute("VACUUM ANALYZE")
+    connection.close()
+    return Seed(
+        tokens=[t.key for t in tokens[:-1]],
+        labeler_ids=[u.pk for u in users[:-1]],
+        probe_token=tokens[-1].key,
+        http_project_id=project_ids[0],
+        sql_project_id=project_ids[1],
+    )
+
+
+@dataclass
+class Probe:
+    claim_queries: list[str]
+    vote_queries: list[str]
+    claim_sql: str  # the candidate query, for EXPLAIN ANALYZE later
+
+
+def probe_queries(token: str) -> Probe:
+    """One claim + vote through Django's test client, recording every statement."""
+    from django.db import connection
+    from django.test import Client
+    from django.test.utils import CaptureQueriesContext
+
+    client = Client(HTTP_HOST="127.0.0.1", HTTP_AUTHORIZATION=f"Token {token}")
+    with CaptureQueriesContext(connection) as claim:
+        response = client.post(f"/api/v1/projects/{HTTP_SLUG}/assignments/")
+    assert response.status_code == 201, response.content
+    assignment = response.json()["assignment"]
+    with CaptureQueriesContext(connection) as vote:
+        response = client.post(
+            f"/api/v1/assignments/{assignment}/vote/",
+            data={"choice": "left", "strength": 2},
+            content_type="application/json",
+            HTTP_IDEMPOTENCY_KEY="probe-1",
+        )
+    assert response.status_code == 201, response.content
+    claim_queries = [q["sql"] for q in claim.captured_queries]
+    candidate = next(q for q in claim_queries if "SKIP LOCKED" in q)
+    connection.close()
+    return Probe(claim_queries, [q["sql"] for q in vote.captured_queries], candidate)
+
+
+def explain_claim(cfg: Config, claim_sql: str) -> str:
+    """EXPLAIN ANALYZE of the probe labeler's candidate query, in the table state after the run."""
+    with psycopg.connect(cfg.db_url) as conn:
+        rows = conn.execute("EXPLAIN (ANALYZE, BUFFERS) " + claim_sql).fetchall()  # type: ignore[arg-type]
+        conn.rollback()
+    return "\n".join(row[0] for row in rows)
+
+
+# --------------------------------------------------------------------------------------------
+# gunicorn
+# --------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=5)
+
+
+def start_gunicorn(cfg: Config) -> Server:
+    port = free_port()
+    log_path = Path(tempfile.mkstemp(prefix="bench-gunicorn-", suffix=".log")[1])
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "config.wsgi"],
+            cwd=ROOT,
+            env=app_env(cfg, port),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stop() signals master and workers
+        )
+    server = Server(process, port, log_path)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"gunicorn exited with {process.returncode}:\n{server.log_tail()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+                sock.sendall(b"GET /api/v1/auth/token/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                if sock.recv(64).startswith(b"HTTP/1.1 "):
+                    return server
+        except OSError:
+            pass
+        time.sleep(0.2)
+    server.stop()
+    raise RuntimeError(f"gunicorn did not answer within 60 s:\n{server.log_tail()}")
+
+
+def gunicorn_settings() -> dict[str, Any]:
+    """The settings gunicorn.conf.py resolves to with the current environment."""
+    namespace: dict[str, Any] = {"__file__": str(ROOT / "gunicorn.conf.py")}
+    exec(compile((ROOT / "gunicorn.conf.py").read_text(), "gunicorn.conf.py", "exec"), namespace)  # noqa: S102
+    keys = ("workers", "worker_class", "threads", "keepalive", "timeout", "max_requests", "raw_env")
+    return {k: namespace[k] for k in keys if k in namespace}
+
+
+# --------------------------------------------------------------------------------------------
+# HTTP client: one keep-alive HTTP/1.1 connection per labeler
+# --------------------------------------------------------------------------------------------
+
+
+class HttpConnection:
+    """A minimal HTTP/1.1 client over asyncio streams: Content-Length and chunked bodies,
+    reconnects when the server closes. A request whose connection fails before any response
+    arrives is sent once more on a fresh connection (claims renew the same lease, votes carry an
+    Idempotency-Key, so the retry cannot add a second vote)."""
+
+    def __init__(self, port: int, token: str) -> None:
+        self.port = port
+        self.prefix = f"Host: 127.0.0.1:{port}\r\nAuthorization: Token {token}\r\n".encode()
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.reconnects = 0
+
+    async def _connect(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.writer.transport.set_write_buffer_limits(high=1 << 20)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+    async def post(self, path: str, body: bytes = b"", extra: bytes = b"") -> tuple[int, bytes]:
+        head = (
+            b"POST " + path.encode() + b" HTTP/1.1\r\n" + self.prefix + extra
+            + b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+        )  # fmt: skip
+        for attempt in (0, 1):
+            if self.writer is None:
+                await self._connect()
+            assert self.reader is not None and self.writer is not None
+            try:
+                async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                    self.writer.write(head + body)
+                    return await self._read_response(self.reader)
+            except (ConnectionError, asyncio.IncompleteReadError) as error:
+                self.close()
+                if attempt or (isinstance(error, asyncio.IncompleteReadError) and error.partial):
+                    raise
+                self.reconnects += 1
+            except BaseException:
+                self.close()
+                raise
+        raise AssertionError("unreachable")
+
+    async def _read_response(self, reader: asyncio.StreamReader) -> tuple[int, bytes]:
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0][9:12])
+        length = 0
+        chunked = close = False
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding" and b"chunked" in value.lower():
+                chunked = True
+            elif name == b"connection" and value.strip().lower() == b"close":
+                close = True
+        if chunked:
+            parts = []
+            while True:
+                size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                if size == 0:
+                    await reader.readuntil(b"\r\n")
+                    break
+                parts.append(await reader.readexactly(size + 2))
+            body = b"".join(p[:-2] for p in parts)
+        else:
+            body = await reader.readexactly(length) if length else b""
+        if close:
+            self.close()
+        return status, body
+
+
+# --------------------------------------------------------------------------------------------
+# Phases
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PhaseStats:
+    name: str
+    claim_ms: list[float] = field(default_factory=list)
+    vote_ms: list[float] = field(default_factory=list)
+    total_ms: list[float] = field(default_factory=list)
+    from_schedule_ms: list[float] = field(default_factory=list)
+    start_lag_ms: list[float] = field(default_factory=list)
+    statuses: Counter[str] = field(default_factory=Counter)
+    vote_ids: list[int] = field(default_factory=list)
+    votes: int = 0  # votes answered 201
+    refused: int = 0  # votes answered 409
+    dry: int = 0  # claims answered 204
+    errors: int = 0  # anything outside 200/201/204/409, exceptions included
+    starts: int = 0
+    late: int = 0
+    elapsed_s: float = 0.0
+    reconnects: int = 0
+
+    def record(self, endpoint: str, status: int | str) -> None:
+        self.statuses[f"{endpoint} {status}"] += 1
+        if status not in ACCEPTABLE:
+            self.errors += 1
+
+
+async def one_vote(conn: HttpConnection, stats: PhaseStats, rng: random.Random) -> bool:
+    """Claim, then vote. Returns False when the project had nothing left for this labeler."""
+    t0 = time.perf_counter()
+    try:
+        status, body = await conn.post(f"/api/v1/projects/{HTTP_SLUG}/assignments/")
+    except Exception as error:  # noqa: BLE001 - counted, the run goes on
+        stats.record("claim", type(error).__name__)
+        return True
+    t1 = time.perf_counter()
+    stats.record("claim", status)
+    stats.claim_ms.append((t1 - t0) * 1000)
+    if status == 204:
+        stats.dry += 1
+        return False
+    if status != 201:
+        return True
+    assignment = json.loads(body)["assignment"]
+    payload = json.dumps({"choice": rng.choice(CHOICES), "strength": rng.randint(1, 3)}).encode()
+    key = b"Idempotency-Key: " + uuid.uuid4().hex.encode() + b"\r\n"
+    try:
+        status, body = await conn.post(f"/api/v1/assignments/{assignment}/vote/", payload, key)
+    except Exception as error:  # noqa: BLE001
+        stats.record("vote", type(error).__name__)
+        return True
+    t2 = time.perf_counter()
+    stats.record("vote", status)
+    stats.vote_ms.append((t2 - t1) * 1000)
+    stats.total_ms.append((t2 - t0) * 1000)
+    if status in (200, 201):
+        stats.votes += status == 201
+        stats.vote_ids.append(json.loads(body)["vote"])
+    elif status == 409:
+        stats.refused += 1
+    return True
+
+
+async def flat_out(conns: list[HttpConnection], seconds: float, name: str) -> PhaseStats:
+    stats = PhaseStats(name)
+    start = time.perf_counter()
+    end = start + seconds
+
+    async def labeler(conn: HttpConnection, rng: random.Random) -> None:
+        while time.perf_counter() < end:
+            if not await one_vote(conn, stats, rng):
+                await asyncio.sleep(0.05)
+
+    await _run_labelers([labeler(c, random.Random(i)) for i, c in enumerate(conns)], seconds)
+    stats.elapsed_s = time.perf_counter() - start
+    return stats
+
+
+async def paced(conns: list[HttpConnection], seconds: float, rate: float) -> PhaseStats:
+    """Each labeler starts a vote every len(conns) / rate seconds, staggered evenly."""
+    stats = PhaseStats("paced")
+    interval = len(conns) / rate
+    start = time.perf_counter() + 0.1
+    end = start + seconds
+
+    async def labeler(index: int, conn: HttpConnection) -> None:
+        rng = random.Random(index)
+        scheduled = start + index * interval / len(conns)
+        while scheduled < end:
+            now = time.perf_counter()
+            if now < scheduled:
+                await asyncio.sleep(scheduled - now)
+                now = time.perf_counter()
+            lag_ms = (now - scheduled) * 1000
+            stats.starts += 1
+            stats.start_lag_ms.append(lag_ms)
+            stats.late += lag_ms > LATE_TOLERANCE_MS
+            before = len(stats.total_ms)
+            await one_vote(conn, stats, rng)
+            if len(stats.total_ms) > before:
+                stats.from_schedule_ms.append((time.perf_counter() - scheduled) * 1000)
+            scheduled += interval
+
+    await _run_labelers([labeler(i, c) for i, c in enumerate(conns)], seconds + 0.1)
+    stats.elapsed_s = time.perf_counter() - start
+    return stats
+
+
+async def _run_labelers(coros: list[Any], seconds: float) -> None:
+    tasks = [asyncio.create_task(c) for c in coros]
+    _, pending = await asyncio.wait(tasks, timeout=seconds + REQUEST_TIMEOUT_S * 2 + 5)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+
+
+async def http_phases(cfg: Config, server: Server, seed_: Seed) -> list[PhaseStats]:
+    conns = [HttpConnection(server.port, token) for token in seed_.tokens]
+    try:
+        phases = []
+        if cfg.warmup > 0:
+            phases.append(await flat_out(conns, cfg.warmup, "warmup"))
+        phases.append(await flat_out(conns, cfg.duration, "flat"))
+        phases[-1].reconnects = sum(c.reconnects for c in conns)
+        # Invariants between phases run in a thread so the connections stay open meanwhile.
+        phases.append(await paced(conns, cfg.paced_duration, cfg.paced_rate))
+        phases[-1].reconnects = sum(c.reconnects for c in conns) - phases[-2].reconnects
+        return phases
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Invariants
+# --------------------------------------------------------------------------------------------
+
+INVARIANTS_SQL = """
+WITH v AS (
+    SELECT comparison_id, count(*) AS n FROM annotation_vote GROUP BY comparison_id
+), l AS (
+    SELECT comparison_id, count(*) AS n FROM annotation_assignment
+    WHERE status = 'open' AND expires_at > now() GROUP BY comparison_id
+)
+SELECT
+    count(*) FILTER (WHERE coalesce(v.n, 0) > p.overlap),
+    count(*) FILTER (WHERE coalesce(v.n, 0) + coalesce(l.n, 0) > p.overlap),
+    count(*) FILTER (WHERE c.vote_count <> coalesce(v.n, 0)),
+    coalesce(sum(v.n), 0),
+    coalesce(sum(l.n), 0)
+FROM annotation_comparison c
+JOIN annotation_project p ON p.id = c.project_id
+LEFT JOIN v ON v.comparison_id = c.id
+LEFT JOIN l ON l.comparison_id = c.id
+WHERE c.project_id = %(project)s
+"""
+
+DUPLICATES_SQL = """
+SELECT count(*) FROM (
+    SELECT 1 FROM annotation_vote v JOIN annotation_comparison c ON c.id = v.comparison_id
+    WHERE c.project_id = %(project)s GROUP BY v.comparison_id, v.labeler_id HAVING count(*) > 1
+) d
+"""
+
+STATUS_MISMATCH_SQL = """
+SELECT count(*) FROM annotation_assignment a
+JOIN annotation_comparison c ON c.id = a.comparison_id
+LEFT JOIN annotation_vote v ON v.assignment_id = a.id
+WHERE c.project_id = %(project)s AND (a.status = 'voted') <> (v.id IS NOT NULL)
+"""
+
+ACKED_MISSING_SQL = """
+SELECT count(*) FROM unnest(%(ids)s::bigint[]) AS acked(id)
+WHERE NOT EXISTS (SELECT 1 FROM annotation_vote v WHERE v.id = acked.id)
+"""
+
+
+def check_invariants(cfg: Config, project_id: int, acked: list[int]) -> dict[str, int]:
+    with psycopg.connect(cfg.db_url) as conn:
+        params = {"project": project_id, "ids": acked}
+        over_votes, over_leases, count_mismatch, votes, leases = conn.execute(INVARIANTS_SQL, params).fetchone()  # type: ignore[misc]
+        found = {
+            "duplicate_votes": conn.execute(DUPLICATES_SQL, params).fetchone()[0],  # type: ignore[index]
+            "votes_over_overlap": over_votes,
+            "votes_plus_leases_over_overlap": over_leases,
+            "vote_count_mismatch": count_mismatch,
+            "assignment_status_mismatch": conn.execute(STATUS_MISMATCH_SQL, params).fetchone()[0],  # type: ignore[index]
+            "acknowledged_vote_missing": conn.execute(ACKED_MISSING_SQL, params).fetchone()[0],  # type: ignore[index]
+        }
+    found["violations"] = sum(found.values())
+    found["votes_in_db"] = votes
+    found["live_leases"] = leases
+    found["acknowledged"] = len(acked)
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# Ceiling: the same transactions straight through psycopg
+# --------------------------------------------------------------------------------------------
+
+CEILING_SQL: dict[str, str] = {}  # filled below
+
+
+@dataclass
+class CeilingResult:
+    votes: int = 0
+    dry: int = 0
+    refused: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    total_ms: list[float] = field(default_factory=list)
+    vote_ids: list[int] = field(default_factory=list)
+
+
+async def _ceiling_labeler(
+    db_url: str, project_id: int, labeler_id: int, start_at: float, end_at: float, out: CeilingResult
+) -> None:
+    raise NotImplementedError
+
+
+def ceiling_worker(
+    db_url: str, project_id: int, labeler_ids: list[int], start_at: float, seconds: float
+) -> CeilingResult:
+    raise NotImplementedError
+
+
+def run_ceiling(cfg: Config, seed_: Seed) -> tuple[CeilingResult, float]:
+    raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)], 1)
+
+
+def latency(values: list[float]) -> dict[str, float | None]:
+    return {
+        "p50_ms": pct(values, 0.50),
+        "p99_ms": pct(values, 0.99),
+        "mean_ms": round(statistics.fmean(values), 1) if values else None,
+    }
+
+
+def phase_summary(stats: PhaseStats) -> dict[str, Any]:
+    summary: dict[str, Any] = {
+        "seconds": round(stats.elapsed_s, 2),
+        "votes": stats.votes,
+        "votes_per_s": round(stats.votes / stats.elapsed_s, 1) if stats.elapsed_s else 0.0,
+        "refused_409": stats.refused,
+        "dry_204": stats.dry,
+        "errors": stats.errors,
+        "statuses": dict(sorted(stats.statuses.items())),
+        "reconnects": stats.reconnects,
+        "claim": latency(stats.claim_ms),
+        "vote": latency(stats.vote_ms),
+        "claim_plus_vote": latency(stats.total_ms),
+    }
+    if stats.starts:
+        summary["starts"] = stats.starts
+        summary["late_starts"] = stats.late
+        summary["late_tolerance_ms"] = LATE_TOLERANCE_MS
+        summary["start_lag"] = latency(stats.start_lag_ms)
+        summary["claim_plus_vote_from_schedule"] = latency(stats.from_schedule_ms)
+    return summary
+
+
+def print_table(result: dict[str, Any]) -> None:
+    def fmt(value: Any) -> str:
+        return "-" if value is None else str(value)
+
+    print()
+    print(f"{'phase':<8} {'votes/s':>8} {'votes':>7} {'409':>5} {'204':>5} {'err':>4}  "
+          f"{'claim p50/p99':>15} {'vote p50/p99':>15} {'claim+vote p50/p99':>19}")  # fmt: skip
+    for name in ("flat", "paced"):
+        p = result["http"][name]
+        cols = [f"{fmt(p[k]['p50_ms'])}/{fmt(p[k]['p99_ms'])}" for k in ("claim", "vote", "claim_plus_vote")]
+        print(f"{name:<8} {p['votes_per_s']:>8} {p['votes']:>7} {p['refused_409']:>5} {p['dry_204']:>5} "
+              f"{p['errors']:>4}  {cols[0]:>15} {cols[1]:>15} {cols[2]:>19}")  # fmt: skip
+    paced_ = result["http"]["paced"]
+    print(f"paced: offered {result['parameters']['paced_rate']}/s, {paced_['late_starts']}/{paced_['starts']} "
+          f"starts late (>{LATE_TOLERANCE_MS:.0f} ms), from schedule p50/p99 "
+          f"{paced_['claim_plus_vote_from_schedule']['p50_ms']}/{paced_['claim_plus_vote_from_schedule']['p99_ms']} ms")  # fmt: skip
+    for name in ("flat", "paced"):
+        if result["http"][name]["errors"]:
+            print(f"{name} statuses: {result['http'][name]['statuses']}")
+    ceiling = result.get("ceiling")
+    if ceiling:
+        print(f"ceiling (psycopg, {ceiling['connections']} connections / {ceiling['processes']} processes): "
+              f"{ceiling['votes_per_s']} votes/s, claim+vote p50/p99 "
+              f"{ceiling['claim_plus_vote']['p50_ms']}/{ceiling['claim_plus_vote']['p99_ms']} ms, "
+              f"errors {ceiling['errors']}")  # fmt: skip
+        print(f"HTTP / ceiling: {result['http_to_ceiling_ratio']}")
+    print(f"queries per request: claim {result['queries_per_request']['claim']}, "
+          f"vote {result['queries_per_request']['vote']}")  # fmt: skip
+    for name, found in result["invariants"].items():
+        print(f"invariants after {name}: {found['violations']} violations {found}")
+    print(f"total invariant violations: {result['invariant_violations']}")
+
+
+def machine_info() -> dict[str, Any]:
+    with psycopg.connect(os.environ.get("BENCH_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")) as c:
+        pg = c.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+    return {
+        "nproc": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "postgres": pg,
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--labelers", type=int, default=100, help="concurrent simulated labelers (default 100)")
+    parser.add_argument("--duration", type=float, default=20, help="seconds of the flat-out and ceiling phases")
+    parser.add_argument("--warmup", type=float, default=3, help="seconds flat out before measuring (default 3)")
+    parser.add_argument("--paced-rate", type=float, default=200, help="votes/s offered in the paced phase")
+    parser.add_argument("--paced-duration", type=float, help="seconds of the paced phase (default: --duration)")
+    parser.add_argument("--ceiling-connections", type=int, help="psycopg connections (default: --labelers, "
+                        "capped by the server's free connection slots)")  # fmt: skip
+    parser.add_argument("--ceiling-procs", type=int, default=2, help="client processes for the ceiling")
+    parser.add_argument("--skip-ceiling", action="store_true")
+    parser.add_argument("--database", default="flywheel_bench", help="dropped and recreated (default flywheel_bench)")
+    parser.add_argument("--admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--text-chars", type=int, default=600, help="characters per synthetic response")
+    parser.add_argument("--comparisons", type=int, help="comparisons per project (default: enough for the run)")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--timeout", type=float, help="hard limit for the whole run in seconds")
+    args = parser.parse_args(argv)
+    paced_duration = args.paced_duration if args.paced_duration is not None else args.duration
+    # Generous upper bounds: 700 votes/s over HTTP, 3000 votes/s for the ceiling, each comparison
+    # takes `OVERLAP` votes, plus a lease's worth per labeler.
+    http_votes = 700 * (args.duration + args.warmup) + args.paced_rate * paced_duration * 1.5
+    http_comparisons = args.comparisons or int(http_votes / OVERLAP) + 2 * args.labelers + 1000
+    sql_comparisons = args.comparisons or int(3000 * args.duration / OVERLAP) + 2 * args.labelers + 1000
+    timeout = args.timeout or 240 + 3 * args.duration + args.warmup + paced_duration
+    return Config(
+        labelers=args.labelers,
+        duration=args.duration,
+        warmup=args.warmup,
+        paced_rate=args.paced_rate,
+        paced_duration=paced_duration,
+        ceiling_connections=args.ceiling_connections or 0,
+        ceiling_procs=max(1, args.ceiling_procs),
+        database=args.database,
+        admin_url=args.admin_url,
+        text_chars=args.text_chars,
+        http_comparisons=http_comparisons,
+        sql_comparisons=sql_comparisons,
+        skip_ceiling=args.skip_ceiling,
+        output=args.output,
+        timeout=timeout,
+    )
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise BenchTimeout(f"run exceeded --timeout {cfg.timeout:.0f} s")
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(int(cfg.timeout))
+    server: Server | None = None
+    try:
+        result: dict[str, Any] = {"machine": machine_info(), "parameters": {
+            "labelers": cfg.labelers, "duration_s": cfg.duration, "warmup_s": cfg.warmup,
+            "paced_rate": cfg.paced_rate, "paced_duration_s": cfg.paced_duration, "overlap": OVERLAP,
+            "http_comparisons": cfg.http_comparisons, "sql_comparisons": cfg.sql_comparisons,
+            "text_chars": cfg.text_chars, "database": cfg.database,
+        }}  # fmt: skip
+        result["gunicorn"] = gunicorn_settings()
+        t = time.perf_counter()
+        log(f"resetting database {cfg.database} and migrating")
+        reset_database(cfg)
+        migrate(cfg)
+        django_setup(cfg)
+        log(f"seeding {cfg.labelers} labelers, {cfg.http_comparisons} + {cfg.sql_comparisons} comparisons")
+        seed_ = seed(cfg)
+        probe = probe_queries(seed_.probe_token)
+        result["queries_per_request"] = {"claim": len(probe.claim_queries), "vote": len(probe.vote_queries)}
+        result["setup_s"] = round(time.perf_counter() - t, 1)
+        log(f"setup done in {result['setup_s']} s; starting gunicorn {result['gunicorn']}")
+
+        server = start_gunicorn(cfg)
+        log(f"gunicorn answering on 127.0.0.1:{server.port}; warm-up {cfg.warmup} s, flat out {cfg.duration} s")
+        phases = asyncio.run(http_phases(cfg, server, seed_))
+        server.stop()
+        by_name = {p.name: p for p in phases}
+        result["http"] = {name: phase_summary(p) for name, p in by_name.items()}
+        acked = [i for p in phases for i in p.vote_ids]
+        result["invariants"] = {"http": check_invariants(cfg, seed_.http_project_id, acked)}
+        result["explain_claim"] = explain_claim(cfg, probe.claim_sql)
+        result["gunicorn_log_tail"] = server.log_tail(10)
+
+        if not cfg.skip_ceiling:
+            log("ceiling: the same transactions through psycopg")
+            ceiling, ceiling_s, connections = run_ceiling(cfg, seed_)
+            result["ceiling"] = {
+                "connections": connections,
+                "processes": cfg.ceiling_procs,
+                "seconds": round(ceiling_s, 2),
+                "votes": ceiling.votes,
+                "votes_per_s": round(ceiling.votes / ceiling_s, 1),
+                "refused": ceiling.refused,
+                "dry": ceiling.dry,
+                "errors": dict(ceiling.errors),
+                "claim_plus_vote": latency(ceiling.total_ms),
+            }
+            result["invariants"]["ceiling"] = check_invariants(cfg, seed_.sql_project_id, ceiling.vote_ids)
+            result["http_to_ceiling_ratio"] = round(result["http"]["flat"]["votes_per_s"] / result["ceiling"]["votes_per_s"], 3)
+        result["invariant_violations"] = sum(v["violations"] for v in result["invariants"].values())
+        result["probe_sql"] = {"claim": probe.claim_queries, "vote": probe.vote_queries}
+        print_table(result)
+        cfg.output.parent.mkdir(parents=True, exist_ok=True)
+        cfg.output.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        log(f"wrote {cfg.output.relative_to(ROOT) if cfg.output.is_relative_to(ROOT) else cfg.output}")
+        return 1 if result["invariant_violations"] else 0
+    finally:
+        signal.alarm(0)
+        if server is not None:
+            server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Shared fixtures: named users (alice and bob label, admin administers, charlie is an outsider)
+and small projects built through the same services the product uses."""
+
+import itertools
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.db import connection
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+from annotation.importing import PairRecord
+from annotation.models import Project
+from annotation.services import labeler_create, pairs_import, project_get_or_create
+
+PASSWORD = "correct-horse-battery"
+_slugs = itertools.count()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _require_postgresql(django_db_setup, django_db_blocker):
+    with django_db_blocker.unblock():
+        if connection.vendor != "postgresql":
+            pytest.exit("The test suite runs on PostgreSQL: set DATABASE_URL=postgres://...", returncode=2)
+
+
+@pytest.fixture
+def alice(db):
+    return labeler_create(username="alice", password=PASSWORD)
+
+
+@pytest.fixture
+def bob(db):
+    return labeler_create(username="bob", password=PASSWORD)
+
+
+@pytest.fixture
+def admin_user(db):
+    return labeler_create(username="admin", password=PASSWORD, admin=True)
+
+
+@pytest.fixture
+def charlie(db):
+    """Logged in fine, but in no group: sees nothing."""
+    user = get_user_model().objects.create(username="charlie")
+    user.set_password(PASSWORD)
+    user.save()
+    return user
+
+
+def make_records(count: int, *, tag: str = "") -> list[PairRecord]:
+    return [
+        PairRecord(
+            line=index + 1,
+            prompt=f"Question {tag}{index}: how do I boil an egg?",
+            response_a=f"Answer A{tag}{index}: put it in boiling water for 8 minutes.",
+            response_b=f"Answer B{tag}{index}: eggs cannot be boiled.",
+            source_a="model-a",
+            source_b="model-b",
+        )
+        for index in range(count)
+    ]
+
+
+def make_project(*, pairs: int = 5, overlap: int = 3, lease_seconds: int = 600) -> Project:
+    project = project_get_or_create(slug=f"project-{next(_slugs)}", overlap=overlap)
+    project.lease_seconds = lease_seconds
+    project.save(update_fields=["lease_seconds"])
+    pairs_import(project=project, records=make_records(pairs, tag=project.slug))
+    return project
+
+
+@pytest.fixture
+def project(db):
+    return make_project()
+
+
+def api_client_for(user) -> APIClient:
+    client = APIClient()
+    token, _ = Token.objects.get_or_create(user=user)
+    client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+    return client

@@ -1,0 +1,176 @@
+"""The HTTP contract of the labeling API: token auth, claim, vote, idempotency, permissions."""
+
+import threading
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+from django.utils import timezone
+from rest_framework.test import APIClient
+
+from annotation.models import Assignment, Vote
+from tests.conftest import PASSWORD, api_client_for, make_project
+
+pytestmark = pytest.mark.django_db
+
+
+def claim(client, project):
+    return client.post(f"/api/v1/projects/{project.slug}/assignments/")
+
+
+def test_token_login_then_claim(alice, project):
+    client = APIClient()
+    response = client.post("/api/v1/auth/token/", {"username": "alice", "password": PASSWORD}, format="json")
+    assert response.status_code == 200
+    client.credentials(HTTP_AUTHORIZATION=f"Token {response.json()['token']}")
+    assert claim(client, project).status_code == 201
+
+
+def test_token_refused_for_a_wrong_password(alice):
+    response = APIClient().post("/api/v1/auth/token/", {"username": "alice", "password": "nope"}, format="json")
+    assert response.status_code == 400
+
+
+def test_claim_returns_the_pair_in_screen_order(alice, project):
+    body = claim(api_client_for(alice), project).json()
+    assignment = Assignment.objects.get(pk=body["assignment"])
+    assert body["left"]["text"] == assignment.left.text
+    assert body["right"]["text"] == assignment.right.text
+    assert body["prompt"] == assignment.comparison.prompt.text
+    assert body["expires_at"]
+
+
+def test_claim_returns_chat_messages_for_a_conversation(alice):
+    from annotation.importing import PairRecord
+    from annotation.services import pairs_import
+
+    project = make_project(pairs=0)
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Name a color."},
+    ]
+    pairs_import(project=project, records=[PairRecord(line=1, prompt=messages, response_a="Red", response_b="Blue")])
+    assert claim(api_client_for(alice), project).json()["prompt"] == messages
+
+
+def test_claim_204_when_nothing_is_left(alice):
+    project = make_project(pairs=1)
+    client = api_client_for(alice)
+    assignment = claim(client, project).json()["assignment"]
+    client.post(f"/api/v1/assignments/{assignment}/vote/", {"choice": "left"}, format="json")
+    response = claim(client, project)
+    assert response.status_code == 204
+
+
+def test_vote_201_then_same_key_returns_the_same_vote(alice, project):
+    client = api_client_for(alice)
+    assignment = claim(client, project).json()["assignment"]
+    url = f"/api/v1/assignments/{assignment}/vote/"
+    body = {"choice": "right", "strength": 2, "rationale": "more accurate"}
+    first = client.post(url, body, format="json", HTTP_IDEMPOTENCY_KEY="abc")
+    second = client.post(url, body, format="json", HTTP_IDEMPOTENCY_KEY="abc")
+    assert (first.status_code, second.status_code) == (201, 200)
+    assert first.json()["vote"] == second.json()["vote"]
+    vote = Vote.objects.get()
+    assert (vote.strength, vote.rationale, vote.idempotency_key) == (2, "more accurate", "abc")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_same_key_sent_concurrently_gives_one_row(alice):
+    project = make_project(pairs=1)
+    assignment = claim(api_client_for(alice), project).json()["assignment"]
+    statuses: list[int] = []
+    vote_ids: set[int] = set()
+    barrier = threading.Barrier(10)
+
+    def send() -> None:
+        try:
+            client = api_client_for(alice)
+            barrier.wait()
+            response = client.post(
+                f"/api/v1/assignments/{assignment}/vote/", {"choice": "left"}, format="json", HTTP_IDEMPOTENCY_KEY="same"
+            )
+            statuses.append(response.status_code)
+            vote_ids.add(response.json()["vote"])
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=send) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(statuses) == [200] * 9 + [201]
+    assert len(vote_ids) == 1
+    assert Vote.objects.count() == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"choice": "middle"}, "choice"),
+        ({}, "choice"),
+        ({"choice": "left", "strength": 0}, "strength"),
+        ({"choice": "left", "strength": "lots"}, "strength"),
+        ({"choice": "left", "flags": ["weird"]}, "flags"),
+        ({"choice": "left", "time_spent_ms": -5}, "time_spent_ms"),
+    ],
+)
+def test_bad_vote_is_400_naming_the_field(alice, project, body, field):
+    client = api_client_for(alice)
+    assignment = claim(client, project).json()["assignment"]
+    response = client.post(f"/api/v1/assignments/{assignment}/vote/", body, format="json")
+    assert response.status_code == 400
+    assert field in response.json()
+    assert Vote.objects.count() == 0
+
+
+def test_409_when_the_lease_is_gone_and_the_comparison_is_full(alice, bob):
+    project = make_project(pairs=1, overlap=1)
+    alices = claim(api_client_for(alice), project).json()["assignment"]
+    Assignment.objects.filter(pk=alices).update(expires_at=timezone.now() - timedelta(seconds=1))
+    bobs = claim(api_client_for(bob), project).json()["assignment"]
+    response = api_client_for(alice).post(f"/api/v1/assignments/{alices}/vote/", {"choice": "left"}, format="json")
+    assert response.status_code == 409
+    assert "expired" in response.json()["detail"]
+    assert api_client_for(bob).post(f"/api/v1/assignments/{bobs}/vote/", {"choice": "left"}, format="json").status_code == 201
+
+
+def test_late_vote_accepted_when_there_is_room(alice):
+    project = make_project(pairs=1, overlap=2)
+    assignment = claim(api_client_for(alice), project).json()["assignment"]
+    Assignment.objects.filter(pk=assignment).update(expires_at=timezone.now() - timedelta(seconds=1))
+    response = api_client_for(alice).post(f"/api/v1/assignments/{assignment}/vote/", {"choice": "tie"}, format="json")
+    assert response.status_code == 201
+
+
+def test_labeler_cannot_vote_on_another_labelers_assignment(alice, bob, project):
+    assignment = claim(api_client_for(alice), project).json()["assignment"]
+    response = api_client_for(bob).post(f"/api/v1/assignments/{assignment}/vote/", {"choice": "left"}, format="json")
+    assert response.status_code == 404
+    assert Vote.objects.count() == 0
+
+
+def test_outsider_and_anonymous_get_nothing(charlie, alice, project):
+    assignment = claim(api_client_for(alice), project).json()["assignment"]
+    outsider = api_client_for(charlie)
+    assert claim(outsider, project).status_code == 403
+    assert outsider.post(f"/api/v1/assignments/{assignment}/vote/", {"choice": "left"}, format="json").status_code == 403
+    assert claim(APIClient(), project).status_code == 401
+    assert Vote.objects.count() == 0
+
+
+def test_unknown_project_is_404(alice):
+    assert api_client_for(alice).post("/api/v1/projects/nope/assignments/").status_code == 404
+
+
+def test_openapi_schema_lists_the_endpoints(db):
+    response = APIClient().get("/api/schema/", HTTP_ACCEPT="application/json")
+    assert response.status_code == 200
+    paths = response.json()["paths"]
+    assert {
+        "/api/v1/auth/token/",
+        "/api/v1/projects/{slug}/assignments/",
+        "/api/v1/assignments/{assignment_id}/vote/",
+    } <= set(paths)

@@ -1,0 +1,46 @@
+"""createlabeler and seed_demo."""
+
+import re
+
+import pytest
+from django.contrib.auth import authenticate
+from django.core.management import CommandError, call_command
+
+from annotation.models import Comparison, Project
+from annotation.selectors import user_can_label
+
+pytestmark = pytest.mark.django_db
+
+
+def test_createlabeler_makes_a_labeler_who_can_log_in():
+    call_command("createlabeler", "dana", "--password", "a-long-password")
+    user = authenticate(username="dana", password="a-long-password")
+    assert user is not None and user_can_label(user)
+    assert not user.groups.filter(name="admins").exists()
+
+
+def test_createlabeler_admin_joins_both_groups():
+    call_command("createlabeler", "erin", "--password", "a-long-password", "--admin")
+    user = authenticate(username="erin", password="a-long-password")
+    assert set(user.groups.values_list("name", flat=True)) == {"labelers", "admins"}
+    assert user.is_staff
+
+
+def test_createlabeler_refuses_a_short_password():
+    with pytest.raises(CommandError, match="--password: This password is too short"):
+        call_command("createlabeler", "fay", "--password", "abc")
+
+
+def test_seed_demo_prints_working_credentials_and_is_idempotent(capsys):
+    call_command("seed_demo")
+    out = capsys.readouterr().out
+    credentials = dict(re.findall(r"^  (\w+)\s+(\S+)\s+\(", out, flags=re.MULTILINE))
+    assert set(credentials) == {"admin", "alice", "bob", "carol"}
+    for username, password in credentials.items():
+        assert authenticate(username=username, password=password) is not None
+    project = Project.objects.get(slug="demo")
+    assert Comparison.objects.filter(project=project).count() >= 30
+    assert project.guidelines
+    call_command("seed_demo")
+    assert "0 comparisons added, 36 already there" in capsys.readouterr().out
+    assert Comparison.objects.filter(project=project).count() == 36

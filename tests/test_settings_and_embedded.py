@@ -1,0 +1,66 @@
+"""Settings from the environment, `check --deploy`, and the embedded SQLite default for one user."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def manage(*args: str, env: dict[str, str], timeout: int = 120) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL", "DEBUG", "SECRET_KEY"}}
+    clean.pop("DJANGO_SETTINGS_MODULE", None)
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_check_deploy_passes_with_production_like_settings():
+    env = {
+        "DEBUG": "false",
+        "SECRET_KEY": "q8Zr-2vNw!pL0s_4hT9yB3uXe7cK1mJ6aD5fG0iH2oR8tV4wY6zQ",
+        "ALLOWED_HOSTS": "flywheel.example.com",
+        "CSRF_TRUSTED_ORIGINS": "https://flywheel.example.com",
+        "DATABASE_URL": "postgres://postgres@127.0.0.1:5432/test",
+    }
+    result = manage("check", "--deploy", "--fail-level", "WARNING", env=env)
+    assert result.returncode == 0, result.stderr + result.stdout
+
+
+def test_missing_secret_key_with_debug_off_stops_start_up():
+    result = manage("check", env={"DEBUG": "0"})
+    assert result.returncode != 0
+    assert "SECRET_KEY must be set when DEBUG is off" in result.stderr
+
+
+def test_a_bad_boolean_names_the_variable():
+    result = manage("check", env={"DEBUG": "maybe"})
+    assert result.returncode != 0
+    assert "DEBUG='maybe' is not a boolean" in result.stderr
+
+
+def test_embedded_default_runs_on_sqlite_for_one_labeler(tmp_path):
+    env = {"DEBUG": "1", "FLYWHEEL_VAR_DIR": str(tmp_path)}
+    assert manage("migrate", "-v0", env=env).returncode == 0
+    seeded = manage("seed_demo", "--password", "demo-password-1", env=env)
+    assert seeded.returncode == 0, seeded.stderr
+    script = (
+        "from django.contrib.auth import get_user_model\n"
+        "from annotation.models import Project, Vote\n"
+        "from annotation.services import assignment_claim, vote_submit\n"
+        "alice = get_user_model().objects.get(username='alice')\n"
+        "project = Project.objects.get(slug='demo')\n"
+        "while (a := assignment_claim(project=project, labeler=alice)) is not None:\n"
+        "    vote_submit(assignment_id=a.pk, labeler=alice, choice='left')\n"
+        "print(Vote.objects.filter(labeler=alice).count(), Vote.objects.values('comparison').distinct().count())\n"
+    )
+    result = manage("shell", "-v", "0", "-c", script, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["36", "36"]
+    assert (tmp_path / "flywheel.sqlite3").exists()
