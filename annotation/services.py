@@ -141,6 +141,13 @@ def _live_leases(now: datetime) -> Subquery:
     )
 
 
+def _live_lease_count(comparison: Comparison, now: datetime, *, excluding: Assignment | None = None) -> int:
+    leases = Assignment.objects.filter(comparison=comparison, status=Assignment.Status.OPEN, expires_at__gt=now)
+    if excluding is not None:
+        leases = leases.exclude(pk=excluding.pk)
+    return leases.count()
+
+
 def assignment_claim(*, project: Project, labeler: AbstractBaseUser, now: datetime | None = None) -> Assignment | None:
     """Lease the next comparison this labeler may vote on, or None when nothing is left.
 
@@ -167,17 +174,24 @@ def assignment_claim(*, project: Project, labeler: AbstractBaseUser, now: dateti
             labeler=labeler,
             status__in=[Assignment.Status.VOTED, Assignment.Status.SKIPPED],
         )
-        comparison = (
+        candidates = (
             Comparison.objects.filter(project=project, vote_count__lt=project.overlap)
             .annotate(leases=Coalesce(_live_leases(now), Value(0)))
             .filter(leases__lt=project.overlap - F("vote_count"))
             .filter(~Exists(done_by_labeler))
             .order_by("-vote_count", "id")
             .select_for_update(skip_locked=True, of=("self",))
-            .first()
         )
-        if comparison is None:
-            return None
+        passed_over: list[int] = []
+        while True:
+            comparison = candidates.exclude(pk__in=passed_over).first()
+            if comparison is None:
+                return None
+            # The candidate query counted leases in its own snapshot; a lease committed since then
+            # is only visible to a new statement, now that we hold the row lock.
+            if comparison.vote_count + _live_lease_count(comparison, now) < project.overlap:
+                break
+            passed_over.append(comparison.pk)
         assignment, _ = Assignment.objects.update_or_create(
             comparison=comparison,
             labeler=labeler,
@@ -247,11 +261,7 @@ def vote_submit(
         if assignment.status == Assignment.Status.VOTED:
             raise AlreadyVoted("you have already voted on this comparison")
         if not assignment.is_live(now):
-            others = (
-                Assignment.objects.filter(comparison=comparison, status=Assignment.Status.OPEN, expires_at__gt=now)
-                .exclude(pk=assignment.pk)
-                .count()
-            )
+            others = _live_lease_count(comparison, now, excluding=assignment)
             if comparison.vote_count + others >= comparison.project.overlap:
                 raise LeaseGone(
                     "your lease on this comparison expired and it has since received all the votes it needs"

@@ -1,0 +1,33 @@
+# The two commands of the README: `make demo` and `make test`. Everything they need is installed here.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/test
+
+.PHONY: demo test install lint bench-labeling
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+## The app on the embedded default (SQLite under var/, tasks in-process) with demo data.
+demo: install
+	DEBUG=1 $(PY) manage.py migrate --verbosity 0
+	DEBUG=1 $(PY) manage.py seed_demo
+	@echo "Open http://127.0.0.1:8000/ and log in with one of the users above."
+	DEBUG=1 $(PY) manage.py runserver 127.0.0.1:8000
+
+## The whole test suite, on PostgreSQL, with a real headless Chromium.
+test: install
+	DATABASE_URL=$(TEST_DATABASE_URL) scripts/ensure-test-services
+	DATABASE_URL=$(TEST_DATABASE_URL) $(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/mypy annotation config
+
+bench-labeling: install
+	$(PY) bench/labeling_load.py
