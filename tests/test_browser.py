@@ -3,6 +3,7 @@
 import shutil
 
 import pytest
+from django.db import connections
 from playwright.sync_api import Page, expect, sync_playwright
 
 from annotation.importing import PairRecord
@@ -51,6 +52,8 @@ def page(live_server, monkeypatch):
         page.on("request", lambda request: page.requests.append(request.url))
         yield page
         browser.close()
+        # Inside Playwright's greenlet the ORM used connections of its own; close them here.
+        connections.close_all()
 
 
 def log_in(page: Page, live_server, username: str) -> None:
