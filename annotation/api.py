@@ -1,5 +1,6 @@
 """HTTP API (DRF): one view per operation, each with its own input and output serializer."""
 
+from django.contrib.auth.models import User
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_serializer
 from rest_framework import serializers, status
@@ -13,9 +14,11 @@ from annotation import selectors, services
 from annotation.models import Assignment, Project, Vote
 
 
-def _require_labeler(request: Request) -> None:
-    if not selectors.user_can_label(request.user):
+def _labeler(request: Request) -> User:
+    labeler = selectors.labeler_or_none(request.user)
+    if labeler is None:
         raise PermissionDenied("You are not in the labelers group.")
+    return labeler
 
 
 class ErrorSerializer(serializers.Serializer):
@@ -45,9 +48,9 @@ class ClaimAPI(APIView):
         },
     )
     def post(self, request: Request, slug: str) -> Response:
-        _require_labeler(request)
+        labeler = _labeler(request)
         project = get_object_or_404(Project, slug=slug)
-        assignment = services.assignment_claim(project=project, labeler=request.user)
+        assignment = services.assignment_claim(project=project, labeler=labeler)
         if assignment is None:
             return Response(status=status.HTTP_204_NO_CONTENT)
         assignment = selectors.assignment_for_display(assignment_id=assignment.pk)
@@ -91,7 +94,7 @@ class VoteAPI(APIView):
         },
     )
     def post(self, request: Request, assignment_id: int) -> Response:
-        _require_labeler(request)
+        labeler = _labeler(request)
         data = self.InputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         key = request.headers.get("Idempotency-Key", "").strip() or None
@@ -99,7 +102,7 @@ class VoteAPI(APIView):
             return Response({"Idempotency-Key": ["at most 200 characters"]}, status=status.HTTP_400_BAD_REQUEST)
         try:
             vote, created = services.vote_submit(
-                assignment_id=assignment_id, labeler=request.user, idempotency_key=key, **data.validated_data
+                assignment_id=assignment_id, labeler=labeler, idempotency_key=key, **data.validated_data
             )
         except Assignment.DoesNotExist:
             raise NotFound("No such assignment for you.") from None

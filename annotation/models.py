@@ -50,6 +50,9 @@ class Prompt(models.Model):
     class Meta:
         constraints = [models.UniqueConstraint(fields=["project", "content_hash"], name="prompt_unique_content")]
 
+    def __str__(self) -> str:
+        return (self.text or self.turns[-1]["content"])[:60]
+
     @property
     def content(self) -> str | list[dict[str, str]]:
         """The prompt as imported and exported: a string or a list of chat messages."""
@@ -64,6 +67,9 @@ class Response(models.Model):
     prompt = models.ForeignKey(Prompt, on_delete=models.CASCADE, related_name="responses")
     text = models.TextField()
     source = models.CharField(max_length=200, blank=True, help_text="Model name, policy version or file.")
+
+    def __str__(self) -> str:
+        return f"{self.source or 'response'} #{self.pk}"
 
 
 class Comparison(models.Model):
@@ -90,6 +96,9 @@ class Comparison(models.Model):
         ]
         indexes = [models.Index(fields=["project", "-vote_count", "id"], name="comparison_queue")]
 
+    def __str__(self) -> str:
+        return f"comparison #{self.pk}"
+
 
 class Assignment(models.Model):
     """A lease: one labeler may vote on one comparison until expires_at."""
@@ -114,6 +123,9 @@ class Assignment(models.Model):
             models.Index(fields=["comparison", "status", "expires_at"], name="assignment_live"),
             models.Index(fields=["labeler", "status"], name="assignment_by_labeler"),
         ]
+
+    def __str__(self) -> str:
+        return f"assignment #{self.pk} ({self.status})"
 
     def is_live(self, now: Any = None) -> bool:
         return self.status == self.Status.OPEN and self.expires_at > (now or timezone.now())
@@ -150,7 +162,8 @@ class Vote(models.Model):
     rationale = models.TextField(blank=True)
     flags = models.JSONField(default=list, blank=True)
     time_spent_ms = models.PositiveIntegerField()
-    idempotency_key = models.CharField(max_length=200, null=True, blank=True)
+    # NULL, not "", means "no key", so the partial unique constraint below ignores keyless votes.
+    idempotency_key = models.CharField(max_length=200, null=True, blank=True)  # noqa: DJ001
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
 
     class Meta:
@@ -163,3 +176,6 @@ class Vote(models.Model):
             ),
             models.CheckConstraint(condition=Q(strength__gte=1, strength__lte=3), name="vote_strength_1_3"),
         ]
+
+    def __str__(self) -> str:
+        return f"vote #{self.pk} ({self.choice})"

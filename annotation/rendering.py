@@ -9,9 +9,9 @@ themselves and carry no referrer.
 import re
 
 import markdown
-from markdown.preprocessors import Preprocessor
 import nh3
 from django.utils.safestring import SafeString, mark_safe
+from markdown.preprocessors import Preprocessor
 
 ALLOWED_TAGS = {
     "p", "br", "hr", "strong", "em", "b", "i", "del", "code", "pre", "blockquote",
@@ -49,11 +49,13 @@ def _markdown() -> markdown.Markdown:
 def render_markdown(text: str) -> SafeString:
     html = _markdown().convert(text)
     # The one place where HTML is marked safe: what nh3 returns holds only the allow-list above.
-    return mark_safe(nh3.clean(
-        html,
-        tags=ALLOWED_TAGS,
-        attributes=ALLOWED_ATTRIBUTES,
-        url_schemes=ALLOWED_URL_SCHEMES,
-        link_rel="noopener noreferrer nofollow",
-        strip_comments=True,
-    ))
+    return mark_safe(
+        nh3.clean(
+            html,
+            tags=ALLOWED_TAGS,
+            attributes=ALLOWED_ATTRIBUTES,
+            url_schemes=ALLOWED_URL_SCHEMES,
+            link_rel="noopener noreferrer nofollow",
+            strip_comments=True,
+        )
+    )

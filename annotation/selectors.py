@@ -2,15 +2,22 @@
 
 from dataclasses import dataclass
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import AnonymousUser, User
 from django.db.models import Exists, OuterRef, QuerySet
 from django.utils import timezone
 
 from annotation.models import ADMINS_GROUP, LABELERS_GROUP, Assignment, Comparison, Project, Vote
 
 
-def user_can_label(user: AbstractBaseUser) -> bool:
-    return user.is_authenticated and user.groups.filter(name__in=[LABELERS_GROUP, ADMINS_GROUP]).exists()
+def labeler_or_none(user: User | AnonymousUser) -> User | None:
+    """The user when they may label (in the labelers or admins group), else None."""
+    if isinstance(user, User) and user.groups.filter(name__in=[LABELERS_GROUP, ADMINS_GROUP]).exists():
+        return user
+    return None
+
+
+def user_can_label(user: User | AnonymousUser) -> bool:
+    return labeler_or_none(user) is not None
 
 
 def projects_for_labeler() -> QuerySet[Project]:
@@ -23,7 +30,7 @@ class Progress:
     remaining: int
 
 
-def labeler_progress(*, project: Project, labeler: AbstractBaseUser) -> Progress:
+def labeler_progress(*, project: Project, labeler: User) -> Progress:
     """Votes this labeler cast today (any project), and comparisons of this project still open to them."""
     start_of_day = timezone.localtime().replace(hour=0, minute=0, second=0, microsecond=0)
     done_by_labeler = Assignment.objects.filter(

@@ -4,8 +4,7 @@ import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from django.contrib.auth.models import AbstractBaseUser, Group
-from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group, User
 from django.db import transaction
 from django.db.models import Count, Exists, F, OuterRef, Subquery, Value
 from django.db.models.functions import Coalesce
@@ -50,11 +49,10 @@ class InvalidVote(LabelingError):
         super().__init__(f"{field}: {message}")
 
 
-def labeler_create(*, username: str, password: str, admin: bool = False) -> AbstractBaseUser:
+def labeler_create(*, username: str, password: str, admin: bool = False) -> User:
     """Create or update a user in the labelers group (and admins, when asked)."""
-    user_model = get_user_model()
     with transaction.atomic():
-        user, _ = user_model.objects.get_or_create(username=username)
+        user, _ = User.objects.get_or_create(username=username)
         user.set_password(password)
         user.is_staff = user.is_staff or admin
         user.save()
@@ -65,7 +63,7 @@ def labeler_create(*, username: str, password: str, admin: bool = False) -> Abst
 
 
 def project_get_or_create(*, slug: str, name: str = "", overlap: int | None = None) -> Project:
-    defaults = {"name": name or slug}
+    defaults: dict[str, object] = {"name": name or slug}
     if overlap is not None:
         defaults["overlap"] = overlap
     project, created = Project.objects.get_or_create(slug=slug, defaults=defaults)
@@ -97,11 +95,10 @@ def pairs_import(*, project: Project, records: list[PairRecord]) -> ImportResult
         for _, record in fresh:
             prompt_hash = content_hash(record.prompt)
             if prompt_hash not in prompt_ids and prompt_hash not in new_prompts:
-                is_text = isinstance(record.prompt, str)
                 new_prompts[prompt_hash] = Prompt(
                     project=project,
-                    text=record.prompt if is_text else "",
-                    messages=None if is_text else record.prompt,
+                    text=record.prompt if isinstance(record.prompt, str) else "",
+                    messages=None if isinstance(record.prompt, str) else record.prompt,
                     content_hash=prompt_hash,
                 )
         for prompt in Prompt.objects.bulk_create(new_prompts.values(), batch_size=1000):
@@ -148,7 +145,7 @@ def _live_lease_count(comparison: Comparison, now: datetime, *, excluding: Assig
     return leases.count()
 
 
-def assignment_claim(*, project: Project, labeler: AbstractBaseUser, now: datetime | None = None) -> Assignment | None:
+def assignment_claim(*, project: Project, labeler: User, now: datetime | None = None) -> Assignment | None:
     """Lease the next comparison this labeler may vote on, or None when nothing is left.
 
     A labeler holding a live lease in the project gets it back, renewed, so a reload does not
@@ -207,15 +204,13 @@ def assignment_claim(*, project: Project, labeler: AbstractBaseUser, now: dateti
 
 def assignment_skip(*, assignment: Assignment) -> None:
     """Give the comparison back; this labeler is not offered it again."""
-    Assignment.objects.filter(pk=assignment.pk, status=Assignment.Status.OPEN).update(
-        status=Assignment.Status.SKIPPED
-    )
+    Assignment.objects.filter(pk=assignment.pk, status=Assignment.Status.OPEN).update(status=Assignment.Status.SKIPPED)
 
 
 def vote_submit(
     *,
     assignment_id: int,
-    labeler: AbstractBaseUser,
+    labeler: User,
     choice: str,
     strength: int = 1,
     rationale: str = "",
@@ -296,4 +291,3 @@ def vote_submit(
 
 def _elapsed_ms(start: datetime, end: datetime) -> int:
     return max(0, min(MAX_TIME_SPENT_MS, int((end - start).total_seconds() * 1000)))
-

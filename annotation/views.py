@@ -5,38 +5,49 @@ import uuid
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.contrib.auth.models import User
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.cache import patch_vary_headers
 from django.views.decorators.http import require_GET, require_POST
+from django_htmx.middleware import HtmxDetails
 
 from annotation import selectors, services
 from annotation.models import Assignment, Project, Vote
 
 
-def _project_for_labeler(request: HttpRequest, slug: str) -> Project:
-    if not selectors.user_can_label(request.user):
+class LabelerRequest(HttpRequest):
+    htmx: HtmxDetails
+
+
+def _labeler(request: HttpRequest) -> User:
+    labeler = selectors.labeler_or_none(request.user)
+    if labeler is None:
         raise PermissionDenied("You are not in the labelers group.")
+    return labeler
+
+
+def _project_for_labeler(request: LabelerRequest, slug: str) -> Project:
+    _labeler(request)
     return get_object_or_404(Project, slug=slug)
 
 
-def _assignment_for_labeler(request: HttpRequest, assignment_id: int) -> Assignment:
-    if not selectors.user_can_label(request.user):
-        raise PermissionDenied("You are not in the labelers group.")
+def _assignment_for_labeler(request: LabelerRequest, assignment_id: int) -> Assignment:
+    labeler = _labeler(request)
     try:
         assignment = selectors.assignment_for_display(assignment_id=assignment_id)
     except Assignment.DoesNotExist:
         raise Http404("No such assignment.") from None
-    if assignment.labeler_id != request.user.pk:
+    if assignment.labeler_id != labeler.pk:
         raise Http404("No such assignment.")
     return assignment
 
 
-def _pair_context(request: HttpRequest, project: Project, assignment: Assignment | None, **extra: object) -> dict:
+def _pair_context(request: LabelerRequest, project: Project, assignment: Assignment | None, **extra: object) -> dict:
     return {
         "project": project,
-        "progress": selectors.labeler_progress(project=project, labeler=request.user),
+        "progress": selectors.labeler_progress(project=project, labeler=_labeler(request)),
         "assignment": assignment,
         "strengths": [(1, "Slightly", "q"), (2, "Clearly", "w"), (3, "Much", "e")],
         "flags": Vote.Flag.values,
@@ -45,7 +56,7 @@ def _pair_context(request: HttpRequest, project: Project, assignment: Assignment
     }
 
 
-def _render_pair(request: HttpRequest, context: dict, status: int = 200) -> HttpResponse:
+def _render_pair(request: LabelerRequest, context: dict, status: int = 200) -> HttpResponse:
     template = "annotation/label.html#pair" if request.htmx else "annotation/label.html"
     # An htmx swap of an error keeps status 200 so the message replaces the pair in place.
     response = render(request, template, context, status=200 if request.htmx else status)
@@ -55,7 +66,7 @@ def _render_pair(request: HttpRequest, context: dict, status: int = 200) -> Http
 
 @require_GET
 @login_required
-def home(request: HttpRequest) -> HttpResponse:
+def home(request: LabelerRequest) -> HttpResponse:
     can_label = selectors.user_can_label(request.user)
     projects = selectors.projects_for_labeler() if can_label else Project.objects.none()
     return render(request, "annotation/home.html", {"projects": projects, "can_label": can_label})
@@ -63,9 +74,9 @@ def home(request: HttpRequest) -> HttpResponse:
 
 @require_GET
 @login_required
-def label(request: HttpRequest, slug: str) -> HttpResponse:
+def label(request: LabelerRequest, slug: str) -> HttpResponse:
     project = _project_for_labeler(request, slug)
-    assignment = services.assignment_claim(project=project, labeler=request.user)
+    assignment = services.assignment_claim(project=project, labeler=_labeler(request))
     if assignment is not None:
         assignment = selectors.assignment_for_display(assignment_id=assignment.pk)
     return _render_pair(request, _pair_context(request, project, assignment))
@@ -73,13 +84,13 @@ def label(request: HttpRequest, slug: str) -> HttpResponse:
 
 @require_POST
 @login_required
-def vote(request: HttpRequest, assignment_id: int) -> HttpResponse:
+def vote(request: LabelerRequest, assignment_id: int) -> HttpResponse:
     assignment = _assignment_for_labeler(request, assignment_id)
     project = assignment.comparison.project
     try:
         services.vote_submit(
             assignment_id=assignment.pk,
-            labeler=request.user,
+            labeler=_labeler(request),
             choice=request.POST.get("choice", ""),
             strength=_int_or_none(request.POST.get("strength")) or 1,
             rationale=request.POST.get("rationale", "").strip(),
@@ -97,17 +108,17 @@ def vote(request: HttpRequest, assignment_id: int) -> HttpResponse:
 
 @require_POST
 @login_required
-def skip(request: HttpRequest, assignment_id: int) -> HttpResponse:
+def skip(request: LabelerRequest, assignment_id: int) -> HttpResponse:
     assignment = _assignment_for_labeler(request, assignment_id)
     services.assignment_skip(assignment=assignment)
     return _next_pair(request, assignment.comparison.project, notice="Skipped.")
 
 
-def _next_pair(request: HttpRequest, project: Project, *, notice: str, status: int = 200) -> HttpResponse:
+def _next_pair(request: LabelerRequest, project: Project, *, notice: str, status: int = 200) -> HttpResponse:
     if not request.htmx:
         messages.info(request, notice)
         return redirect("label", slug=project.slug)
-    assignment = services.assignment_claim(project=project, labeler=request.user)
+    assignment = services.assignment_claim(project=project, labeler=_labeler(request))
     if assignment is not None:
         assignment = selectors.assignment_for_display(assignment_id=assignment.pk)
     return _render_pair(request, _pair_context(request, project, assignment, notice=notice), status=status)

@@ -89,7 +89,10 @@ def test_same_key_sent_concurrently_gives_one_row(alice):
             client = api_client_for(alice)
             barrier.wait()
             response = client.post(
-                f"/api/v1/assignments/{assignment}/vote/", {"choice": "left"}, format="json", HTTP_IDEMPOTENCY_KEY="same"
+                f"/api/v1/assignments/{assignment}/vote/",
+                {"choice": "left"},
+                format="json",
+                HTTP_IDEMPOTENCY_KEY="same",
             )
             statuses.append(response.status_code)
             vote_ids.add(response.json()["vote"])
@@ -134,7 +137,10 @@ def test_409_when_the_lease_is_gone_and_the_comparison_is_full(alice, bob):
     response = api_client_for(alice).post(f"/api/v1/assignments/{alices}/vote/", {"choice": "left"}, format="json")
     assert response.status_code == 409
     assert "expired" in response.json()["detail"]
-    assert api_client_for(bob).post(f"/api/v1/assignments/{bobs}/vote/", {"choice": "left"}, format="json").status_code == 201
+    assert (
+        api_client_for(bob).post(f"/api/v1/assignments/{bobs}/vote/", {"choice": "left"}, format="json").status_code
+        == 201
+    )
 
 
 def test_late_vote_accepted_when_there_is_room(alice):
@@ -156,7 +162,9 @@ def test_outsider_and_anonymous_get_nothing(charlie, alice, project):
     assignment = claim(api_client_for(alice), project).json()["assignment"]
     outsider = api_client_for(charlie)
     assert claim(outsider, project).status_code == 403
-    assert outsider.post(f"/api/v1/assignments/{assignment}/vote/", {"choice": "left"}, format="json").status_code == 403
+    assert (
+        outsider.post(f"/api/v1/assignments/{assignment}/vote/", {"choice": "left"}, format="json").status_code == 403
+    )
     assert claim(APIClient(), project).status_code == 401
     assert Vote.objects.count() == 0
 

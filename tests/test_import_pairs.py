@@ -66,13 +66,22 @@ BAD_LINES = [
     ({"prompt": [{"role": "user"}], "response_a": "a", "response_b": "b"}, "line 2: field 'prompt' message 0"),
     ({"prompt": [{"role": "bot", "content": "x"}], "response_a": "a", "response_b": "b"}, "role 'bot'"),
     (
-        {"prompt": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "response_a": "a",
-         "response_b": "b"},
+        {
+            "prompt": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+            "response_a": "a",
+            "response_b": "b",
+        },
         "line 2: field 'prompt': the last message must be the user's",
     ),
     ({"chosen": "\n\nHuman: hi\n\nAssistant: yo"}, "line 2: missing field 'rejected'"),
-    ({"chosen": "\n\nHuman: hi\n\nAssistant: ", "rejected": "\n\nHuman: hi\n\nAssistant: no"}, "final Assistant turn is empty"),
-    ({"chosen": "\n\nHuman: a\n\nAssistant: x", "rejected": "\n\nHuman: b\n\nAssistant: y"}, "differ before their final"),
+    (
+        {"chosen": "\n\nHuman: hi\n\nAssistant: ", "rejected": "\n\nHuman: hi\n\nAssistant: no"},
+        "final Assistant turn is empty",
+    ),
+    (
+        {"chosen": "\n\nHuman: a\n\nAssistant: x", "rejected": "\n\nHuman: b\n\nAssistant: y"},
+        "differ before their final",
+    ),
     ({"chosen": "Human: hi", "rejected": "\n\nHuman: hi\n\nAssistant: no"}, "text before the first 'Human:' turn"),
     (b'{"prompt": "' + b"x" * 2000 + b'", "response_a": "a", "response_b": "b"}', "line 2: line is 2,"),
 ]
@@ -125,9 +134,11 @@ def test_hh_rlhf_transcripts_split_into_prompt_and_final_answers(tmp_path, capsy
     assert "1595 comparisons created" in capsys.readouterr().out
 
     first = json.loads(path.read_text().splitlines()[0])
-    comparison = Comparison.objects.get(project__slug="hh", meta__known_preference="a", prompt__messages__0__content=(
-        "what are some pranks with a pen i can do?"
-    ))
+    comparison = Comparison.objects.get(
+        project__slug="hh",
+        meta__known_preference="a",
+        prompt__messages__0__content=("what are some pranks with a pen i can do?"),
+    )
     assert comparison.prompt.messages[-1]["role"] == "user"
     assert first["chosen"].endswith(comparison.response_a.text)
     assert first["rejected"].endswith(comparison.response_b.text)

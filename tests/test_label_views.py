@@ -28,7 +28,7 @@ def test_label_page_shows_prompt_and_both_responses(alice, project):
     assert response.status_code == 200
     assert html.index(assignment.left.text) < html.index(assignment.right.text)
     assert assignment.comparison.prompt.text in html
-    assert "Left for you here: <strong id=\"remaining\">5</strong>" in html
+    assert 'Left for you here: <strong id="remaining">5</strong>' in html
 
 
 def test_plain_form_vote_redirects_to_the_next_pair(alice, project):
@@ -74,7 +74,10 @@ def test_browser_vote_without_csrf_token_is_refused(alice, project):
 def test_htmx_requests_carry_the_csrf_token_in_a_header(alice, project):
     client = logged_in(alice, enforce_csrf_checks=True)
     html = client.get(f"/p/{project.slug}/label/").content.decode()
-    header = re.search(r"hx-headers='\{&quot;X-CSRFToken&quot;: &quot;([^&]+)&quot;\}'|hx-headers='\{\"X-CSRFToken\": \"([^\"]+)\"\}'", html)
+    header = re.search(
+        r"hx-headers='\{&quot;X-CSRFToken&quot;: &quot;([^&]+)&quot;\}'|hx-headers='\{\"X-CSRFToken\": \"([^\"]+)\"\}'",
+        html,
+    )
     token = header.group(1) or header.group(2)
     response = client.post(vote_url(html), {"choice": "left"}, HTTP_HX_REQUEST="true", HTTP_X_CSRFTOKEN=token)
     assert response.status_code == 200 and Vote.objects.count() == 1
