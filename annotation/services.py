@@ -4,7 +4,7 @@ import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from django.contrib.auth.models import Group, User
+from django.contrib.auth.models import Group, Permission, User
 from django.db import transaction
 from django.db.models import Count, Exists, F, OuterRef, Subquery, Value
 from django.db.models.functions import Coalesce
@@ -58,7 +58,10 @@ def labeler_create(*, username: str, password: str, admin: bool = False) -> User
         user.save()
         user.groups.add(Group.objects.get_or_create(name=LABELERS_GROUP)[0])
         if admin:
-            user.groups.add(Group.objects.get_or_create(name=ADMINS_GROUP)[0])
+            admins, _ = Group.objects.get_or_create(name=ADMINS_GROUP)
+            # Admins manage everything of the labeling product in the Django admin.
+            admins.permissions.add(*Permission.objects.filter(content_type__app_label="annotation"))
+            user.groups.add(admins)
     return user
 
 

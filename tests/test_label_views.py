@@ -120,3 +120,9 @@ def test_pages_forbid_inline_script_and_foreign_resources(alice, project):
     html = response.content.decode()
     assert re.findall(r"<script(?![^>]*\bsrc=\"/static/)", html) == []
     assert "cdn" not in html.lower()
+
+
+def test_labelers_cannot_open_the_admin_where_votes_are_listed(alice, admin_user, project):
+    response = logged_in(alice).get("/admin/annotation/vote/")
+    assert response.status_code == 302 and "/admin/login/" in response["Location"]
+    assert logged_in(admin_user).get("/admin/annotation/vote/").status_code == 200
