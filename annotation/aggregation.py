@@ -50,12 +50,13 @@ def dawid_skene(
     counts = value_counts(items, labels, classes).astype(np.float64)
     posterior = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     posterior[counts.sum(axis=1) == 0] = 1 / classes
-    iteration = 0
-    for iteration in range(1, max_iterations + 1):
+    iterations = 0
+    while iterations < max_iterations:
+        iterations += 1
         # M-step: class prior and each labeler's confusion matrix from the current posteriors.
         prior = (posterior.sum(axis=0) + smoothing) / (n_items + classes * smoothing)
         confusion = np.full((n_labelers, classes, classes), smoothing)
-        np.add.at(confusion, (labelers, slice(None), labels), posterior[items])
+        np.add.at(confusion, (labelers, slice(None), labels), posterior[items])  # type: ignore[arg-type]
         confusion /= confusion.sum(axis=2, keepdims=True)
         # E-step: posterior over the true class of each item given all its votes.
         log_likelihood = np.tile(np.log(prior), (n_items, 1))
@@ -67,4 +68,4 @@ def dawid_skene(
         posterior = updated
         if change < tolerance:
             break
-    return DawidSkene(posterior=posterior, confusion=confusion, prior=prior, iterations=iteration)
+    return DawidSkene(posterior=posterior, confusion=confusion, prior=prior, iterations=iterations)

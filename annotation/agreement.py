@@ -9,7 +9,7 @@ and are checked against the `krippendorff`, statsmodels and scikit-learn package
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -144,7 +144,7 @@ def project_figures(votes: Votes) -> dict[str, float | int | None]:
     }
 
 
-def labeler_table(votes: Votes) -> list[dict[str, float | int | None]]:
+def labeler_table(votes: Votes) -> list[dict[str, Any]]:
     """One row per labeler index present in the votes."""
     nominal = value_counts(votes.item, votes.choice, len(CHOICES))
     # Leave-one-out majority: the other votes on the item, without this one.
@@ -179,7 +179,7 @@ def labeler_table(votes: Votes) -> list[dict[str, float | int | None]]:
     return rows
 
 
-def pairwise_cohen(votes: Votes, *, min_shared: int = 20) -> list[dict[str, float | int | None]]:
+def pairwise_cohen(votes: Votes, *, min_shared: int = 20) -> list[dict[str, Any]]:
     """Cohen's kappa for every pair of labelers who voted on at least `min_shared` common items."""
     by_labeler: dict[int, dict[int, int]] = {}
     for item, labeler, choice in zip(votes.item.tolist(), votes.labeler.tolist(), votes.choice.tolist(), strict=True):

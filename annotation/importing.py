@@ -7,9 +7,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from annotation.agreement import CHOICES
+
 PromptContent = str | list[dict[str, str]]
 
-PAIR_FIELDS = {"prompt", "response_a", "response_b", "meta", "source_a", "source_b"}
+PAIR_FIELDS = {"prompt", "response_a", "response_b", "meta", "source_a", "source_b", "gold"}
 TRANSCRIPT_FIELDS = {"chosen", "rejected"}
 ROLES = {"system", "user", "assistant"}
 _TURN = re.compile(r"\n\n(Human|Assistant):")
@@ -24,6 +26,7 @@ class PairRecord:
     source_a: str = ""
     source_b: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    gold_choice: str = ""
 
 
 class _LineError(Exception):
@@ -80,6 +83,9 @@ def _parse_pair(number: int, value: dict[str, Any]) -> PairRecord:
     response_b = _text(value, "response_b")
     if response_a == response_b:
         raise _LineError("response_a and response_b are identical")
+    gold = value.get("gold", "")
+    if gold not in ("", *CHOICES):
+        raise _LineError(f"field 'gold' must be one of {', '.join(CHOICES)}, got {gold!r}")
     return PairRecord(
         line=number,
         prompt=_prompt(value["prompt"]),
@@ -88,6 +94,7 @@ def _parse_pair(number: int, value: dict[str, Any]) -> PairRecord:
         source_a=_optional_text(value, "source_a"),
         source_b=_optional_text(value, "source_b"),
         meta=meta,
+        gold_choice=gold,
     )
 
 

@@ -30,10 +30,21 @@ class Project(models.Model):
         default=settings.FLYWHEEL_DEFAULT_LEASE_SECONDS,
         help_text="How long a claimed comparison is reserved for its labeler.",
     )
+    gold_rate = models.FloatField(
+        default=0.0, help_text="Share of claims that hand out a gold comparison (known answer) when one is left."
+    )
+    gold_min_accuracy = models.FloatField(
+        null=True,
+        blank=True,
+        help_text="Labelers whose gold accuracy is below this are left out of aggregation and export.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
-        constraints = [models.CheckConstraint(condition=Q(overlap__gte=1), name="project_overlap_positive")]
+        constraints = [
+            models.CheckConstraint(condition=Q(overlap__gte=1), name="project_overlap_positive"),
+            models.CheckConstraint(condition=Q(gold_rate__gte=0, gold_rate__lte=1), name="project_gold_rate_0_1"),
+        ]
 
     def __str__(self) -> str:
         return self.slug
@@ -83,6 +94,10 @@ class Comparison(models.Model):
     response_a = models.ForeignKey(Response, on_delete=models.CASCADE, related_name="+")
     response_b = models.ForeignKey(Response, on_delete=models.CASCADE, related_name="+")
     origin = models.CharField(max_length=20, choices=Origin.choices, default=Origin.IMPORTED)
+    round = models.PositiveIntegerField(null=True, blank=True, help_text="The training round that produced the pair.")
+    gold_choice = models.CharField(
+        max_length=10, blank=True, help_text="The known answer of a gold comparison (a, b, tie, both_bad)."
+    )
     meta = models.JSONField(default=dict, blank=True)
     content_hash = models.CharField(max_length=64)
     # Kept in step with the Vote rows under the comparison's row lock, so that handing out work
@@ -179,3 +194,55 @@ class Vote(models.Model):
 
     def __str__(self) -> str:
         return f"vote #{self.pk} ({self.choice})"
+
+
+class AgreementSnapshot(models.Model):
+    """Agreement figures of a project (or of one round of it) at one moment, kept for the history plot."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="agreement_snapshots")
+    round = models.PositiveIntegerField(null=True, blank=True, help_text="Empty: the whole project.")
+    computed_at = models.DateTimeField(default=timezone.now)
+    figures = models.JSONField(help_text="Percent agreement, Fleiss' kappa, alpha, position bias, counts.")
+    labelers = models.JSONField(help_text="One row per labeler: votes, agreement, gold accuracy, trust, ...")
+    labeler_pairs = models.JSONField(default=list, help_text="Cohen's kappa of labeler pairs with enough shared items.")
+
+    class Meta:
+        indexes = [models.Index(fields=["project", "round", "-computed_at"], name="snapshot_latest")]
+
+    def __str__(self) -> str:
+        return f"agreement of {self.project_id} at {self.computed_at:%Y-%m-%d %H:%M}"
+
+
+class AggregatedLabel(models.Model):
+    """What the votes on one comparison add up to; export reads this."""
+
+    comparison = models.OneToOneField(Comparison, on_delete=models.CASCADE, related_name="aggregate")
+    votes_a = models.PositiveIntegerField(default=0)
+    votes_b = models.PositiveIntegerField(default=0)
+    votes_tie = models.PositiveIntegerField(default=0)
+    votes_both_bad = models.PositiveIntegerField(default=0)
+    mean_strength = models.FloatField(null=True)
+    majority_choice = models.CharField(max_length=10, blank=True, help_text="Empty when the top is shared.")
+    majority_share = models.FloatField(default=0.0)
+    ds_choice = models.CharField(max_length=10, blank=True)
+    ds_confidence = models.FloatField(null=True)
+    adjudicated_choice = models.CharField(max_length=10, blank=True)
+    adjudicated_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True)
+    adjudicated_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["majority_share"], name="aggregate_by_share")]
+
+    def __str__(self) -> str:
+        return f"aggregate of comparison #{self.comparison_id}"
+
+    @property
+    def final_choice(self) -> str:
+        return self.adjudicated_choice or self.ds_choice or self.majority_choice
+
+    @property
+    def confidence(self) -> float:
+        if self.adjudicated_choice:
+            return 1.0
+        return self.ds_confidence if self.ds_choice and self.ds_confidence is not None else self.majority_share

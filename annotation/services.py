@@ -22,6 +22,7 @@ from annotation.models import (
     Vote,
     content_hash,
 )
+from annotation.quality import agreement_schedule
 
 MAX_TIME_SPENT_MS = 24 * 3600 * 1000
 SCREEN_CHOICES = ("left", "right", "tie", "both_bad")
@@ -122,6 +123,8 @@ def pairs_import(*, project: Project, records: list[PairRecord]) -> ImportResult
                     response_a=responses[2 * index],
                     response_b=responses[2 * index + 1],
                     meta=record.meta,
+                    origin=Comparison.Origin.GOLD if record.gold_choice else Comparison.Origin.IMPORTED,
+                    gold_choice=record.gold_choice,
                     content_hash=pair_hash,
                 )
                 for index, (pair_hash, record) in enumerate(fresh)
@@ -174,8 +177,19 @@ def assignment_claim(*, project: Project, labeler: User, now: datetime | None = 
             labeler=labeler,
             status__in=[Assignment.Status.VOTED, Assignment.Status.SKIPPED],
         )
+        if project.gold_rate and random.random() < project.gold_rate:
+            # Gold pairs check every labeler, so they have no overlap limit and need no lock.
+            gold = (
+                Comparison.objects.filter(project=project, origin=Comparison.Origin.GOLD)
+                .filter(~Exists(done_by_labeler))
+                .order_by("?")
+                .first()
+            )
+            if gold is not None:
+                return _lease(gold, labeler, now, lease)
         candidates = (
             Comparison.objects.filter(project=project, vote_count__lt=project.overlap)
+            .exclude(origin=Comparison.Origin.GOLD)
             .annotate(leases=Coalesce(_live_leases(now), Value(0)))
             .filter(leases__lt=project.overlap - F("vote_count"))
             .filter(~Exists(done_by_labeler))
@@ -192,16 +206,20 @@ def assignment_claim(*, project: Project, labeler: User, now: datetime | None = 
             if comparison.vote_count + _live_lease_count(comparison, now) < project.overlap:
                 break
             passed_over.append(comparison.pk)
-        assignment, _ = Assignment.objects.update_or_create(
-            comparison=comparison,
-            labeler=labeler,
-            defaults={
-                "status": Assignment.Status.OPEN,
-                "left_is_a": random.random() < 0.5,
-                "created_at": now,
-                "expires_at": now + lease,
-            },
-        )
+        return _lease(comparison, labeler, now, lease)
+
+
+def _lease(comparison: Comparison, labeler: User, now: datetime, lease: timedelta) -> Assignment:
+    assignment, _ = Assignment.objects.update_or_create(
+        comparison=comparison,
+        labeler=labeler,
+        defaults={
+            "status": Assignment.Status.OPEN,
+            "left_is_a": random.random() < 0.5,
+            "created_at": now,
+            "expires_at": now + lease,
+        },
+    )
     return assignment
 
 
@@ -258,7 +276,7 @@ def vote_submit(
                 return earlier, False
         if assignment.status == Assignment.Status.VOTED:
             raise AlreadyVoted("you have already voted on this comparison")
-        if not assignment.is_live(now):
+        if not assignment.is_live(now) and comparison.origin != Comparison.Origin.GOLD:
             others = _live_lease_count(comparison, now, excluding=assignment)
             if comparison.vote_count + others >= comparison.project.overlap:
                 raise LeaseGone(
@@ -289,6 +307,7 @@ def vote_submit(
         comparison.save(update_fields=["vote_count"])
         assignment.status = Assignment.Status.VOTED
         assignment.save(update_fields=["status"])
+        transaction.on_commit(lambda: agreement_schedule(project_id=comparison.project_id))
     return vote, True
 
 

@@ -150,10 +150,18 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "default"
 
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}
+    if REDIS_URL
+    else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+}
+
 # Labeling defaults; every project can override overlap and lease length.
 FLYWHEEL_DEFAULT_OVERLAP = env_int("FLYWHEEL_DEFAULT_OVERLAP", 3)
 FLYWHEEL_DEFAULT_LEASE_SECONDS = env_int("FLYWHEEL_DEFAULT_LEASE_SECONDS", 600)
 FLYWHEEL_IMPORT_MAX_LINE_BYTES = env_int("FLYWHEEL_IMPORT_MAX_LINE_BYTES", 1_000_000)
+# A burst of votes triggers one agreement recomputation this many seconds after its first vote.
+FLYWHEEL_AGREEMENT_DEBOUNCE_SECONDS = env_int("FLYWHEEL_AGREEMENT_DEBOUNCE_SECONDS", 30)
 
 LOGGING = {
     "version": 1,
