@@ -1,0 +1,291 @@
+"""Streaming export of preference datasets in the Hugging Face format (`prompt`, `chosen`,
+`rejected` plus metadata) and of raw votes, as JSON Lines or Parquet.
+
+Rows come from one SQL query read through a server-side cursor, and are written out a batch at a
+time, so memory stays flat whatever the size of the project.
+"""
+
+import hashlib
+import hmac
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from django.conf import settings
+from django.db import connection, transaction
+
+from annotation.agreement import CHOICES
+from annotation.models import Project, Prompt
+from annotation.quality import latest_snapshot
+
+Format = Literal["jsonl", "parquet"]
+FORMATS = ("jsonl", "parquet")
+BATCH_ROWS = 2000
+
+_MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+
+
+@dataclass(frozen=True)
+class PreferenceFilters:
+    round: int | None = None
+    min_confidence: float = 0.0
+    include_ties: bool = False
+    min_gold_accuracy: float | None = None  # None: the project's own threshold
+
+
+def _stream(sql: str, params: list[Any]) -> Iterator[tuple[Any, ...]]:
+    """Rows of a query, fetched in batches from a server-side cursor on PostgreSQL."""
+    if connection.vendor != "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            while rows := cursor.fetchmany(BATCH_ROWS):
+                yield from rows
+        return
+    with transaction.atomic():
+        connection.ensure_connection()
+        with connection.connection.cursor(name="flywheel_export") as cursor:
+            cursor.itersize = BATCH_ROWS
+            cursor.execute(sql, params)
+            yield from cursor
+
+
+def excluded_labelers(project: Project, min_gold_accuracy: float | None) -> list[int]:
+    """Labelers whose gold accuracy in the latest snapshot is below the threshold."""
+    threshold = project.gold_min_accuracy if min_gold_accuracy is None else min_gold_accuracy
+    snapshot = latest_snapshot(project=project)
+    if threshold is None or snapshot is None:
+        return []
+    return [
+        row["labeler"]
+        for row in snapshot.labelers
+        if row.get("gold_accuracy") is not None and row["gold_accuracy"] < threshold
+    ]
+
+
+_PREFERENCES_SQL = """
+WITH counts AS (
+    SELECT v.comparison_id,
+           SUM(CASE WHEN v.choice = 'a' THEN 1 ELSE 0 END) AS votes_a,
+           SUM(CASE WHEN v.choice = 'b' THEN 1 ELSE 0 END) AS votes_b,
+           SUM(CASE WHEN v.choice = 'tie' THEN 1 ELSE 0 END) AS votes_tie,
+           SUM(CASE WHEN v.choice = 'both_bad' THEN 1 ELSE 0 END) AS votes_both_bad,
+           AVG(v.strength) AS mean_strength
+    FROM annotation_vote v JOIN annotation_comparison vc ON vc.id = v.comparison_id
+    WHERE vc.project_id = %s {labeler_filter}
+    GROUP BY v.comparison_id
+)
+SELECT c.id, c.round, p.text, p.messages, ra.text, ra.source, rb.text, rb.source,
+       COALESCE(counts.votes_a, 0), COALESCE(counts.votes_b, 0), COALESCE(counts.votes_tie, 0),
+       COALESCE(counts.votes_both_bad, 0), counts.mean_strength,
+       agg.adjudicated_choice, agg.ds_choice, agg.ds_confidence
+FROM annotation_comparison c
+JOIN annotation_prompt p ON p.id = c.prompt_id
+JOIN annotation_response ra ON ra.id = c.response_a_id
+JOIN annotation_response rb ON rb.id = c.response_b_id
+LEFT JOIN counts ON counts.comparison_id = c.id
+LEFT JOIN annotation_aggregatedlabel agg ON agg.comparison_id = c.id
+WHERE c.project_id = %s AND c.origin <> 'gold' {round_filter}
+ORDER BY c.id
+"""
+
+
+def preference_rows(project: Project, filters: PreferenceFilters) -> Iterator[dict[str, Any]]:
+    """One row per comparison with a decided label: the adjudicated one, else the majority of the
+    counted votes. A comparison whose top votes are shared, or below min_confidence, is left out."""
+    excluded = excluded_labelers(project, filters.min_gold_accuracy)
+    params: list[Any] = [project.pk, *excluded, project.pk]
+    labeler_filter = f"AND v.labeler_id NOT IN ({', '.join(['%s'] * len(excluded))})" if excluded else ""
+    round_filter = ""
+    if filters.round is not None:
+        round_filter = "AND c.round = %s"
+        params.append(filters.round)
+    sql = _PREFERENCES_SQL.format(labeler_filter=labeler_filter, round_filter=round_filter)
+    conversational = _conversational(project)
+
+    for row in _stream(sql, params):
+        (comparison_id, round_number, text, messages, text_a, source_a, text_b, source_b,
+         votes_a, votes_b, votes_tie, votes_both_bad, mean_strength,
+         adjudicated, ds_choice, ds_confidence) = row  # fmt: skip
+        counts = {"a": votes_a, "b": votes_b, "tie": votes_tie, "both_bad": votes_both_bad}
+        total = sum(counts.values())
+        if adjudicated:
+            choice, confidence, label_source = adjudicated, 1.0, "adjudicated"
+        else:
+            if total == 0:
+                continue
+            top = max(counts.values())
+            leaders = [name for name in CHOICES if counts[name] == top]
+            if len(leaders) > 1:
+                continue
+            choice, confidence, label_source = leaders[0], top / total, "majority"
+        if confidence < filters.min_confidence:
+            continue
+        if choice in ("tie", "both_bad") and not filters.include_ties:
+            continue
+        a_wins = choice != "b"  # ties keep the imported order; `label` says what it was
+        chosen, rejected = (text_a, text_b) if a_wins else (text_b, text_a)
+        if isinstance(messages, str):  # SQLite hands JSON back as text
+            messages = json.loads(messages)
+        prompt: Any = messages if messages is not None else text
+        if conversational:
+            prompt = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            chosen = [{"role": "assistant", "content": chosen}]
+            rejected = [{"role": "assistant", "content": rejected}]
+        yield {
+            "prompt": prompt,
+            "chosen": chosen,
+            "rejected": rejected,
+            "comparison_id": comparison_id,
+            "label": choice,
+            "label_source": label_source,
+            "votes_chosen": counts["a" if a_wins else "b"],
+            "votes_rejected": counts["b" if a_wins else "a"],
+            "votes_tie": votes_tie,
+            "votes_both_bad": votes_both_bad,
+            "agreement": max(counts.values()) / total if total else None,
+            "confidence": confidence,
+            "ds_confidence": ds_confidence if ds_choice == choice else None,
+            "mean_strength": float(mean_strength) if mean_strength is not None else None,
+            "round": round_number,
+            "source_chosen": source_a if a_wins else source_b,
+            "source_rejected": source_b if a_wins else source_a,
+        }
+
+
+def _conversational(project: Project) -> bool:
+    """Arrow needs one type per column: if any prompt is a conversation, every row is written in
+    TRL's conversational format (messages for prompt, chosen and rejected)."""
+    return Prompt.objects.filter(project=project, messages__isnull=False).exists()
+
+
+def preference_schema(project: Project) -> pa.Schema:
+    text = _MESSAGES if _conversational(project) else pa.string()
+    return pa.schema(
+        [("prompt", text), ("chosen", text), ("rejected", text), ("comparison_id", pa.int64()),
+         ("label", pa.string()), ("label_source", pa.string()), ("votes_chosen", pa.int64()),
+         ("votes_rejected", pa.int64()), ("votes_tie", pa.int64()), ("votes_both_bad", pa.int64()),
+         ("agreement", pa.float64()), ("confidence", pa.float64()), ("ds_confidence", pa.float64()),
+         ("mean_strength", pa.float64()), ("round", pa.int64()), ("source_chosen", pa.string()),
+         ("source_rejected", pa.string())]  # fmt: skip
+    )
+
+
+_VOTES_SQL = """
+SELECT v.id, v.comparison_id, v.labeler_id, v.choice, v.strength, v.winner_id, v.shown_left_id,
+       c.response_a_id, v.rationale, v.flags, v.time_spent_ms, v.created_at, c.round
+FROM annotation_vote v JOIN annotation_comparison c ON c.id = v.comparison_id
+WHERE c.project_id = %s {round_filter}
+ORDER BY v.id
+"""
+
+VOTE_SCHEMA = pa.schema(
+    [("vote_id", pa.int64()), ("comparison_id", pa.int64()), ("labeler", pa.string()), ("choice", pa.string()),
+     ("strength", pa.int64()), ("shown_left", pa.string()), ("rationale", pa.string()),
+     ("flags", pa.list_(pa.string())),
+     ("time_spent_ms", pa.int64()), ("created_at", pa.string()), ("round", pa.int64())]  # fmt: skip
+)
+
+
+def pseudonym(labeler_id: int) -> str:
+    """Stable per installation, not reversible without the SECRET_KEY."""
+    digest = hmac.new(str(settings.SECRET_KEY).encode(), f"labeler:{labeler_id}".encode(), hashlib.sha256)
+    return digest.hexdigest()[:16]
+
+
+def vote_rows(project: Project, *, round_number: int | None = None, pseudonymize: bool = True) -> Iterator[dict]:
+    params: list[Any] = [project.pk]
+    round_filter = ""
+    if round_number is not None:
+        round_filter, params = "AND c.round = %s", [*params, round_number]
+    for row in _stream(_VOTES_SQL.format(round_filter=round_filter), params):
+        (vote_id, comparison_id, labeler_id, choice, strength, _winner, shown_left, response_a,
+         rationale, flags, time_spent_ms, created_at, round_value) = row  # fmt: skip
+        yield {
+            "vote_id": vote_id,
+            "comparison_id": comparison_id,
+            "labeler": pseudonym(labeler_id) if pseudonymize else str(labeler_id),
+            "choice": choice,
+            "strength": strength,
+            "shown_left": "a" if shown_left == response_a else "b",
+            "rationale": rationale,
+            "flags": json.loads(flags) if isinstance(flags, str) else flags,
+            "time_spent_ms": time_spent_ms,
+            "created_at": created_at.isoformat() if hasattr(created_at, "isoformat") else str(created_at),
+            "round": round_value,
+        }
+
+
+def encode_jsonl(rows: Iterable[dict[str, Any]]) -> Iterator[bytes]:
+    buffer: list[str] = []
+    for row in rows:
+        buffer.append(json.dumps(row, ensure_ascii=False))
+        if len(buffer) >= BATCH_ROWS:
+            yield ("\n".join(buffer) + "\n").encode()
+            buffer = []
+    if buffer:
+        yield ("\n".join(buffer) + "\n").encode()
+
+
+class _Drain:
+    """A write-only file for ParquetWriter whose bytes are handed on after each row group."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.position = 0
+        self.closed = False
+
+    def write(self, data: bytes) -> int:
+        self.parts.append(bytes(data))
+        self.position += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.position
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+    def take(self) -> bytes:
+        data, self.parts = b"".join(self.parts), []
+        return data
+
+
+def encode_parquet(rows: Iterable[dict[str, Any]], schema: pa.Schema) -> Iterator[bytes]:
+    sink = _Drain()
+    writer = pq.ParquetWriter(sink, schema)
+    batch: list[dict[str, Any]] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) >= BATCH_ROWS:
+            writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+            batch = []
+            yield sink.take()
+    if batch:
+        writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+    writer.close()
+    yield sink.take()
+
+
+def export_stream(
+    project: Project,
+    *,
+    file_format: Format,
+    votes: bool = False,
+    filters: PreferenceFilters | None = None,
+    pseudonymize: bool = True,
+) -> Iterator[bytes]:
+    """Bytes of the whole export, a batch at a time."""
+    filters = filters or PreferenceFilters()
+    if votes:
+        rows = vote_rows(project, round_number=filters.round, pseudonymize=pseudonymize)
+        schema = VOTE_SCHEMA
+    else:
+        rows = preference_rows(project, filters)
+        schema = preference_schema(project)
+    return encode_jsonl(rows) if file_format == "jsonl" else encode_parquet(rows, schema)
