@@ -1,16 +1,20 @@
 """HTTP API (DRF): one view per operation, each with its own input and output serializer."""
 
 from django.contrib.auth.models import User
+from django.http import StreamingHttpResponse
 from django.shortcuts import get_object_or_404
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_serializer
 from rest_framework import serializers, status
 from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.exceptions import NotFound, PermissionDenied
+from rest_framework.pagination import LimitOffsetPagination
+from rest_framework.parsers import MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from annotation import selectors, services
+from annotation import export, quality, selectors, services
 from annotation.models import Assignment, Project, Vote
 
 
@@ -120,3 +124,161 @@ class TokenAPI(ObtainAuthToken):
     this into a CSRF-checked call."""
 
     authentication_classes: list = []
+
+
+def _admin(request: Request) -> User:
+    admin = selectors.admin_or_none(request.user)
+    if admin is None:
+        raise PermissionDenied("Only admins can do this.")
+    return admin
+
+
+class AgreementAPI(APIView):
+    class QuerySerializer(serializers.Serializer):
+        round = serializers.IntegerField(min_value=0, required=False)
+
+    @extend_schema(
+        operation_id="agreement_get",
+        parameters=[QuerySerializer],
+        responses={
+            200: OpenApiResponse(description="figures, labelers, labeler_pairs, computed_at"),
+            403: ErrorSerializer,
+        },
+    )
+    def get(self, request: Request, slug: str) -> Response:
+        _admin(request)
+        project = get_object_or_404(Project, slug=slug)
+        query = self.QuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        round_number = query.validated_data.get("round")
+        snapshot = (
+            quality.snapshot_for_page(project=project)
+            if round_number is None
+            else quality.latest_snapshot(project=project, round_number=round_number)
+        )
+        if snapshot is None:
+            return Response({"computed_at": None, "figures": None, "labelers": [], "labeler_pairs": []})
+        return Response(
+            {
+                "computed_at": snapshot.computed_at,
+                "round": snapshot.round,
+                "figures": snapshot.figures,
+                "labelers": snapshot.labelers,
+                "labeler_pairs": snapshot.labeler_pairs,
+            }
+        )
+
+
+class ExportAPI(APIView):
+    class QuerySerializer(serializers.Serializer):
+        format = serializers.ChoiceField(choices=export.FORMATS, default="jsonl")
+        kind = serializers.ChoiceField(choices=["preferences", "votes"], default="preferences")
+        round = serializers.IntegerField(min_value=0, required=False)
+        min_confidence = serializers.FloatField(min_value=0, max_value=1, default=0.0)
+        include_ties = serializers.BooleanField(default=False)
+        min_gold_accuracy = serializers.FloatField(min_value=0, max_value=1, required=False)
+        pseudonymize = serializers.BooleanField(default=True)
+
+    @extend_schema(
+        operation_id="export_get",
+        parameters=[QuerySerializer],
+        responses={
+            (200, "application/jsonl"): OpenApiTypes.STR,
+            (200, "application/vnd.apache.parquet"): OpenApiTypes.BINARY,
+            403: ErrorSerializer,
+        },
+    )
+    def get(self, request: Request, slug: str) -> StreamingHttpResponse:
+        _admin(request)
+        project = get_object_or_404(Project, slug=slug)
+        query = self.QuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        options = query.validated_data
+        file_format = options["format"]
+        stream = export.export_stream(
+            project,
+            file_format=file_format,
+            votes=options["kind"] == "votes",
+            filters=export.PreferenceFilters(
+                round=options.get("round"),
+                min_confidence=options["min_confidence"],
+                include_ties=options["include_ties"],
+                min_gold_accuracy=options.get("min_gold_accuracy"),
+            ),
+            pseudonymize=options["pseudonymize"],
+        )
+        content_type = "application/jsonl" if file_format == "jsonl" else "application/vnd.apache.parquet"
+        response = StreamingHttpResponse(stream, content_type=content_type)
+        response["Content-Disposition"] = f'attachment; filename="{project.slug}-{options["kind"]}.{file_format}"'
+        return response
+
+
+class ImportAPI(APIView):
+    parser_classes = [MultiPartParser]
+
+    class InputSerializer(serializers.Serializer):
+        file = serializers.FileField(help_text="JSON Lines, as for `manage.py import_pairs`.")
+        overlap = serializers.IntegerField(min_value=1, required=False)
+        skip_invalid = serializers.BooleanField(default=False)
+
+    @extend_schema_serializer(component_name="ImportResult")
+    class OutputSerializer(serializers.Serializer):
+        created = serializers.IntegerField()
+        duplicates = serializers.IntegerField()
+        invalid_lines = serializers.ListField(child=serializers.CharField())
+
+    @extend_schema(
+        operation_id="pairs_import",
+        request={"multipart/form-data": InputSerializer},
+        responses={
+            201: OutputSerializer,
+            400: OpenApiResponse(description="`errors`: one per bad line"),
+            403: ErrorSerializer,
+        },
+    )
+    def post(self, request: Request, slug: str) -> Response:
+        _admin(request)
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        try:
+            _, result = services.pairs_import_file(
+                project_slug=slug,
+                lines=data.validated_data["file"].read().splitlines(),
+                overlap=data.validated_data.get("overlap"),
+                skip_invalid=data.validated_data["skip_invalid"],
+            )
+        except services.ImportRejected as error:
+            return Response({"errors": error.errors}, status=status.HTTP_400_BAD_REQUEST)
+        return Response(self.OutputSerializer(result).data, status=status.HTTP_201_CREATED)
+
+
+class VotesAPI(APIView):
+    """A labeler's votes in a project: labelers may read only their own, admins anyone's."""
+
+    class QuerySerializer(serializers.Serializer):
+        labeler = serializers.CharField(required=False, help_text="Username; default: yourself.")
+
+    @extend_schema_serializer(component_name="VoteRecord")
+    class OutputSerializer(serializers.Serializer):
+        vote = serializers.IntegerField(source="pk")
+        comparison = serializers.IntegerField(source="comparison_id")
+        choice = serializers.CharField()
+        strength = serializers.IntegerField()
+        rationale = serializers.CharField()
+        created_at = serializers.DateTimeField()
+
+    @extend_schema(
+        operation_id="votes_list", parameters=[QuerySerializer], responses={200: OutputSerializer(many=True)}
+    )
+    def get(self, request: Request, slug: str) -> Response:
+        user = _labeler(request)
+        project = get_object_or_404(Project, slug=slug)
+        query = self.QuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        username = query.validated_data.get("labeler", user.username)
+        if username != user.username and selectors.admin_or_none(user) is None:
+            raise PermissionDenied("Labelers can only see their own votes.")
+        votes = Vote.objects.filter(comparison__project=project, labeler__username=username).order_by("id")
+        paginator = LimitOffsetPagination()
+        page = paginator.paginate_queryset(votes, request, view=self)
+        return paginator.get_paginated_response(self.OutputSerializer(page, many=True).data)

@@ -164,12 +164,25 @@ def _conversational(project: Project) -> bool:
 def preference_schema(project: Project) -> pa.Schema:
     text = _MESSAGES if _conversational(project) else pa.string()
     return pa.schema(
-        [("prompt", text), ("chosen", text), ("rejected", text), ("comparison_id", pa.int64()),
-         ("label", pa.string()), ("label_source", pa.string()), ("votes_chosen", pa.int64()),
-         ("votes_rejected", pa.int64()), ("votes_tie", pa.int64()), ("votes_both_bad", pa.int64()),
-         ("agreement", pa.float64()), ("confidence", pa.float64()), ("ds_confidence", pa.float64()),
-         ("mean_strength", pa.float64()), ("round", pa.int64()), ("source_chosen", pa.string()),
-         ("source_rejected", pa.string())]  # fmt: skip
+        [
+            ("prompt", text),
+            ("chosen", text),
+            ("rejected", text),
+            ("comparison_id", pa.int64()),
+            ("label", pa.string()),
+            ("label_source", pa.string()),
+            ("votes_chosen", pa.int64()),
+            ("votes_rejected", pa.int64()),
+            ("votes_tie", pa.int64()),
+            ("votes_both_bad", pa.int64()),
+            ("agreement", pa.float64()),
+            ("confidence", pa.float64()),
+            ("ds_confidence", pa.float64()),
+            ("mean_strength", pa.float64()),
+            ("round", pa.int64()),
+            ("source_chosen", pa.string()),
+            ("source_rejected", pa.string()),
+        ]  # fmt: skip
     )
 
 
@@ -182,10 +195,19 @@ ORDER BY v.id
 """
 
 VOTE_SCHEMA = pa.schema(
-    [("vote_id", pa.int64()), ("comparison_id", pa.int64()), ("labeler", pa.string()), ("choice", pa.string()),
-     ("strength", pa.int64()), ("shown_left", pa.string()), ("rationale", pa.string()),
-     ("flags", pa.list_(pa.string())),
-     ("time_spent_ms", pa.int64()), ("created_at", pa.string()), ("round", pa.int64())]  # fmt: skip
+    [
+        ("vote_id", pa.int64()),
+        ("comparison_id", pa.int64()),
+        ("labeler", pa.string()),
+        ("choice", pa.string()),
+        ("strength", pa.int64()),
+        ("shown_left", pa.string()),
+        ("rationale", pa.string()),
+        ("flags", pa.list_(pa.string())),
+        ("time_spent_ms", pa.int64()),
+        ("created_at", pa.string()),
+        ("round", pa.int64()),
+    ]  # fmt: skip
 )
 
 

@@ -16,6 +16,13 @@ def labeler_or_none(user: User | AnonymousUser) -> User | None:
     return None
 
 
+def admin_or_none(user: User | AnonymousUser) -> User | None:
+    """The user when they are in the admins group, else None."""
+    if isinstance(user, User) and user.groups.filter(name=ADMINS_GROUP).exists():
+        return user
+    return None
+
+
 def user_can_label(user: User | AnonymousUser) -> bool:
     return labeler_or_none(user) is not None
 

@@ -4,13 +4,14 @@ import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from django.conf import settings
 from django.contrib.auth.models import Group, Permission, User
 from django.db import transaction
 from django.db.models import Count, Exists, F, OuterRef, Subquery, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from annotation.importing import PairRecord
+from annotation.importing import PairRecord, parse_pair_lines, summarize_errors
 from annotation.models import (
     ADMINS_GROUP,
     LABELERS_GROUP,
@@ -81,6 +82,33 @@ def project_get_or_create(*, slug: str, name: str = "", overlap: int | None = No
 class ImportResult:
     created: int
     duplicates: int
+    invalid_lines: tuple[str, ...] = ()
+
+
+class ImportRejected(LabelingError):
+    """The file had bad lines; `errors` names each one. Nothing was written."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = errors
+        super().__init__("nothing imported:\n" + summarize_errors(errors))
+
+
+def pairs_import_file(
+    *, project_slug: str, lines: list[bytes], overlap: int | None = None, skip_invalid: bool = False
+) -> tuple[Project, ImportResult]:
+    """Validate a whole pair file, then import it into the project (created if missing).
+
+    Bad lines abort the import unless skip_invalid, which imports the good ones and reports the rest.
+    """
+    if overlap is not None and overlap < 1:
+        raise ImportRejected(["overlap must be at least 1"])
+    records, errors = parse_pair_lines(lines, max_line_bytes=settings.FLYWHEEL_IMPORT_MAX_LINE_BYTES)
+    if errors and not (skip_invalid and records):
+        raise ImportRejected(errors)
+    with transaction.atomic():
+        project = project_get_or_create(slug=project_slug, overlap=overlap)
+        result = pairs_import(project=project, records=records)
+    return project, ImportResult(result.created, result.duplicates, tuple(errors))
 
 
 def pairs_import(*, project: Project, records: list[PairRecord]) -> ImportResult:

@@ -9,4 +9,8 @@ urlpatterns = [
     path("assignments/<int:assignment_id>/skip/", views.skip, name="skip"),
     path("api/v1/projects/<slug:slug>/assignments/", api.ClaimAPI.as_view(), name="api-claim"),
     path("api/v1/assignments/<int:assignment_id>/vote/", api.VoteAPI.as_view(), name="api-vote"),
+    path("api/v1/projects/<slug:slug>/agreement/", api.AgreementAPI.as_view(), name="api-agreement"),
+    path("api/v1/projects/<slug:slug>/export/", api.ExportAPI.as_view(), name="api-export"),
+    path("api/v1/projects/<slug:slug>/import/", api.ImportAPI.as_view(), name="api-import"),
+    path("api/v1/projects/<slug:slug>/votes/", api.VotesAPI.as_view(), name="api-votes"),
 ]

@@ -1,12 +1,10 @@
 import secrets
 from pathlib import Path
 
-from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import transaction
 
-from annotation.importing import parse_pair_lines, summarize_errors
-from annotation.services import labeler_create, pairs_import, project_get_or_create
+from annotation.services import ImportRejected, labeler_create, pairs_import_file
 
 DEMO_FILE = Path(__file__).resolve().parents[2] / "demo_data.jsonl"
 DEMO_GUIDELINES = """\
@@ -29,17 +27,17 @@ class Command(BaseCommand):
         parser.add_argument("--password", help="Use this password for every demo user instead of random ones.")
 
     def handle(self, *args: object, password: str | None, **options: object) -> None:
-        records, errors = parse_pair_lines(
-            DEMO_FILE.read_bytes().splitlines(), max_line_bytes=settings.FLYWHEEL_IMPORT_MAX_LINE_BYTES
-        )
-        if errors:
-            raise CommandError(f"{DEMO_FILE} is broken:\n{summarize_errors(errors)}")
         credentials = {}
         with transaction.atomic():
-            project = project_get_or_create(slug="demo", name="Demo: everyday assistant answers", overlap=3)
+            try:
+                project, result = pairs_import_file(
+                    project_slug="demo", lines=DEMO_FILE.read_bytes().splitlines(), overlap=3
+                )
+            except ImportRejected as error:
+                raise CommandError(f"{DEMO_FILE} is broken: {error}") from None
+            project.name = "Demo: everyday assistant answers"
             project.guidelines = DEMO_GUIDELINES
-            project.save(update_fields=["guidelines"])
-            result = pairs_import(project=project, records=records)
+            project.save(update_fields=["name", "guidelines"])
             for username, admin in [("admin", True)] + [(name, False) for name in DEMO_LABELERS]:
                 credentials[username] = password or secrets.token_urlsafe(9)
                 labeler_create(username=username, password=credentials[username], admin=admin)
