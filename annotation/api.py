@@ -280,5 +280,7 @@ class VotesAPI(APIView):
             raise PermissionDenied("Labelers can only see their own votes.")
         votes = Vote.objects.filter(comparison__project=project, labeler__username=username).order_by("id")
         paginator = LimitOffsetPagination()
+        paginator.default_limit = 100
+        paginator.max_limit = 1000
         page = paginator.paginate_queryset(votes, request, view=self)
         return paginator.get_paginated_response(self.OutputSerializer(page, many=True).data)
