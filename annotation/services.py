@@ -2,15 +2,15 @@
 
 import random
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import Group, Permission, User
-from django.db import transaction
-from django.db.models import Count, Exists, F, OuterRef, Subquery, Value
-from django.db.models.functions import Coalesce
+from django.db import connection, transaction
 from django.utils import timezone
 
+from annotation import selectors
 from annotation.importing import PairRecord, parse_pair_lines, summarize_errors
 from annotation.models import (
     ADMINS_GROUP,
@@ -162,21 +162,78 @@ def pairs_import(*, project: Project, records: list[PairRecord]) -> ImportResult
     return ImportResult(created=len(fresh), duplicates=len(records) - len(fresh))
 
 
-def _live_leases(now: datetime) -> Subquery:
-    return Subquery(
-        Assignment.objects.filter(comparison=OuterRef("pk"), status=Assignment.Status.OPEN, expires_at__gt=now)
-        .order_by()
-        .values("comparison")
-        .annotate(count=Count("*"))
-        .values("count")
-    )
+# Claim and vote run on every labeling request, so they are a few hand-written statements rather
+# than ORM chains: at hundreds of votes a second the ORM's own CPU was the bottleneck
+# (bench/labeling_load.py). The SQL is plain enough to run on SQLite too, minus the row locks.
+
+_LIVE_LEASES = """
+    SELECT COUNT(*) FROM annotation_assignment l
+    WHERE l.comparison_id = {comparison} AND l.status = 'open' AND l.expires_at > %s
+"""
+
+_RENEW_CURRENT_LEASE = """
+    UPDATE annotation_assignment SET expires_at = %s
+    WHERE labeler_id = %s AND status = 'open' AND expires_at > %s
+      AND comparison_id IN (SELECT id FROM annotation_comparison WHERE project_id = %s)
+    RETURNING id
+"""
+
+_CANDIDATE = (
+    """
+    SELECT c.id, c.vote_count FROM annotation_comparison c
+    WHERE c.project_id = %s AND c.vote_count < %s AND c.origin <> 'gold' {passed_over}
+      AND c.vote_count + ("""
+    + _LIVE_LEASES.format(comparison="c.id")
+    + """) < %s
+      AND NOT EXISTS (
+        SELECT 1 FROM annotation_assignment d
+        WHERE d.comparison_id = c.id AND d.labeler_id = %s AND d.status IN ('voted', 'skipped'))
+    ORDER BY c.vote_count DESC, c.id
+    LIMIT 1 {lock}
+"""
+)
+
+_GOLD_CANDIDATE = """
+    SELECT c.id FROM annotation_comparison c
+    WHERE c.project_id = %s AND c.origin = 'gold'
+      AND NOT EXISTS (
+        SELECT 1 FROM annotation_assignment d
+        WHERE d.comparison_id = c.id AND d.labeler_id = %s AND d.status IN ('voted', 'skipped'))
+    ORDER BY RANDOM() LIMIT 1
+"""
+
+# A new statement sees leases committed after the candidate query's snapshot; holding the
+# comparison's row lock, nobody can add one now, so this check is final.
+_LEASE_IF_ROOM = (
+    """
+    INSERT INTO annotation_assignment (comparison_id, labeler_id, status, left_is_a, created_at, expires_at)
+    SELECT %s, %s, 'open', %s, %s, %s
+    WHERE %s + ("""
+    + _LIVE_LEASES.format(comparison="%s")
+    + """) < %s
+    ON CONFLICT (comparison_id, labeler_id) DO UPDATE SET
+        status = 'open', left_is_a = excluded.left_is_a, created_at = excluded.created_at,
+        expires_at = excluded.expires_at
+    RETURNING id
+"""
+)
 
 
-def _live_lease_count(comparison: Comparison, now: datetime, *, excluding: Assignment | None = None) -> int:
-    leases = Assignment.objects.filter(comparison=comparison, status=Assignment.Status.OPEN, expires_at__gt=now)
-    if excluding is not None:
-        leases = leases.exclude(pk=excluding.pk)
-    return leases.count()
+def _db_time(moment: datetime) -> Any:
+    """A datetime as the backend stores it (SQLite keeps naive UTC text)."""
+    return connection.ops.adapt_datetimefield_value(moment)
+
+
+def _from_db_time(value: Any) -> datetime:
+    if isinstance(value, datetime):
+        return value if timezone.is_aware(value) else timezone.make_aware(value, UTC)
+    return timezone.make_aware(datetime.fromisoformat(value), UTC)
+
+
+def _fetch_one(sql: str, params: list[Any]) -> tuple[Any, ...] | None:
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchone()
 
 
 def assignment_claim(*, project: Project, labeler: User, now: datetime | None = None) -> Assignment | None:
@@ -185,75 +242,69 @@ def assignment_claim(*, project: Project, labeler: User, now: datetime | None = 
     A labeler holding a live lease in the project gets it back, renewed, so a reload does not
     burn leases. Otherwise the candidate is a comparison they have not voted on or skipped whose
     votes plus live leases are below the overlap, partially labeled ones first; locking it with
-    SKIP LOCKED keeps concurrent claimers off each other's rows without waiting.
+    SKIP LOCKED keeps concurrent claimers off each other's rows without waiting. Gold pairs are
+    mixed in at the project's gold rate; they check every labeler, so they have no overlap limit.
     """
     now = now or timezone.now()
-    lease = timedelta(seconds=project.lease_seconds)
+    expires_at = now + timedelta(seconds=project.lease_seconds)
+    lock = "FOR UPDATE OF c SKIP LOCKED" if connection.features.has_select_for_update_skip_locked else ""
     with transaction.atomic():
-        current = (
-            Assignment.objects.select_for_update()
-            .filter(labeler=labeler, comparison__project=project, status=Assignment.Status.OPEN, expires_at__gt=now)
-            .first()
-        )
+        current = _fetch_one(_RENEW_CURRENT_LEASE, [_db_time(expires_at), labeler.pk, _db_time(now), project.pk])
         if current is not None:
-            current.expires_at = now + lease
-            current.save(update_fields=["expires_at"])
-            return current
-
-        done_by_labeler = Assignment.objects.filter(
-            comparison=OuterRef("pk"),
-            labeler=labeler,
-            status__in=[Assignment.Status.VOTED, Assignment.Status.SKIPPED],
-        )
+            return selectors.assignment_for_display(assignment_id=current[0])
         if project.gold_rate and random.random() < project.gold_rate:
-            # Gold pairs check every labeler, so they have no overlap limit and need no lock.
-            gold = (
-                Comparison.objects.filter(project=project, origin=Comparison.Origin.GOLD)
-                .filter(~Exists(done_by_labeler))
-                .order_by("?")
-                .first()
-            )
+            gold = _fetch_one(_GOLD_CANDIDATE, [project.pk, labeler.pk])
             if gold is not None:
-                return _lease(gold, labeler, now, lease)
-        candidates = (
-            Comparison.objects.filter(project=project, vote_count__lt=project.overlap)
-            .exclude(origin=Comparison.Origin.GOLD)
-            .annotate(leases=Coalesce(_live_leases(now), Value(0)))
-            .filter(leases__lt=project.overlap - F("vote_count"))
-            .filter(~Exists(done_by_labeler))
-            .order_by("-vote_count", "id")
-            .select_for_update(skip_locked=True, of=("self",))
-        )
+                return _lease(gold[0], 0, 1 << 30, labeler, now, expires_at)
         passed_over: list[int] = []
         while True:
-            comparison = candidates.exclude(pk__in=passed_over).first()
-            if comparison is None:
+            excluded = f"AND c.id NOT IN ({', '.join(['%s'] * len(passed_over))})" if passed_over else ""
+            candidate = _fetch_one(
+                _CANDIDATE.format(passed_over=excluded, lock=lock),
+                [project.pk, project.overlap, *passed_over, _db_time(now), project.overlap, labeler.pk],
+            )
+            if candidate is None:
                 return None
-            # The candidate query counted leases in its own snapshot; a lease committed since then
-            # is only visible to a new statement, now that we hold the row lock.
-            if comparison.vote_count + _live_lease_count(comparison, now) < project.overlap:
-                break
-            passed_over.append(comparison.pk)
-        return _lease(comparison, labeler, now, lease)
+            assignment = _lease(candidate[0], candidate[1], project.overlap, labeler, now, expires_at)
+            if assignment is not None:
+                return assignment
+            passed_over.append(candidate[0])
 
 
-def _lease(comparison: Comparison, labeler: User, now: datetime, lease: timedelta) -> Assignment:
-    assignment, _ = Assignment.objects.update_or_create(
-        comparison=comparison,
-        labeler=labeler,
-        defaults={
-            "status": Assignment.Status.OPEN,
-            "left_is_a": random.random() < 0.5,
-            "created_at": now,
-            "expires_at": now + lease,
-        },
+def _lease(
+    comparison_id: int, vote_count: int, overlap: int, labeler: User, now: datetime, expires_at: datetime
+) -> Assignment | None:
+    row = _fetch_one(
+        _LEASE_IF_ROOM,
+        [
+            comparison_id,
+            labeler.pk,
+            random.random() < 0.5,
+            _db_time(now),
+            _db_time(expires_at),
+            vote_count,
+            comparison_id,
+            _db_time(now),
+            overlap,
+        ],  # fmt: skip
     )
-    return assignment
+    return None if row is None else selectors.assignment_for_display(assignment_id=row[0])
 
 
 def assignment_skip(*, assignment: Assignment) -> None:
     """Give the comparison back; this labeler is not offered it again."""
     Assignment.objects.filter(pk=assignment.pk, status=Assignment.Status.OPEN).update(status=Assignment.Status.SKIPPED)
+
+
+_LOCK_FOR_VOTE = """
+    SELECT a.id, a.status, a.status = 'open' AND a.expires_at > %s, a.left_is_a, a.created_at,
+           c.id, c.response_a_id, c.response_b_id, c.vote_count, c.origin, c.project_id, p.overlap
+    FROM annotation_assignment a
+    JOIN annotation_comparison c ON c.id = a.comparison_id
+    JOIN annotation_project p ON p.id = c.project_id
+    WHERE a.id = %s AND a.labeler_id = %s
+    {lock}
+"""
 
 
 def vote_submit(
@@ -285,57 +336,55 @@ def vote_submit(
     if time_spent_ms is not None and not 0 <= time_spent_ms <= MAX_TIME_SPENT_MS:
         raise InvalidVote("time_spent_ms", f"{time_spent_ms} is outside 0..{MAX_TIME_SPENT_MS}")
     now = now or timezone.now()
+    # Every change to a comparison's votes and leases happens under its row lock (claims take it too).
+    lock = "FOR UPDATE OF c" if connection.features.has_select_for_update else ""
 
     with transaction.atomic():
-        # Lock the comparison before the assignment, the same order as assignment_claim.
-        comparison_id = (
-            Assignment.objects.filter(pk=assignment_id, labeler=labeler).values_list("comparison_id", flat=True).first()
-        )
-        if comparison_id is None:
+        row = _fetch_one(_LOCK_FOR_VOTE.format(lock=lock), [_db_time(now), assignment_id, labeler.pk])
+        if row is None:
             raise Assignment.DoesNotExist(f"no assignment {assignment_id} for this labeler")
-        comparison = Comparison.objects.select_for_update().select_related("project").get(pk=comparison_id)
-        assignment = Assignment.objects.select_for_update().get(pk=assignment_id)
-
+        (_, status, live, left_is_a, leased_at,
+         comparison_id, response_a, response_b, vote_count, origin, project_id, overlap) = row  # fmt: skip
         if idempotency_key:
             earlier = Vote.objects.filter(labeler=labeler, idempotency_key=idempotency_key).first()
             if earlier is not None:
-                if earlier.assignment_id != assignment.id:
+                if earlier.assignment_id != assignment_id:
                     raise IdempotencyKeyReused("this Idempotency-Key was already used for another assignment")
                 return earlier, False
-        if assignment.status == Assignment.Status.VOTED:
+        if status == Assignment.Status.VOTED:
             raise AlreadyVoted("you have already voted on this comparison")
-        if not assignment.is_live(now) and comparison.origin != Comparison.Origin.GOLD:
-            others = _live_lease_count(comparison, now, excluding=assignment)
-            if comparison.vote_count + others >= comparison.project.overlap:
+        if not live and origin != Comparison.Origin.GOLD:
+            others = _fetch_one(
+                _LIVE_LEASES.format(comparison="%s") + " AND l.id <> %s", [comparison_id, _db_time(now), assignment_id]
+            )
+            if vote_count + (others[0] if others else 0) >= overlap:
                 raise LeaseGone(
                     "your lease on this comparison expired and it has since received all the votes it needs"
                 )
 
-        left, right = (
-            (comparison.response_a_id, comparison.response_b_id)
-            if assignment.left_is_a
-            else (comparison.response_b_id, comparison.response_a_id)
-        )
-        canonical = {"left": "a" if assignment.left_is_a else "b", "right": "b" if assignment.left_is_a else "a"}
-        vote = Vote.objects.create(
-            comparison=comparison,
+        left, right = (response_a, response_b) if left_is_a else (response_b, response_a)
+        canonical = {"left": "a" if left_is_a else "b", "right": "b" if left_is_a else "a"}
+        vote = Vote(
+            comparison_id=comparison_id,
             labeler=labeler,
-            assignment=assignment,
+            assignment_id=assignment_id,
             choice=canonical.get(choice, choice),
             winner_id={"left": left, "right": right}.get(choice),
             strength=strength,
             shown_left_id=left,
             rationale=rationale,
             flags=sorted(set(flags or [])),
-            time_spent_ms=time_spent_ms if time_spent_ms is not None else _elapsed_ms(assignment.created_at, now),
+            time_spent_ms=time_spent_ms if time_spent_ms is not None else _elapsed_ms(_from_db_time(leased_at), now),
             idempotency_key=idempotency_key or None,
             created_at=now,
         )
-        comparison.vote_count += 1
-        comparison.save(update_fields=["vote_count"])
-        assignment.status = Assignment.Status.VOTED
-        assignment.save(update_fields=["status"])
-        transaction.on_commit(lambda: agreement_schedule(project_id=comparison.project_id))
+        vote.save(force_insert=True)
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "UPDATE annotation_comparison SET vote_count = vote_count + 1 WHERE id = %s", [comparison_id]
+            )
+            cursor.execute("UPDATE annotation_assignment SET status = 'voted' WHERE id = %s", [assignment_id])
+        transaction.on_commit(lambda: agreement_schedule(project_id=project_id))
     return vote, True
 
 
