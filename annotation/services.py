@@ -1,5 +1,6 @@
 """Every write of the labeling product. Views, the API, commands and tasks all call these."""
 
+import json
 import random
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -10,7 +11,7 @@ from django.contrib.auth.models import Group, Permission, User
 from django.db import connection, transaction
 from django.utils import timezone
 
-from annotation import selectors
+from annotation import selectors, sql
 from annotation.importing import PairRecord, parse_pair_lines, summarize_errors
 from annotation.models import (
     ADMINS_GROUP,
@@ -162,61 +163,8 @@ def pairs_import(*, project: Project, records: list[PairRecord]) -> ImportResult
     return ImportResult(created=len(fresh), duplicates=len(records) - len(fresh))
 
 
-# Claim and vote run on every labeling request, so they are a few hand-written statements rather
-# than ORM chains: at hundreds of votes a second the ORM's own CPU was the bottleneck
-# (bench/labeling_load.py). The SQL is plain enough to run on SQLite too, minus the row locks.
-
-_LIVE_LEASES = """
-    SELECT COUNT(*) FROM annotation_assignment l
-    WHERE l.comparison_id = {comparison} AND l.status = 'open' AND l.expires_at > %s
-"""
-
-_RENEW_CURRENT_LEASE = """
-    UPDATE annotation_assignment SET expires_at = %s
-    WHERE labeler_id = %s AND status = 'open' AND expires_at > %s
-      AND comparison_id IN (SELECT id FROM annotation_comparison WHERE project_id = %s)
-    RETURNING id
-"""
-
-_CANDIDATE = (
-    """
-    SELECT c.id, c.vote_count FROM annotation_comparison c
-    WHERE c.project_id = %s AND c.vote_count < %s AND c.origin <> 'gold' {passed_over}
-      AND c.vote_count + ("""
-    + _LIVE_LEASES.format(comparison="c.id")
-    + """) < %s
-      AND NOT EXISTS (
-        SELECT 1 FROM annotation_assignment d
-        WHERE d.comparison_id = c.id AND d.labeler_id = %s AND d.status IN ('voted', 'skipped'))
-    ORDER BY c.vote_count DESC, c.id
-    LIMIT 1 {lock}
-"""
-)
-
-_GOLD_CANDIDATE = """
-    SELECT c.id FROM annotation_comparison c
-    WHERE c.project_id = %s AND c.origin = 'gold'
-      AND NOT EXISTS (
-        SELECT 1 FROM annotation_assignment d
-        WHERE d.comparison_id = c.id AND d.labeler_id = %s AND d.status IN ('voted', 'skipped'))
-    ORDER BY RANDOM() LIMIT 1
-"""
-
-# A new statement sees leases committed after the candidate query's snapshot; holding the
-# comparison's row lock, nobody can add one now, so this check is final.
-_LEASE_IF_ROOM = (
-    """
-    INSERT INTO annotation_assignment (comparison_id, labeler_id, status, left_is_a, created_at, expires_at)
-    SELECT %s, %s, 'open', %s, %s, %s
-    WHERE %s + ("""
-    + _LIVE_LEASES.format(comparison="%s")
-    + """) < %s
-    ON CONFLICT (comparison_id, labeler_id) DO UPDATE SET
-        status = 'open', left_is_a = excluded.left_is_a, created_at = excluded.created_at,
-        expires_at = excluded.expires_at
-    RETURNING id
-"""
-)
+# Claim and vote run on every labeling request, so they are a few hand-written statements
+# (annotation/sql.py) rather than ORM chains: the ORM's own CPU was the bottleneck under load.
 
 
 def _db_time(moment: datetime) -> Any:
@@ -249,18 +197,18 @@ def assignment_claim(*, project: Project, labeler: User, now: datetime | None = 
     expires_at = now + timedelta(seconds=project.lease_seconds)
     lock = "FOR UPDATE OF c SKIP LOCKED" if connection.features.has_select_for_update_skip_locked else ""
     with transaction.atomic():
-        current = _fetch_one(_RENEW_CURRENT_LEASE, [_db_time(expires_at), labeler.pk, _db_time(now), project.pk])
+        current = _fetch_one(sql.RENEW_CURRENT_LEASE, [_db_time(expires_at), labeler.pk, _db_time(now), project.pk])
         if current is not None:
             return selectors.assignment_for_display(assignment_id=current[0])
         if project.gold_rate and random.random() < project.gold_rate:
-            gold = _fetch_one(_GOLD_CANDIDATE, [project.pk, labeler.pk])
+            gold = _fetch_one(sql.GOLD_CANDIDATE, [project.pk, labeler.pk])
             if gold is not None:
                 return _lease(gold[0], 0, 1 << 30, labeler, now, expires_at)
         passed_over: list[int] = []
         while True:
             excluded = f"AND c.id NOT IN ({', '.join(['%s'] * len(passed_over))})" if passed_over else ""
             candidate = _fetch_one(
-                _CANDIDATE.format(passed_over=excluded, lock=lock),
+                sql.CANDIDATE.format(passed_over=excluded, lock=lock),
                 [project.pk, project.overlap, *passed_over, _db_time(now), project.overlap, labeler.pk],
             )
             if candidate is None:
@@ -275,7 +223,7 @@ def _lease(
     comparison_id: int, vote_count: int, overlap: int, labeler: User, now: datetime, expires_at: datetime
 ) -> Assignment | None:
     row = _fetch_one(
-        _LEASE_IF_ROOM,
+        sql.LEASE_IF_ROOM,
         [
             comparison_id,
             labeler.pk,
@@ -294,17 +242,6 @@ def _lease(
 def assignment_skip(*, assignment: Assignment) -> None:
     """Give the comparison back; this labeler is not offered it again."""
     Assignment.objects.filter(pk=assignment.pk, status=Assignment.Status.OPEN).update(status=Assignment.Status.SKIPPED)
-
-
-_LOCK_FOR_VOTE = """
-    SELECT a.id, a.status, a.status = 'open' AND a.expires_at > %s, a.left_is_a, a.created_at,
-           c.id, c.response_a_id, c.response_b_id, c.vote_count, c.origin, c.project_id, p.overlap
-    FROM annotation_assignment a
-    JOIN annotation_comparison c ON c.id = a.comparison_id
-    JOIN annotation_project p ON p.id = c.project_id
-    WHERE a.id = %s AND a.labeler_id = %s
-    {lock}
-"""
 
 
 def vote_submit(
@@ -340,7 +277,7 @@ def vote_submit(
     lock = "FOR UPDATE OF c" if connection.features.has_select_for_update else ""
 
     with transaction.atomic():
-        row = _fetch_one(_LOCK_FOR_VOTE.format(lock=lock), [_db_time(now), assignment_id, labeler.pk])
+        row = _fetch_one(sql.LOCK_FOR_VOTE.format(lock=lock), [_db_time(now), assignment_id, labeler.pk])
         if row is None:
             raise Assignment.DoesNotExist(f"no assignment {assignment_id} for this labeler")
         (_, status, live, left_is_a, leased_at,
@@ -355,7 +292,8 @@ def vote_submit(
             raise AlreadyVoted("you have already voted on this comparison")
         if not live and origin != Comparison.Origin.GOLD:
             others = _fetch_one(
-                _LIVE_LEASES.format(comparison="%s") + " AND l.id <> %s", [comparison_id, _db_time(now), assignment_id]
+                sql.LIVE_LEASES.format(comparison="%s") + " AND l.id <> %s",
+                [comparison_id, _db_time(now), assignment_id],
             )
             if vote_count + (others[0] if others else 0) >= overlap:
                 raise LeaseGone(
@@ -378,12 +316,27 @@ def vote_submit(
             idempotency_key=idempotency_key or None,
             created_at=now,
         )
-        vote.save(force_insert=True)
         with connection.cursor() as cursor:
             cursor.execute(
-                "UPDATE annotation_comparison SET vote_count = vote_count + 1 WHERE id = %s", [comparison_id]
+                sql.INSERT_VOTE,
+                [
+                    comparison_id,
+                    labeler.pk,
+                    assignment_id,
+                    vote.choice,
+                    vote.winner_id,
+                    strength,
+                    left,
+                    rationale,
+                    json.dumps(vote.flags),
+                    vote.time_spent_ms,
+                    vote.idempotency_key,
+                    _db_time(now),
+                ],  # fmt: skip
             )
-            cursor.execute("UPDATE annotation_assignment SET status = 'voted' WHERE id = %s", [assignment_id])
+            vote.pk = cursor.fetchone()[0]
+            cursor.execute(sql.COUNT_VOTE, [comparison_id])
+            cursor.execute(sql.MARK_VOTED, [assignment_id])
         transaction.on_commit(lambda: agreement_schedule(project_id=project_id))
     return vote, True
 

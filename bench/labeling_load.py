@@ -58,9 +58,12 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg import sql
+from psycopg import sql as pgsql
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from annotation import sql  # noqa: E402  (imports no Django)
+
 RESULTS = ROOT / "bench" / "results" / "labeling_load.json"
 ACCEPTABLE = frozenset({200, 201, 204, 409})
 CHOICES = ("left", "right", "tie", "both_bad")
@@ -98,6 +101,7 @@ class Config:
     skip_ceiling: bool
     output: Path
     timeout: float
+    app_root: Path
 
     @property
     def db_url(self) -> str:
@@ -124,14 +128,14 @@ def app_env(cfg: Config, port: int | None = None) -> dict[str, str]:
 
 def reset_database(cfg: Config) -> None:
     with psycopg.connect(cfg.admin_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(cfg.database)))
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(cfg.database)))
+        conn.execute(pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(pgsql.Identifier(cfg.database)))
+        conn.execute(pgsql.SQL("CREATE DATABASE {}").format(pgsql.Identifier(cfg.database)))
 
 
 def migrate(cfg: Config) -> None:
     subprocess.run(
         [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"],
-        cwd=ROOT,
+        cwd=cfg.app_root,
         env=app_env(cfg),
         check=True,
         timeout=300,
@@ -140,8 +144,8 @@ def migrate(cfg: Config) -> None:
 
 def django_setup(cfg: Config) -> None:
     os.environ.update(app_env(cfg))
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
+    os.chdir(cfg.app_root)  # celery's Django fixup puts the working directory first on sys.path
+    sys.path.insert(0, str(cfg.app_root))
     import django
 
     django.setup()
@@ -303,8 +307,8 @@ def start_gunicorn(cfg: Config) -> Server:
     log_path = Path(tempfile.mkstemp(prefix="bench-gunicorn-", suffix=".log")[1])
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "config.wsgi"],
-            cwd=ROOT,
+            [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"), "config.wsgi"],
+            cwd=cfg.app_root,
             env=app_env(cfg, port),
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -333,6 +337,65 @@ def gunicorn_settings() -> dict[str, Any]:
     exec(compile((ROOT / "gunicorn.conf.py").read_text(), "gunicorn.conf.py", "exec"), namespace)  # noqa: S102
     keys = ("workers", "worker_class", "threads", "keepalive", "timeout", "max_requests", "raw_env")
     return {k: namespace[k] for k in keys if k in namespace}
+
+
+# --------------------------------------------------------------------------------------------
+# CPU accounting from /proc: where the two cores go
+# --------------------------------------------------------------------------------------------
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_snapshot(server_pid: int | None) -> dict[str, float]:
+    """CPU seconds used so far by gunicorn (master + workers), PostgreSQL backends, this process
+    (the load generator) and its other children (ceiling clients), plus the machine's busy and
+    total seconds. Processes that exit between two snapshots drop out; the figures are for
+    comparing phases, not accounting to the tick."""
+    out = {"gunicorn": 0.0, "postgres": 0.0, "generator": 0.0, "bench_children": 0.0}
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        comm = raw[raw.index("(") + 1 : raw.rindex(")")]
+        fields = raw[raw.rindex(")") + 2 :].split()
+        pid, ppid, ticks = int(entry), int(fields[1]), int(fields[11]) + int(fields[12])
+        if server_pid is not None and (pid == server_pid or ppid == server_pid):
+            out["gunicorn"] += ticks / CLOCK_TICKS
+        elif comm == "postgres":
+            out["postgres"] += ticks / CLOCK_TICKS
+        elif pid == me:
+            out["generator"] += ticks / CLOCK_TICKS
+        elif ppid == me:
+            out["bench_children"] += ticks / CLOCK_TICKS
+    with open("/proc/stat") as stat:
+        values = [int(v) for v in stat.readline().split()[1:]]
+    idle = values[3] + values[4]
+    out["machine_total"] = sum(values[:8]) / CLOCK_TICKS
+    out["machine_busy"] = (sum(values[:8]) - idle) / CLOCK_TICKS
+    return out
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: after[k] - before[k] for k in before}
+
+
+def cpu_per_vote(delta: dict[str, float], votes: int) -> dict[str, float | None]:
+    """CPU milliseconds per vote by component, and how busy the machine was."""
+    if not delta:
+        return {}
+    out: dict[str, float | None] = {
+        f"{k}_ms_per_vote": round(delta[k] * 1000 / votes, 2) if votes else None
+        for k in ("gunicorn", "postgres", "generator", "bench_children")
+        if delta[k] > 0
+    }
+    out["machine_busy_pct"] = (
+        round(100 * delta["machine_busy"] / delta["machine_total"], 1) if delta["machine_total"] else None
+    )
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -437,6 +500,8 @@ class PhaseStats:
     errors: int = 0  # anything outside 200/201/204/409, exceptions included
     starts: int = 0
     late: int = 0
+    missed: int = 0  # paced starts that never happened because the labeler was still busy at the end
+    cpu: dict[str, float] = field(default_factory=dict)
     elapsed_s: float = 0.0
     reconnects: int = 0
 
@@ -509,6 +574,9 @@ async def paced(conns: list[HttpConnection], seconds: float, rate: float) -> Pha
         scheduled = start + index * interval / len(conns)
         while scheduled < end:
             now = time.perf_counter()
+            if now >= end:  # too far behind: the slots left are missed, not run after the end
+                stats.missed += math.ceil((end - scheduled) / interval)
+                break
             if now < scheduled:
                 await asyncio.sleep(scheduled - now)
                 now = time.perf_counter()
@@ -538,18 +606,34 @@ async def _run_labelers(coros: list[Any], seconds: float) -> None:
             raise task.exception()  # type: ignore[misc]
 
 
-async def http_phases(cfg: Config, server: Server, seed_: Seed) -> list[PhaseStats]:
+async def _measured(server: Server, phase: Any) -> PhaseStats:
+    before = cpu_snapshot(server.process.pid)
+    stats: PhaseStats = await phase
+    stats.cpu = cpu_delta(before, cpu_snapshot(server.process.pid))
+    return stats
+
+
+async def http_phases(cfg: Config, server: Server, seed_: Seed) -> tuple[list[PhaseStats], dict[str, Any]]:
+    """Warm-up, flat out, paced, on the same keep-alive connections; invariants after each phase
+    (checked in a thread, the connections stay open meanwhile)."""
     conns = [HttpConnection(server.port, token) for token in seed_.tokens]
+    phases: list[PhaseStats] = []
+    invariants: dict[str, Any] = {}
+    acked: list[int] = []
     try:
-        phases = []
         if cfg.warmup > 0:
             phases.append(await flat_out(conns, cfg.warmup, "warmup"))
-        phases.append(await flat_out(conns, cfg.duration, "flat"))
-        phases[-1].reconnects = sum(c.reconnects for c in conns)
-        # Invariants between phases run in a thread so the connections stay open meanwhile.
-        phases.append(await paced(conns, cfg.paced_duration, cfg.paced_rate))
-        phases[-1].reconnects = sum(c.reconnects for c in conns) - phases[-2].reconnects
-        return phases
+        log(f"flat out {cfg.duration} s")
+        phases.append(await _measured(server, flat_out(conns, cfg.duration, "flat")))
+        for name in ("flat", "paced"):
+            if name == "paced":
+                log(f"paced {cfg.paced_rate}/s for {cfg.paced_duration} s")
+                phases.append(await _measured(server, paced(conns, cfg.paced_duration, cfg.paced_rate)))
+            reconnects = sum(c.reconnects for c in conns)
+            phases[-1].reconnects = reconnects - sum(p.reconnects for p in phases[:-1])
+            acked = [i for p in phases for i in p.vote_ids]
+            invariants[name] = await asyncio.to_thread(check_invariants, cfg, seed_.http_project_id, acked)
+        return phases, invariants
     finally:
         for conn in conns:
             conn.close()
@@ -612,8 +696,8 @@ def check_invariants(cfg: Config, project_id: int, acked: list[int]) -> dict[str
             "acknowledged_vote_missing": conn.execute(ACKED_MISSING_SQL, params).fetchone()[0],  # type: ignore[index]
         }
     found["violations"] = sum(found.values())
-    found["votes_in_db"] = votes
-    found["live_leases"] = leases
+    found["votes_in_db"] = int(votes)
+    found["live_leases"] = int(leases)
     found["acknowledged"] = len(acked)
     return found
 
@@ -622,7 +706,9 @@ def check_invariants(cfg: Config, project_id: int, acked: list[int]) -> dict[str
 # Ceiling: the same transactions straight through psycopg
 # --------------------------------------------------------------------------------------------
 
-CEILING_SQL: dict[str, str] = {}  # filled below
+# The app's own statements (annotation/sql.py, which imports no Django) run straight through
+# psycopg: what a request adds around them (token, group check, project by slug, the display
+# query, Django and DRF themselves) is what the ratio measures.
 
 
 @dataclass
@@ -633,22 +719,140 @@ class CeilingResult:
     errors: Counter[str] = field(default_factory=Counter)
     total_ms: list[float] = field(default_factory=list)
     vote_ids: list[int] = field(default_factory=list)
+    cpu: dict[str, float] = field(default_factory=dict)
+
+    def merge(self, other: CeilingResult) -> None:
+        self.votes += other.votes
+        self.dry += other.dry
+        self.refused += other.refused
+        self.errors.update(other.errors)
+        self.total_ms.extend(other.total_ms)
+        self.vote_ids.extend(other.vote_ids)
+
+
+async def _ceiling_claim(conn: psycopg.AsyncConnection[Any], project: int, labeler: int) -> int | None:
+    """assignment_claim: the new assignment's id, or None when nothing is left."""
+    now = dt.datetime.now(dt.UTC)
+    expires = now + dt.timedelta(seconds=600)
+    async with conn.transaction():
+        current = await (await conn.execute(sql.RENEW_CURRENT_LEASE, [expires, labeler, now, project])).fetchone()
+        if current is not None:
+            return int(current[0])
+        passed_over: list[int] = []
+        while True:
+            excluded = f"AND c.id NOT IN ({', '.join(['%s'] * len(passed_over))})" if passed_over else ""
+            query = sql.CANDIDATE.format(passed_over=excluded, lock="FOR UPDATE OF c SKIP LOCKED")
+            params = [project, OVERLAP, *passed_over, now, OVERLAP, labeler]
+            candidate = await (await conn.execute(query, params)).fetchone()
+            if candidate is None:
+                return None
+            lease_params = [candidate[0], labeler, random.random() < 0.5, now, expires, candidate[1], candidate[0], now,
+                            OVERLAP]  # fmt: skip
+            leased = await (await conn.execute(sql.LEASE_IF_ROOM, lease_params)).fetchone()
+            if leased is not None:
+                return int(leased[0])
+            passed_over.append(candidate[0])
+
+
+async def _ceiling_vote(conn: psycopg.AsyncConnection[Any], labeler: int, assignment: int) -> int | None:
+    """vote_submit with an idempotency key: the new vote's id, or None when refused."""
+    now = dt.datetime.now(dt.UTC)
+    key = uuid.uuid4().hex
+    async with conn.transaction():
+        locked = sql.LOCK_FOR_VOTE.format(lock="FOR UPDATE OF c")
+        row = await (await conn.execute(locked, [now, assignment, labeler])).fetchone()
+        assert row is not None
+        _, status, live, left_is_a, leased_at, comparison, response_a, response_b = row[:8]
+        earlier = "SELECT id FROM annotation_vote WHERE labeler_id = %s AND idempotency_key = %s"
+        await (await conn.execute(earlier, [labeler, key])).fetchone()
+        if status != "open" or not live:
+            return None  # the benchmark's leases are always live
+        left, right = (response_a, response_b) if left_is_a else (response_b, response_a)
+        choice = random.choice(CHOICES)
+        canonical = {"left": "a" if left_is_a else "b", "right": "b" if left_is_a else "a"}
+        spent = max(0, int((now - leased_at).total_seconds() * 1000))
+        vote_params = [comparison, labeler, assignment, canonical.get(choice, choice),
+                       {"left": left, "right": right}.get(choice), random.randint(1, 3), left, "", "[]", spent, key,
+                       now]  # fmt: skip
+        vote = await (await conn.execute(sql.INSERT_VOTE, vote_params)).fetchone()
+        assert vote is not None
+        await conn.execute(sql.COUNT_VOTE, [comparison])
+        await conn.execute(sql.MARK_VOTED, [assignment])
+        return int(vote[0])
 
 
 async def _ceiling_labeler(
     db_url: str, project_id: int, labeler_id: int, start_at: float, end_at: float, out: CeilingResult
 ) -> None:
-    raise NotImplementedError
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        while time.time() < end_at:
+            t0 = time.perf_counter()
+            try:
+                claimed = await _ceiling_claim(conn, project_id, labeler_id)
+                if claimed is None:
+                    out.dry += 1
+                    await asyncio.sleep(0.05)
+                    continue
+                vote = await _ceiling_vote(conn, labeler_id, claimed)
+            except psycopg.Error as error:
+                out.errors[type(error).__name__] += 1
+                continue
+            if vote is None:
+                out.refused += 1
+            else:
+                out.votes += 1
+                out.vote_ids.append(vote)
+                out.total_ms.append((time.perf_counter() - t0) * 1000)
 
 
 def ceiling_worker(
     db_url: str, project_id: int, labeler_ids: list[int], start_at: float, seconds: float
 ) -> CeilingResult:
-    raise NotImplementedError
+    """One client process: an event loop with one connection per labeler."""
+    out = CeilingResult()
+
+    async def run() -> None:
+        coros = [_ceiling_labeler(db_url, project_id, lid, start_at, start_at + seconds, out) for lid in labeler_ids]
+        await asyncio.wait_for(asyncio.gather(*coros), timeout=start_at - time.time() + seconds + 60)
+
+    asyncio.run(run())
+    return out
 
 
-def run_ceiling(cfg: Config, seed_: Seed) -> tuple[CeilingResult, float]:
-    raise NotImplementedError
+def ceiling_connections(cfg: Config) -> int:
+    """--ceiling-connections, or one per labeler, within the connection slots PostgreSQL has free."""
+    with psycopg.connect(cfg.admin_url) as conn:
+        limit = int(conn.execute("SHOW max_connections").fetchone()[0])  # type: ignore[index]
+        reserved = int(conn.execute("SHOW superuser_reserved_connections").fetchone()[0])  # type: ignore[index]
+        active = "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
+        used = int(conn.execute(active).fetchone()[0])  # type: ignore[index]
+    free = limit - reserved - used - 5
+    wanted = cfg.ceiling_connections or cfg.labelers
+    return max(1, min(wanted, free, cfg.labelers))
+
+
+def run_ceiling(cfg: Config, seed_: Seed) -> tuple[CeilingResult, float, int]:
+    connections = ceiling_connections(cfg)
+    labelers = seed_.labeler_ids[:connections]
+    procs = min(cfg.ceiling_procs, connections)
+    shares = [labelers[i::procs] for i in range(procs)]
+    start_at = time.time() + 3.0  # time for the spawned processes to import and connect
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(procs) as pool:
+        pending = pool.starmap_async(
+            ceiling_worker,
+            [(cfg.db_url, seed_.sql_project_id, share, start_at, cfg.duration) for share in shares],
+        )
+        time.sleep(max(0.0, start_at - time.time()))
+        before = cpu_snapshot(None)
+        time.sleep(cfg.duration)
+        cpu = cpu_delta(before, cpu_snapshot(None))
+        results = pending.get(timeout=90)
+    total = CeilingResult(cpu=cpu)
+    for part in results:
+        total.merge(part)
+    return total, cfg.duration, connections
 
 
 # --------------------------------------------------------------------------------------------
@@ -684,10 +888,12 @@ def phase_summary(stats: PhaseStats) -> dict[str, Any]:
         "claim": latency(stats.claim_ms),
         "vote": latency(stats.vote_ms),
         "claim_plus_vote": latency(stats.total_ms),
+        "cpu": cpu_per_vote(stats.cpu, stats.votes),
     }
     if stats.starts:
         summary["starts"] = stats.starts
         summary["late_starts"] = stats.late
+        summary["missed_starts"] = stats.missed
         summary["late_tolerance_ms"] = LATE_TOLERANCE_MS
         summary["start_lag"] = latency(stats.start_lag_ms)
         summary["claim_plus_vote_from_schedule"] = latency(stats.from_schedule_ms)
@@ -707,19 +913,26 @@ def print_table(result: dict[str, Any]) -> None:
         print(f"{name:<8} {p['votes_per_s']:>8} {p['votes']:>7} {p['refused_409']:>5} {p['dry_204']:>5} "
               f"{p['errors']:>4}  {cols[0]:>15} {cols[1]:>15} {cols[2]:>19}")  # fmt: skip
     paced_ = result["http"]["paced"]
-    print(f"paced: offered {result['parameters']['paced_rate']}/s, {paced_['late_starts']}/{paced_['starts']} "
-          f"starts late (>{LATE_TOLERANCE_MS:.0f} ms), from schedule p50/p99 "
-          f"{paced_['claim_plus_vote_from_schedule']['p50_ms']}/{paced_['claim_plus_vote_from_schedule']['p99_ms']} ms")  # fmt: skip
+    for name in ("flat", "paced"):
+        print(f"{name} CPU: {result['http'][name]['cpu']}")
+    scheduled = paced_["claim_plus_vote_from_schedule"]
+    print(
+        f"paced: offered {result['parameters']['paced_rate']}/s, {paced_['late_starts']}/{paced_['starts']} "
+        f"starts late (>{LATE_TOLERANCE_MS:.0f} ms), {paced_['missed_starts']} missed, "
+        f"from schedule p50/p99 {scheduled['p50_ms']}/{scheduled['p99_ms']} ms"
+    )
     for name in ("flat", "paced"):
         if result["http"][name]["errors"]:
             print(f"{name} statuses: {result['http'][name]['statuses']}")
-    ceiling = result.get("ceiling")
-    if ceiling:
-        print(f"ceiling (psycopg, {ceiling['connections']} connections / {ceiling['processes']} processes): "
-              f"{ceiling['votes_per_s']} votes/s, claim+vote p50/p99 "
-              f"{ceiling['claim_plus_vote']['p50_ms']}/{ceiling['claim_plus_vote']['p99_ms']} ms, "
-              f"errors {ceiling['errors']}")  # fmt: skip
-        print(f"HTTP / ceiling: {result['http_to_ceiling_ratio']}")
+    for name, label in (("ceiling", "ceiling, the app's SQL"),):
+        c = result.get(name)
+        if c:
+            print(f"{label} (psycopg, {c['connections']} connections / {c['processes']} processes): "
+                  f"{c['votes_per_s']} votes/s, claim+vote p50/p99 "
+                  f"{c['claim_plus_vote']['p50_ms']}/{c['claim_plus_vote']['p99_ms']} ms, "
+                  f"dry {c['dry']}, errors {c['errors']}; CPU {c['cpu']}")  # fmt: skip
+    if "http_to_ceiling_ratio" in result:
+        print(f"HTTP flat / ceiling: {result['http_to_ceiling_ratio']}")
     print(f"queries per request: claim {result['queries_per_request']['claim']}, "
           f"vote {result['queries_per_request']['vote']}")  # fmt: skip
     for name, found in result["invariants"].items():
@@ -745,7 +958,9 @@ def machine_info() -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--labelers", type=int, default=100, help="concurrent simulated labelers (default 100)")
     parser.add_argument("--duration", type=float, default=20, help="seconds of the flat-out and ceiling phases")
     parser.add_argument("--warmup", type=float, default=3, help="seconds flat out before measuring (default 3)")
@@ -760,6 +975,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--text-chars", type=int, default=600, help="characters per synthetic response")
     parser.add_argument("--comparisons", type=int, help="comparisons per project (default: enough for the run)")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--app-root", type=Path, default=ROOT, help="checkout of the app to benchmark (default: "
+                        "this one); gunicorn.conf.py is always this checkout's")  # fmt: skip
     parser.add_argument("--timeout", type=float, help="hard limit for the whole run in seconds")
     args = parser.parse_args(argv)
     paced_duration = args.paced_duration if args.paced_duration is not None else args.duration
@@ -767,7 +984,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     # takes `OVERLAP` votes, plus a lease's worth per labeler.
     http_votes = 700 * (args.duration + args.warmup) + args.paced_rate * paced_duration * 1.5
     http_comparisons = args.comparisons or int(http_votes / OVERLAP) + 2 * args.labelers + 1000
-    sql_comparisons = args.comparisons or int(3000 * args.duration / OVERLAP) + 2 * args.labelers + 1000
+    sql_comparisons = args.comparisons or int(2 * 3000 * args.duration / OVERLAP) + 2 * args.labelers + 1000
     timeout = args.timeout or 240 + 3 * args.duration + args.warmup + paced_duration
     return Config(
         labelers=args.labelers,
@@ -783,9 +1000,27 @@ def parse_args(argv: list[str] | None = None) -> Config:
         http_comparisons=http_comparisons,
         sql_comparisons=sql_comparisons,
         skip_ceiling=args.skip_ceiling,
-        output=args.output,
+        output=args.output.resolve(),
         timeout=timeout,
+        app_root=args.app_root.resolve(),
     )
+
+
+def app_commit(root: Path) -> str | None:
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+    except OSError:
+        return None
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "annotation", "config"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    return (done.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")) if done.returncode == 0 else None
 
 
 def log(message: str) -> None:
@@ -806,7 +1041,8 @@ def main(argv: list[str] | None = None) -> int:
             "labelers": cfg.labelers, "duration_s": cfg.duration, "warmup_s": cfg.warmup,
             "paced_rate": cfg.paced_rate, "paced_duration_s": cfg.paced_duration, "overlap": OVERLAP,
             "http_comparisons": cfg.http_comparisons, "sql_comparisons": cfg.sql_comparisons,
-            "text_chars": cfg.text_chars, "database": cfg.database,
+            "text_chars": cfg.text_chars, "database": cfg.database, "app_root": str(cfg.app_root),
+            "app_commit": app_commit(cfg.app_root),
         }}  # fmt: skip
         result["gunicorn"] = gunicorn_settings()
         t = time.perf_counter()
@@ -823,42 +1059,47 @@ def main(argv: list[str] | None = None) -> int:
 
         server = start_gunicorn(cfg)
         log(f"gunicorn answering on 127.0.0.1:{server.port}; warm-up {cfg.warmup} s, flat out {cfg.duration} s")
-        phases = asyncio.run(http_phases(cfg, server, seed_))
-        server.stop()
-        by_name = {p.name: p for p in phases}
-        result["http"] = {name: phase_summary(p) for name, p in by_name.items()}
-        acked = [i for p in phases for i in p.vote_ids]
-        result["invariants"] = {"http": check_invariants(cfg, seed_.http_project_id, acked)}
-        result["explain_claim"] = explain_claim(cfg, probe.claim_sql)
+        phases, result["invariants"] = asyncio.run(http_phases(cfg, server, seed_))
         result["gunicorn_log_tail"] = server.log_tail(10)
+        server.stop()
+        result["http"] = {p.name: phase_summary(p) for p in phases}
+        result["explain_claim"] = explain_claim(cfg, probe.claim_sql)
 
         if not cfg.skip_ceiling:
-            log("ceiling: the same transactions through psycopg")
-            ceiling, ceiling_s, connections = run_ceiling(cfg, seed_)
-            result["ceiling"] = {
-                "connections": connections,
-                "processes": cfg.ceiling_procs,
-                "seconds": round(ceiling_s, 2),
-                "votes": ceiling.votes,
-                "votes_per_s": round(ceiling.votes / ceiling_s, 1),
-                "refused": ceiling.refused,
-                "dry": ceiling.dry,
-                "errors": dict(ceiling.errors),
-                "claim_plus_vote": latency(ceiling.total_ms),
-            }
-            result["invariants"]["ceiling"] = check_invariants(cfg, seed_.sql_project_id, ceiling.vote_ids)
-            result["http_to_ceiling_ratio"] = round(result["http"]["flat"]["votes_per_s"] / result["ceiling"]["votes_per_s"], 3)
+            acked_sql: list[int] = []
+            for name in ("ceiling",):
+                log(f"{name}: the same transactions through psycopg for {cfg.duration} s")
+                ceiling, ceiling_s, connections = run_ceiling(cfg, seed_)
+                result[name] = {
+                    "connections": connections,
+                    "processes": min(cfg.ceiling_procs, connections),
+                    "seconds": round(ceiling_s, 2),
+                    "votes": ceiling.votes,
+                    "votes_per_s": round(ceiling.votes / ceiling_s, 1),
+                    "refused": ceiling.refused,
+                    "dry": ceiling.dry,
+                    "errors": dict(ceiling.errors),
+                    "claim_plus_vote": latency(ceiling.total_ms),
+                    "cpu": cpu_per_vote(ceiling.cpu, ceiling.votes),
+                }
+                acked_sql += ceiling.vote_ids
+                result["invariants"][name] = check_invariants(cfg, seed_.sql_project_id, acked_sql)
+            result["http_to_ceiling_ratio"] = round(
+                result["http"]["flat"]["votes_per_s"] / max(result["ceiling"]["votes_per_s"], 0.1), 3
+            )
         result["invariant_violations"] = sum(v["violations"] for v in result["invariants"].values())
         result["probe_sql"] = {"claim": probe.claim_queries, "vote": probe.vote_queries}
         print_table(result)
         cfg.output.parent.mkdir(parents=True, exist_ok=True)
         cfg.output.write_text(json.dumps(result, indent=2, default=str) + "\n")
         log(f"wrote {cfg.output.relative_to(ROOT) if cfg.output.is_relative_to(ROOT) else cfg.output}")
-        return 1 if result["invariant_violations"] else 0
+        errors = sum(result["http"][name]["errors"] for name in ("flat", "paced"))
+        return 1 if result["invariant_violations"] or errors else 0
     finally:
         signal.alarm(0)
         if server is not None:
             server.stop()
+            server.log_path.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
