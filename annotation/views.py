@@ -69,7 +69,8 @@ def _render_pair(request: LabelerRequest, context: dict, status: int = 200) -> H
 def home(request: LabelerRequest) -> HttpResponse:
     can_label = selectors.user_can_label(request.user)
     projects = selectors.projects_for_labeler() if can_label else Project.objects.none()
-    return render(request, "annotation/home.html", {"projects": projects, "can_label": can_label})
+    is_admin = selectors.admin_or_none(request.user) is not None
+    return render(request, "annotation/home.html", {"projects": projects, "can_label": can_label, "is_admin": is_admin})
 
 
 @require_GET

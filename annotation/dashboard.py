@@ -1,0 +1,200 @@
+"""Admin pages: quality at a glance, the labeler table, the review queue with adjudication, and
+import by upload. Pages only read stored snapshots, so they stay fast on big projects."""
+
+from typing import Any
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.contrib.auth.models import User
+from django.core.exceptions import PermissionDenied
+from django.db.models import Q
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.utils.cache import patch_vary_headers
+from django.views.decorators.http import require_GET, require_POST
+from django_htmx.middleware import HtmxDetails
+
+from annotation import quality, selectors, services
+from annotation.agreement import CHOICES
+from annotation.charts import line_chart
+from annotation.models import AggregatedLabel, AgreementSnapshot, Comparison, Project
+from annotation.tasks import agreement_refresh_task
+
+REVIEW_BELOW_SHARE = 0.67
+REVIEW_PAGE = 25
+LABELER_COLUMNS = [
+    ("username", "Labeler"),
+    ("votes", "Votes"),
+    ("agreement", "Agreement (leave-one-out)"),
+    ("gold_accuracy", "Gold accuracy"),
+    ("trust", "Trust (Dawid-Skene)"),
+    ("median_seconds", "Median s/vote"),
+    ("left_share", "Left share"),
+    ("tie_share", "Tie share"),
+    ("both_bad_share", "Both-bad share"),
+]
+
+
+class AdminRequest(HttpRequest):
+    htmx: HtmxDetails
+
+
+def _admin(request: HttpRequest) -> User:
+    admin = selectors.admin_or_none(request.user)
+    if admin is None:
+        raise PermissionDenied("Only admins can see this page.")
+    return admin
+
+
+def _render(request: AdminRequest, template: str, partial: str, context: dict[str, Any]) -> HttpResponse:
+    response = render(request, f"{template}#{partial}" if request.htmx else template, context)
+    patch_vary_headers(response, ["HX-Request"])
+    return response
+
+
+@require_GET
+@login_required
+def dashboard(request: AdminRequest, slug: str) -> HttpResponse:
+    _admin(request)
+    project = get_object_or_404(Project, slug=slug)
+    snapshot = quality.snapshot_for_page(project=project)
+    sort = request.GET.get("sort", "votes")
+    if sort not in dict(LABELER_COLUMNS):
+        sort = "votes"
+    descending = request.GET.get("dir", "desc") != "asc"
+    rows = snapshot.labelers if snapshot else []
+    labelers = sorted((row for row in rows if row.get(sort) is not None), key=lambda row: row[sort], reverse=descending)
+    labelers += [row for row in rows if row.get(sort) is None]
+    context = {
+        "project": project,
+        "snapshot": snapshot,
+        "figures": snapshot.figures if snapshot else {},
+        "labelers": labelers,
+        "columns": LABELER_COLUMNS,
+        "sort": sort,
+        "descending": descending,
+        "history": _history_chart(project),
+        "rounds": _rounds_chart(project),
+        "pairs": sorted(snapshot.labeler_pairs, key=lambda pair: pair["kappa"] if pair["kappa"] is not None else 9)[:20]
+        if snapshot
+        else [],
+        "review_count": _review_queryset(project).count(),
+    }
+    return _render(request, "annotation/dashboard.html", "labelers", context)
+
+
+def _history_chart(project: Project) -> Any:
+    rows = list(
+        AgreementSnapshot.objects.filter(project=project, round=None)
+        .order_by("-computed_at")
+        .values_list("computed_at", "figures")[:60]
+    )[::-1]
+    return line_chart(
+        [moment.strftime("%m-%d %H:%M") for moment, _ in rows],
+        {
+            "Krippendorff's alpha (nominal)": [figures.get("alpha_nominal") for _, figures in rows],
+            "Fleiss' kappa": [figures.get("fleiss_kappa") for _, figures in rows],
+            "percent agreement": [figures.get("percent_agreement") for _, figures in rows],
+        },
+    )
+
+
+def _rounds_chart(project: Project) -> Any:
+    latest: dict[int, dict] = {}
+    for round_number, figures in (
+        AgreementSnapshot.objects.filter(project=project, round__isnull=False)
+        .order_by("round", "computed_at")
+        .values_list("round", "figures")
+    ):
+        if round_number is not None:
+            latest[round_number] = figures
+    rounds = sorted(latest)
+    return line_chart(
+        [f"round {number}" for number in rounds],
+        {
+            "Krippendorff's alpha (nominal)": [latest[number].get("alpha_nominal") for number in rounds],
+            "percent agreement": [latest[number].get("percent_agreement") for number in rounds],
+        },
+    )
+
+
+def _review_queryset(project: Project) -> Any:
+    return AggregatedLabel.objects.filter(comparison__project=project, adjudicated_choice="").filter(
+        Q(majority_choice="") | Q(majority_share__lt=REVIEW_BELOW_SHARE)
+    )
+
+
+@require_GET
+@login_required
+def review(request: AdminRequest, slug: str) -> HttpResponse:
+    _admin(request)
+    project = get_object_or_404(Project, slug=slug)
+    after = request.GET.get("after", "")
+    queue = _review_queryset(project).select_related(
+        "comparison__prompt", "comparison__response_a", "comparison__response_b"
+    )
+    if after.isdigit():
+        queue = queue.filter(comparison_id__gt=int(after))
+    items = list(queue.order_by("comparison_id")[: REVIEW_PAGE + 1])
+    context = {
+        "project": project,
+        "items": items[:REVIEW_PAGE],
+        "next_after": items[REVIEW_PAGE - 1].comparison_id if len(items) > REVIEW_PAGE else None,
+        "choices": CHOICES,
+    }
+    return render(request, "annotation/review.html", context)
+
+
+@require_POST
+@login_required
+def adjudicate(request: AdminRequest, comparison_id: int) -> HttpResponse:
+    admin = _admin(request)
+    comparison = get_object_or_404(Comparison.objects.select_related("project"), pk=comparison_id)
+    choice = request.POST.get("choice", "")
+    if choice not in CHOICES:
+        return HttpResponse(f"choice must be one of {', '.join(CHOICES)}", status=400)
+    aggregate = quality.comparison_adjudicate(comparison=comparison, choice=choice, admin=admin)
+    if request.htmx:
+        return render(request, "annotation/review.html#adjudicated", {"aggregate": aggregate})
+    messages.info(request, f"Comparison {comparison_id} adjudicated: {choice}.")
+    return redirect("review", slug=comparison.project.slug)
+
+
+@require_POST
+@login_required
+def import_upload(request: AdminRequest, slug: str) -> HttpResponse:
+    _admin(request)
+    project = get_object_or_404(Project, slug=slug)
+    upload = request.FILES.get("file")
+    context: dict[str, Any] = {"project": project}
+    if upload is None:
+        context["import_errors"] = ["Choose a JSON Lines file first."]
+    else:
+        try:
+            _, result = services.pairs_import_file(
+                project_slug=project.slug,
+                lines=upload.read().splitlines(),
+                skip_invalid=request.POST.get("skip_invalid") == "on",
+            )
+        except services.ImportRejected as error:
+            context["import_errors"] = error.errors
+        else:
+            context["import_result"] = result
+    if request.htmx:
+        return render(request, "annotation/dashboard.html#import-result", context)
+    for line in context.get("import_errors", []):
+        messages.error(request, line)
+    if "import_result" in context:
+        result = context["import_result"]
+        messages.info(request, f"{result.created} comparisons created, {result.duplicates} duplicates skipped.")
+    return redirect("dashboard", slug=slug)
+
+
+@require_POST
+@login_required
+def refresh(request: AdminRequest, slug: str) -> HttpResponse:
+    _admin(request)
+    project = get_object_or_404(Project, slug=slug)
+    agreement_refresh_task.delay(project.pk)
+    messages.info(request, "Agreement is being recomputed.")
+    return redirect("dashboard", slug=slug)
