@@ -1,6 +1,5 @@
 """HTTP API (DRF): one view per operation, each with its own input and output serializer."""
 
-from django.contrib.auth.models import User
 from django.http import StreamingHttpResponse
 from django.shortcuts import get_object_or_404
 from drf_spectacular.types import OpenApiTypes
@@ -16,13 +15,6 @@ from rest_framework.views import APIView
 
 from annotation import export, quality, selectors, services
 from annotation.models import Assignment, Project, Vote
-
-
-def _labeler(request: Request) -> User:
-    labeler = selectors.labeler_or_none(request.user)
-    if labeler is None:
-        raise PermissionDenied("You are not in the labelers group.")
-    return labeler
 
 
 class ErrorSerializer(serializers.Serializer):
@@ -52,7 +44,7 @@ class ClaimAPI(APIView):
         },
     )
     def post(self, request: Request, slug: str) -> Response:
-        labeler = _labeler(request)
+        labeler = selectors.labeler_required(request.user)
         project = get_object_or_404(Project, slug=slug)
         assignment = services.assignment_claim(project=project, labeler=labeler)
         if assignment is None:
@@ -98,7 +90,7 @@ class VoteAPI(APIView):
         },
     )
     def post(self, request: Request, assignment_id: int) -> Response:
-        labeler = _labeler(request)
+        labeler = selectors.labeler_required(request.user)
         data = self.InputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         key = request.headers.get("Idempotency-Key", "").strip() or None
@@ -126,13 +118,6 @@ class TokenAPI(ObtainAuthToken):
     authentication_classes: list = []
 
 
-def _admin(request: Request) -> User:
-    admin = selectors.admin_or_none(request.user)
-    if admin is None:
-        raise PermissionDenied("Only admins can do this.")
-    return admin
-
-
 class AgreementAPI(APIView):
     class QuerySerializer(serializers.Serializer):
         round = serializers.IntegerField(min_value=0, required=False)
@@ -146,7 +131,7 @@ class AgreementAPI(APIView):
         },
     )
     def get(self, request: Request, slug: str) -> Response:
-        _admin(request)
+        selectors.admin_required(request.user)
         project = get_object_or_404(Project, slug=slug)
         query = self.QuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
@@ -189,7 +174,7 @@ class ExportAPI(APIView):
         },
     )
     def get(self, request: Request, slug: str) -> StreamingHttpResponse:
-        _admin(request)
+        selectors.admin_required(request.user)
         project = get_object_or_404(Project, slug=slug)
         query = self.QuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
@@ -237,7 +222,7 @@ class ImportAPI(APIView):
         },
     )
     def post(self, request: Request, slug: str) -> Response:
-        _admin(request)
+        selectors.admin_required(request.user)
         data = self.InputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         try:
@@ -271,7 +256,7 @@ class VotesAPI(APIView):
         operation_id="votes_list", parameters=[QuerySerializer], responses={200: OutputSerializer(many=True)}
     )
     def get(self, request: Request, slug: str) -> Response:
-        user = _labeler(request)
+        user = selectors.labeler_required(request.user)
         project = get_object_or_404(Project, slug=slug)
         query = self.QuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)

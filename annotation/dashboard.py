@@ -5,8 +5,6 @@ from typing import Any
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.contrib.auth.models import User
-from django.core.exceptions import PermissionDenied
 from django.db.models import Q
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
@@ -39,13 +37,6 @@ class AdminRequest(HttpRequest):
     htmx: HtmxDetails
 
 
-def _admin(request: HttpRequest) -> User:
-    admin = selectors.admin_or_none(request.user)
-    if admin is None:
-        raise PermissionDenied("Only admins can see this page.")
-    return admin
-
-
 def _render(request: AdminRequest, template: str, partial: str, context: dict[str, Any]) -> HttpResponse:
     response = render(request, f"{template}#{partial}" if request.htmx else template, context)
     patch_vary_headers(response, ["HX-Request"])
@@ -55,7 +46,7 @@ def _render(request: AdminRequest, template: str, partial: str, context: dict[st
 @require_GET
 @login_required
 def dashboard(request: AdminRequest, slug: str) -> HttpResponse:
-    _admin(request)
+    selectors.admin_required(request.user)
     project = get_object_or_404(Project, slug=slug)
     snapshot = quality.snapshot_for_page(project=project)
     sort = request.GET.get("sort", "votes")
@@ -127,7 +118,7 @@ def _review_queryset(project: Project) -> Any:
 @require_GET
 @login_required
 def review(request: AdminRequest, slug: str) -> HttpResponse:
-    _admin(request)
+    selectors.admin_required(request.user)
     project = get_object_or_404(Project, slug=slug)
     after = request.GET.get("after", "")
     queue = _review_queryset(project).select_related(
@@ -148,7 +139,7 @@ def review(request: AdminRequest, slug: str) -> HttpResponse:
 @require_POST
 @login_required
 def adjudicate(request: AdminRequest, comparison_id: int) -> HttpResponse:
-    admin = _admin(request)
+    admin = selectors.admin_required(request.user)
     comparison = get_object_or_404(Comparison.objects.select_related("project"), pk=comparison_id)
     choice = request.POST.get("choice", "")
     if choice not in CHOICES:
@@ -163,7 +154,7 @@ def adjudicate(request: AdminRequest, comparison_id: int) -> HttpResponse:
 @require_POST
 @login_required
 def import_upload(request: AdminRequest, slug: str) -> HttpResponse:
-    _admin(request)
+    selectors.admin_required(request.user)
     project = get_object_or_404(Project, slug=slug)
     upload = request.FILES.get("file")
     context: dict[str, Any] = {"project": project}
@@ -193,7 +184,7 @@ def import_upload(request: AdminRequest, slug: str) -> HttpResponse:
 @require_POST
 @login_required
 def refresh(request: AdminRequest, slug: str) -> HttpResponse:
-    _admin(request)
+    selectors.admin_required(request.user)
     project = get_object_or_404(Project, slug=slug)
     agreement_refresh_task.delay(project.pk)
     messages.info(request, "Agreement is being recomputed.")

@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 from django.contrib.auth.models import AnonymousUser, User
+from django.core.exceptions import PermissionDenied
 from django.db.models import Exists, OuterRef, QuerySet
 from django.utils import timezone
 
@@ -21,6 +22,21 @@ def admin_or_none(user: User | AnonymousUser) -> User | None:
     if isinstance(user, User) and user.groups.filter(name=ADMINS_GROUP).exists():
         return user
     return None
+
+
+def labeler_required(user: User | AnonymousUser) -> User:
+    """The user, who may label; otherwise 403 (the views, the API and the dashboard share this)."""
+    labeler = labeler_or_none(user)
+    if labeler is None:
+        raise PermissionDenied("You are not in the labelers group.")
+    return labeler
+
+
+def admin_required(user: User | AnonymousUser) -> User:
+    admin = admin_or_none(user)
+    if admin is None:
+        raise PermissionDenied("Only admins can do this.")
+    return admin
 
 
 def user_can_label(user: User | AnonymousUser) -> bool:

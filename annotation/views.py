@@ -5,8 +5,6 @@ import uuid
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.contrib.auth.models import User
-from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.cache import patch_vary_headers
@@ -21,20 +19,13 @@ class LabelerRequest(HttpRequest):
     htmx: HtmxDetails
 
 
-def _labeler(request: HttpRequest) -> User:
-    labeler = selectors.labeler_or_none(request.user)
-    if labeler is None:
-        raise PermissionDenied("You are not in the labelers group.")
-    return labeler
-
-
 def _project_for_labeler(request: LabelerRequest, slug: str) -> Project:
-    _labeler(request)
+    selectors.labeler_required(request.user)
     return get_object_or_404(Project, slug=slug)
 
 
 def _assignment_for_labeler(request: LabelerRequest, assignment_id: int) -> Assignment:
-    labeler = _labeler(request)
+    labeler = selectors.labeler_required(request.user)
     try:
         assignment = selectors.assignment_for_display(assignment_id=assignment_id)
     except Assignment.DoesNotExist:
@@ -47,7 +38,7 @@ def _assignment_for_labeler(request: LabelerRequest, assignment_id: int) -> Assi
 def _pair_context(request: LabelerRequest, project: Project, assignment: Assignment | None, **extra: object) -> dict:
     return {
         "project": project,
-        "progress": selectors.labeler_progress(project=project, labeler=_labeler(request)),
+        "progress": selectors.labeler_progress(project=project, labeler=selectors.labeler_required(request.user)),
         "assignment": assignment,
         "strengths": [(1, "Slightly", "q"), (2, "Clearly", "w"), (3, "Much", "e")],
         "flags": Vote.Flag.values,
@@ -77,7 +68,7 @@ def home(request: LabelerRequest) -> HttpResponse:
 @login_required
 def label(request: LabelerRequest, slug: str) -> HttpResponse:
     project = _project_for_labeler(request, slug)
-    assignment = services.assignment_claim(project=project, labeler=_labeler(request))
+    assignment = services.assignment_claim(project=project, labeler=selectors.labeler_required(request.user))
     if assignment is not None:
         assignment = selectors.assignment_for_display(assignment_id=assignment.pk)
     return _render_pair(request, _pair_context(request, project, assignment))
@@ -91,7 +82,7 @@ def vote(request: LabelerRequest, assignment_id: int) -> HttpResponse:
     try:
         services.vote_submit(
             assignment_id=assignment.pk,
-            labeler=_labeler(request),
+            labeler=selectors.labeler_required(request.user),
             choice=request.POST.get("choice", ""),
             strength=_int_or_none(request.POST.get("strength")) or 1,
             rationale=request.POST.get("rationale", "").strip(),
@@ -119,7 +110,7 @@ def _next_pair(request: LabelerRequest, project: Project, *, notice: str, status
     if not request.htmx:
         messages.info(request, notice)
         return redirect("label", slug=project.slug)
-    assignment = services.assignment_claim(project=project, labeler=_labeler(request))
+    assignment = services.assignment_claim(project=project, labeler=selectors.labeler_required(request.user))
     if assignment is not None:
         assignment = selectors.assignment_for_display(assignment_id=assignment.pk)
     return _render_pair(request, _pair_context(request, project, assignment, notice=notice), status=status)
