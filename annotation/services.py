@@ -197,7 +197,10 @@ def assignment_claim(*, project: Project, labeler: User, now: datetime | None = 
     expires_at = now + timedelta(seconds=project.lease_seconds)
     lock = "FOR UPDATE OF c SKIP LOCKED" if connection.features.has_select_for_update_skip_locked else ""
     with transaction.atomic():
-        current = _fetch_one(sql.RENEW_CURRENT_LEASE, [_db_time(expires_at), labeler.pk, _db_time(now), project.pk])
+        clock = sql.POSTGRESQL_CLOCK if connection.vendor == "postgresql" else "%s"
+        current = _fetch_one(
+            sql.RENEW_CURRENT_LEASE.format(clock=clock), [_db_time(expires_at), labeler.pk, _db_time(now), project.pk]
+        )
         if current is not None:
             return selectors.assignment_for_display(assignment_id=current[0])
         if project.gold_rate and random.random() < project.gold_rate:
@@ -272,15 +275,17 @@ def vote_submit(
         raise InvalidVote("flags", f"{unknown_flags[0]!r} is not one of {', '.join(Vote.Flag.values)}")
     if time_spent_ms is not None and not 0 <= time_spent_ms <= MAX_TIME_SPENT_MS:
         raise InvalidVote("time_spent_ms", f"{time_spent_ms} is outside 0..{MAX_TIME_SPENT_MS}")
-    now = now or timezone.now()
     # Every change to a comparison's votes and leases happens under its row lock (claims take it too).
     lock = "FOR UPDATE OF c" if connection.features.has_select_for_update else ""
 
     with transaction.atomic():
-        row = _fetch_one(sql.LOCK_FOR_VOTE.format(lock=lock), [_db_time(now), assignment_id, labeler.pk])
+        row = _fetch_one(sql.LOCK_FOR_VOTE.format(lock=lock), [assignment_id, labeler.pk])
         if row is None:
             raise Assignment.DoesNotExist(f"no assignment {assignment_id} for this labeler")
-        (_, status, live, left_is_a, leased_at,
+        # The clock is read only now, holding the lock: read earlier, a lease that expired while we
+        # waited would still look live, and a claim that took its place would overfill the pair.
+        now = now or timezone.now()
+        (_, status, expires_at, left_is_a, leased_at,
          comparison_id, response_a, response_b, vote_count, origin, project_id, overlap) = row  # fmt: skip
         if idempotency_key:
             earlier = Vote.objects.filter(labeler=labeler, idempotency_key=idempotency_key).first()
@@ -290,6 +295,7 @@ def vote_submit(
                 return earlier, False
         if status == Assignment.Status.VOTED:
             raise AlreadyVoted("you have already voted on this comparison")
+        live = status == Assignment.Status.OPEN and _from_db_time(expires_at) > now
         if not live and origin != Comparison.Origin.GOLD:
             others = _fetch_one(
                 sql.LIVE_LEASES.format(comparison="%s") + " AND l.id <> %s",

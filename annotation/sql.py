@@ -11,12 +11,16 @@ LIVE_LEASES = """
     WHERE l.comparison_id = {comparison} AND l.status = 'open' AND l.expires_at > %s
 """
 
+# Renewing takes no comparison lock, so whether the lease is still live is decided by the clock
+# at execution ({clock}: the database's own on PostgreSQL), never by a time read before: a lease
+# that expired meanwhile may already have been handed to someone else.
 RENEW_CURRENT_LEASE = """
     UPDATE annotation_assignment SET expires_at = %s
-    WHERE labeler_id = %s AND status = 'open' AND expires_at > %s
+    WHERE labeler_id = %s AND status = 'open' AND expires_at > {clock}
       AND comparison_id IN (SELECT id FROM annotation_comparison WHERE project_id = %s)
     RETURNING id
 """
+POSTGRESQL_CLOCK = "GREATEST(%s, clock_timestamp())"
 
 CANDIDATE = (
     """
@@ -59,7 +63,7 @@ LEASE_IF_ROOM = (
 )
 
 LOCK_FOR_VOTE = """
-    SELECT a.id, a.status, a.status = 'open' AND a.expires_at > %s, a.left_is_a, a.created_at,
+    SELECT a.id, a.status, a.expires_at, a.left_is_a, a.created_at,
            c.id, c.response_a_id, c.response_b_id, c.vote_count, c.origin, c.project_id, p.overlap
     FROM annotation_assignment a
     JOIN annotation_comparison c ON c.id = a.comparison_id

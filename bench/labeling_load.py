@@ -735,7 +735,11 @@ async def _ceiling_claim(conn: psycopg.AsyncConnection[Any], project: int, label
     now = dt.datetime.now(dt.UTC)
     expires = now + dt.timedelta(seconds=600)
     async with conn.transaction():
-        current = await (await conn.execute(sql.RENEW_CURRENT_LEASE, [expires, labeler, now, project])).fetchone()
+        current = await (
+            await conn.execute(
+                sql.RENEW_CURRENT_LEASE.format(clock=sql.POSTGRESQL_CLOCK), [expires, labeler, now, project]
+            )
+        ).fetchone()
         if current is not None:
             return int(current[0])
         passed_over: list[int] = []
@@ -756,13 +760,14 @@ async def _ceiling_claim(conn: psycopg.AsyncConnection[Any], project: int, label
 
 async def _ceiling_vote(conn: psycopg.AsyncConnection[Any], labeler: int, assignment: int) -> int | None:
     """vote_submit with an idempotency key: the new vote's id, or None when refused."""
-    now = dt.datetime.now(dt.UTC)
     key = uuid.uuid4().hex
     async with conn.transaction():
         locked = sql.LOCK_FOR_VOTE.format(lock="FOR UPDATE OF c")
-        row = await (await conn.execute(locked, [now, assignment, labeler])).fetchone()
+        row = await (await conn.execute(locked, [assignment, labeler])).fetchone()
         assert row is not None
-        _, status, live, left_is_a, leased_at, comparison, response_a, response_b = row[:8]
+        _, status, expires_at, left_is_a, leased_at, comparison, response_a, response_b = row[:8]
+        now = dt.datetime.now(dt.UTC)
+        live = expires_at > now
         earlier = "SELECT id FROM annotation_vote WHERE labeler_id = %s AND idempotency_key = %s"
         await (await conn.execute(earlier, [labeler, key])).fetchone()
         if status != "open" or not live:
