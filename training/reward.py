@@ -1,0 +1,486 @@
+"""Bradley-Terry reward model training on exported preference pairs. Pure torch + transformers
+(+ peft for LoRA): no Django, so a GPU box runs it from an exported file.
+
+    python -m training.reward --data prefs.jsonl --out runs/rm [--backbone NAME] [...]
+    python -m training.reward --evaluate runs/rm --data prefs.jsonl
+
+The loop reads top to bottom in `train`: split by prompt, batch by length, score chosen and
+rejected in one forward pass, Bradley-Terry loss with optional margin and reward centering,
+checkpoint, evaluate on held-out prompts.
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import random
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from training import backbones
+
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class RewardConfig:
+    backbone: str = field(
+        default="smollm2-135m",
+        metadata={"help": "Model id, local path, or an offline package: smollm2-135m, minilm-l6."},
+    )
+    max_length: int = field(default=512, metadata={"help": "Tokens per side; longer pairs lose their oldest turns."})
+    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate (InstructGPT: 9e-6)."})
+    epochs: int = field(default=1, metadata={"help": "Passes over the training pairs (InstructGPT: 1)."})
+    batch_size: int = field(default=16, metadata={"help": "Pairs per step (each pair is two sequences)."})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "Share of steps with a linear warm-up."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    margin_from_strength: bool = field(
+        default=False, metadata={"help": "Subtract a margin (mean vote strength - 1) / 2 from the reward gap."}
+    )
+    center_rewards_coefficient: float = field(
+        default=0.0, metadata={"help": "Weight of mean((r_chosen + r_rejected)^2), pulling rewards to zero mean."}
+    )
+    ensemble_size: int = field(default=1, metadata={"help": "Members trained with different seeds and data order."})
+    lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (peft) instead of all weights."})
+    lora_rank: int = field(default=16, metadata={"help": "LoRA rank."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory."})
+    eval_fraction: float = field(default=0.1, metadata={"help": "Share of prompts held out for evaluation."})
+    checkpoint_every: int = field(default=200, metadata={"help": "Steps between resumable checkpoints."})
+    seed: int = field(default=42, metadata={"help": "Seed of the first ensemble member."})
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: str | Messages
+    chosen: str
+    rejected: str
+    strength: float | None = None
+    agreement: float | None = None
+    comparison_id: int | None = None
+
+
+def _answer(value: Any) -> str:
+    """Export rows carry the answer as text, or (conversational format) as one assistant message."""
+    if isinstance(value, list):
+        return "".join(message["content"] for message in value)
+    return str(value)
+
+
+def load_pairs(path: Path) -> list[Pair]:
+    """Rows of the export format (JSON Lines or Parquet); ties and both-bad are left out."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(path).to_pylist()
+    else:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    pairs = []
+    for number, row in enumerate(rows, start=1):
+        missing = {"prompt", "chosen", "rejected"} - row.keys()
+        if missing:
+            raise ValueError(f"{path} row {number}: missing {', '.join(sorted(missing))}")
+        if row.get("label") in ("tie", "both_bad"):
+            continue
+        pairs.append(
+            Pair(
+                prompt=row["prompt"],
+                chosen=_answer(row["chosen"]),
+                rejected=_answer(row["rejected"]),
+                strength=row.get("mean_strength"),
+                agreement=row.get("agreement"),
+                comparison_id=row.get("comparison_id"),
+            )
+        )
+    return pairs
+
+
+def split_by_prompt(pairs: Sequence[Pair], fraction: float) -> tuple[list[Pair], list[Pair]]:
+    """Held-out pairs are chosen by prompt, so no prompt is on both sides of the split."""
+
+    def held_out(pair: Pair) -> bool:
+        digest = hashlib.sha256(json.dumps(pair.prompt, sort_keys=True).encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+    train = [pair for pair in pairs if not held_out(pair)]
+    return train, [pair for pair in pairs if held_out(pair)]
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, prompt: str | Messages, answer: str, max_length: int) -> list[int]:
+    """Prompt and answer as the model sees them, cut from the left so the answer always survives."""
+    messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": answer}], tokenize=False)
+        ids: list[int] = tokenizer(str(text), add_special_tokens=False)["input_ids"]
+    else:
+        text = "\n\n".join(message["content"] for message in messages) + "\n\n" + answer
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+            ids.append(tokenizer.eos_token_id)
+    return ids[-max_length:]
+
+
+def pad(sequences: Sequence[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(sequence) for sequence in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        span = slice(width - len(sequence), width) if side == "left" else slice(0, len(sequence))
+        ids[row, span] = torch.tensor(sequence, dtype=torch.long)
+        mask[row, span] = 1
+    return ids, mask
+
+
+def scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """One scalar per sequence. Decoders are read at the last real token, found from the attention
+    mask, so padding side and a pad token equal to EOS cannot move it; encoders use their own
+    pooled head."""
+    head = getattr(model, "score", None)
+    if head is None:
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+    base = getattr(model, model.base_model_prefix)
+    hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (attention_mask * positions).argmax(dim=1)
+    return head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last]).squeeze(-1).float()
+
+
+def bradley_terry_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None, center: float = 0.0
+) -> torch.Tensor:
+    """-log sigmoid(r_chosen - r_rejected - margin), plus center * mean((r_chosen + r_rejected)^2)."""
+    gap = chosen - rejected - (margin if margin is not None else 0.0)
+    loss = -F.logsigmoid(gap).mean()
+    if center:
+        loss = loss + center * ((chosen + rejected) ** 2).mean()
+    return loss
+
+
+def margin_of(pair: Pair, config: RewardConfig) -> float:
+    return (pair.strength - 1) / 2 if config.margin_from_strength and pair.strength is not None else 0.0
+
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Batches of similar lengths (less padding), in random order: shuffle, sort within chunks of
+    50 batches, cut, shuffle the batches."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    chunk = batch_size * 50
+    batches = []
+    for start in range(0, len(order), chunk):
+        ordered = sorted(order[start : start + chunk], key=lambda index: lengths[index])
+        batches += [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+class Encoded:
+    """Token ids of both sides of every pair, computed once."""
+
+    def __init__(self, pairs: Sequence[Pair], tokenizer: PreTrainedTokenizerBase, config: RewardConfig) -> None:
+        self.pairs = list(pairs)
+        self.chosen = [encode(tokenizer, p.prompt, p.chosen, config.max_length) for p in self.pairs]
+        self.rejected = [encode(tokenizer, p.prompt, p.rejected, config.max_length) for p in self.pairs]
+        self.margins = [margin_of(p, config) for p in self.pairs]
+        self.pad_id = tokenizer.pad_token_id
+        self.side = tokenizer.padding_side
+
+    def batch(self, indices: Sequence[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Chosen then rejected sequences stacked, for one forward pass."""
+        ids, mask = pad([self.chosen[i] for i in indices] + [self.rejected[i] for i in indices], self.pad_id, self.side)
+        margins = torch.tensor([self.margins[i] for i in indices], dtype=torch.float32, device=device)
+        return ids.to(device), mask.to(device), margins
+
+    def lengths(self) -> list[int]:
+        return [max(len(c), len(r)) for c, r in zip(self.chosen, self.rejected, strict=True)]
+
+
+def load_model(config: RewardConfig, device: torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    path = backbones.resolve(config.backbone)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    # A fresh scalar head per member (seeded by the caller): ensemble members must not start alike.
+    head = getattr(model, "score", None) or getattr(model, "classifier", None)
+    for parameter_name, parameter in head.named_parameters() if head is not None else []:
+        if parameter_name.endswith("weight"):
+            torch.nn.init.normal_(parameter, std=getattr(model.config, "initializer_range", 0.02))
+        else:
+            torch.nn.init.zeros_(parameter)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if config.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model, LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank, task_type="SEQ_CLS")
+        )
+    return model.to(device), tokenizer
+
+
+def _autocast(device: torch.device) -> Any:
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+@dataclass
+class TrainResult:
+    model: PreTrainedModel
+    losses: list[float]
+    steps: int
+
+
+def train_member(
+    model: PreTrainedModel,
+    data: Encoded,
+    config: RewardConfig,
+    *,
+    seed: int,
+    device: torch.device,
+    checkpoint_dir: Path | None = None,
+    stop_after: int | None = None,
+    progress: Any = None,
+) -> TrainResult:
+    """Train one reward model. A checkpoint in checkpoint_dir is resumed; `stop_after` ends the run
+    after that many steps (as a killed worker would), leaving the last checkpoint behind."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    batches = [b for _ in range(config.epochs) for b in length_grouped_batches(data.lengths(), config.batch_size, rng)]
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    warmup = max(1, int(config.warmup_ratio * len(batches)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: min((step + 1) / warmup, max(0.0, (len(batches) - step) / max(1, len(batches) - warmup))),
+    )
+    start, losses = 0, []
+    checkpoint = checkpoint_dir / "checkpoint.pt" if checkpoint_dir else None
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        _set_rng_state(state["rng"])
+        start, losses = state["step"], state["losses"]
+
+    model.train()
+    for step in range(start, len(batches)):
+        if stop_after is not None and step >= stop_after:
+            break
+        # Forward: chosen and rejected in one pass; Bradley-Terry loss on the score gap.
+        ids, mask, margins = data.batch(batches[step], device)
+        with _autocast(device):
+            rewards = scores(model, ids, mask)
+        half = len(batches[step])
+        loss = bradley_terry_loss(
+            rewards[:half], rewards[half:], margins if config.margin_from_strength else None,
+            config.center_rewards_coefficient,
+        )  # fmt: skip
+        # Update.
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss.detach()))
+        if progress is not None:
+            progress(step + 1, len(batches), losses[-1])
+        if checkpoint is not None and (step + 1) % config.checkpoint_every == 0:
+            state = {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "rng": _rng_state(), "step": step + 1, "losses": losses,
+            }  # fmt: skip
+            torch.save(state, checkpoint.with_suffix(".tmp"))
+            checkpoint.with_suffix(".tmp").replace(checkpoint)
+    return TrainResult(model=model, losses=losses, steps=len(losses))
+
+
+@torch.no_grad()
+def pair_rewards(model: PreTrainedModel, data: Encoded, device: torch.device, batch_size: int) -> np.ndarray:
+    """(pairs, 2): reward of chosen and of rejected."""
+    model.eval()
+    out = []
+    for start in range(0, len(data.pairs), batch_size):
+        indices = list(range(start, min(start + batch_size, len(data.pairs))))
+        ids, mask, _ = data.batch(indices, device)
+        with _autocast(device):
+            rewards = scores(model, ids, mask).float().cpu().numpy()
+        out.append(np.stack([rewards[: len(indices)], rewards[len(indices) :]], axis=1))
+    return np.concatenate(out) if out else np.zeros((0, 2))
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    order = values.argsort(kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(len(values))
+    # Ties get the mean of their ranks, as Spearman's rho wants.
+    for value in np.unique(values):
+        tied = values == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float | None:
+    if len(x) < 3 or np.all(x == x[0]) or np.all(y == y[0]):
+        return None
+    return float(np.corrcoef(_ranks(x), _ranks(y))[0, 1])
+
+
+def metrics(rewards: np.ndarray, data: Encoded, *, bins: int = 10) -> dict[str, Any]:
+    """Accuracy, accuracy by agreement, expected calibration error and the length-bias alarm."""
+    if len(rewards) == 0:
+        return {"pairs": 0, "accuracy": None, "ece": None, "length_spearman": None}
+    gap = rewards[:, 0] - rewards[:, 1]
+    correct = gap > 0
+    probability = 1 / (1 + np.exp(-gap))
+    # ECE over the predicted winner's probability, as for any binary classifier.
+    confidence = np.maximum(probability, 1 - probability)
+    edges = np.linspace(0.5, 1.0, bins + 1)
+    ece = 0.0
+    for low, high in zip(edges[:-1], edges[1:], strict=True):
+        inside = (confidence >= low) & ((confidence < high) | (high == 1.0))
+        if inside.any():
+            ece += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
+    lengths = np.array([len(c) for c in data.chosen] + [len(r) for r in data.rejected], dtype=float)
+    by_agreement: dict[str, float] = {}
+    agreement = np.array([p.agreement if p.agreement is not None else np.nan for p in data.pairs])
+    for name, low, high in (("unanimous", 0.999, 1.01), ("majority", 0.5, 0.999)):
+        inside = (agreement >= low) & (agreement < high)
+        if inside.any():
+            by_agreement[name] = float(correct[inside].mean())
+    return {
+        "pairs": len(rewards),
+        "accuracy": float(correct.mean()),
+        "accuracy_by_agreement": by_agreement,
+        "ece": float(ece),
+        "length_spearman": spearman(np.concatenate([rewards[:, 0], rewards[:, 1]]), lengths),
+        "mean_reward": float(rewards.mean()),
+    }
+
+
+def train(
+    pairs: Sequence[Pair],
+    config: RewardConfig,
+    out: Path,
+    *,
+    device: torch.device | None = None,
+    progress: Any = None,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Train `ensemble_size` members on the training split, evaluate on held-out prompts, save
+    everything under `out`: member_<k>/ (Hugging Face format), config.json, metrics.json and
+    uncertainty.jsonl (the members' spread per held-out pair)."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(config.to_json())
+    train_pairs, held_out = split_by_prompt(pairs, config.eval_fraction)
+    if not train_pairs:
+        raise ValueError("no training pairs left after the held-out split")
+    member_rewards = []
+    for member in range(config.ensemble_size):
+        torch.manual_seed(config.seed + member)
+        model, tokenizer = load_model(config, device)
+        train_data, eval_data = Encoded(train_pairs, tokenizer, config), Encoded(held_out, tokenizer, config)
+        member_dir = out / f"member_{member}"
+        member_dir.mkdir(exist_ok=True)
+        result = train_member(
+            model, train_data, config, seed=config.seed + member, device=device, checkpoint_dir=member_dir,
+            stop_after=stop_after, progress=progress,
+        )  # fmt: skip
+        if stop_after is not None:
+            return {"stopped_at": result.steps}
+        merged = model.merge_and_unload() if config.lora else model  # type: ignore[operator]
+        merged.save_pretrained(member_dir)
+        tokenizer.save_pretrained(member_dir)
+        (member_dir / "checkpoint.pt").unlink(missing_ok=True)
+        member_rewards.append(pair_rewards(merged, eval_data, device, config.batch_size))
+        (member_dir / "losses.json").write_text(json.dumps(result.losses))
+    rewards = np.mean(member_rewards, axis=0)
+    spread = np.std([r[:, 0] - r[:, 1] for r in member_rewards], axis=0)
+    summary = {"train_pairs": len(train_pairs), "held_out_pairs": len(held_out), **metrics(rewards, eval_data)}
+    summary["mean_ensemble_spread"] = float(spread.mean()) if len(spread) else None
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    with (out / "uncertainty.jsonl").open("w") as handle:
+        for pair, value in zip(held_out, spread, strict=True):
+            handle.write(json.dumps({"comparison_id": pair.comparison_id, "spread": float(value)}) + "\n")
+    return summary
+
+
+def evaluate(model_dir: Path, pairs: Sequence[Pair], *, device: torch.device | None = None) -> dict[str, Any]:
+    """Score every pair with the (ensemble) model in model_dir."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = RewardConfig(**json.loads((model_dir / "config.json").read_text()))
+    members = sorted(path for path in model_dir.glob("member_*") if (path / "config.json").exists())
+    if not members:
+        raise FileNotFoundError(f"{model_dir} holds no trained member (member_*/config.json)")
+    all_rewards, data = [], None
+    for member in members:
+        tokenizer = AutoTokenizer.from_pretrained(member)
+        model = AutoModelForSequenceClassification.from_pretrained(member).to(device)
+        data = Encoded(pairs, tokenizer, config)
+        all_rewards.append(pair_rewards(model, data, device, config.batch_size))
+    assert data is not None
+    return metrics(np.mean(all_rewards, axis=0), data)
+
+
+def _progress_bar(step: int, total: int, loss: float) -> None:
+    width = 30
+    filled = int(width * step / max(total, 1))
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{total} loss {loss:.4f}")
+    if step == total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.reward", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, required=True, help="Export file: JSON Lines or Parquet.")
+    parser.add_argument("--out", type=Path, help="Directory for the trained model, config and metrics.")
+    parser.add_argument("--evaluate", type=Path, metavar="DIR", help="Score --data with the model in DIR.")
+    for spec in dataclasses.fields(RewardConfig):
+        flag = "--" + spec.name.replace("_", "-")
+        if spec.type is bool:
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=spec.default, help=spec.metadata["help"]
+            )
+        else:
+            kind = spec.type if spec.type in (int, float) else str
+            parser.add_argument(flag, type=kind, default=spec.default, help=spec.metadata["help"])
+    args = parser.parse_args(argv)
+    pairs = load_pairs(args.data)
+    if args.evaluate:
+        print(json.dumps(evaluate(args.evaluate, pairs)))
+        return 0
+    if args.out is None:
+        parser.error("--out is required when training")
+    config = RewardConfig(**{spec.name: getattr(args, spec.name) for spec in dataclasses.fields(RewardConfig)})
+    print(json.dumps(train(pairs, config, args.out, progress=_progress_bar)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
