@@ -65,18 +65,26 @@ def excluded_labelers(project: Project, min_gold_accuracy: float | None) -> list
     ]
 
 
-_PREFERENCES_SQL = """
-WITH counts AS (
-    SELECT v.comparison_id,
+_VOTE_COUNTS = """
            SUM(CASE WHEN v.choice = 'a' THEN 1 ELSE 0 END) AS votes_a,
            SUM(CASE WHEN v.choice = 'b' THEN 1 ELSE 0 END) AS votes_b,
            SUM(CASE WHEN v.choice = 'tie' THEN 1 ELSE 0 END) AS votes_tie,
            SUM(CASE WHEN v.choice = 'both_bad' THEN 1 ELSE 0 END) AS votes_both_bad,
            AVG(v.strength) AS mean_strength
-    FROM annotation_vote v JOIN annotation_comparison vc ON vc.id = v.comparison_id
-    WHERE vc.project_id = %s {labeler_filter}
-    GROUP BY v.comparison_id
+"""
+# On PostgreSQL the votes of each comparison are counted as its row goes by (LATERAL over the
+# vote index), so rows stream from the first one; a GROUP BY over all votes first would hold the
+# first row back for seconds on a big project. SQLite, without LATERAL, groups first.
+_COUNTS_LATERAL = (
+    "CROSS JOIN LATERAL (SELECT"
+    + _VOTE_COUNTS
+    + "FROM annotation_vote v WHERE v.comparison_id = c.id {labelers}) counts"
 )
+_COUNTS_GROUPED = (
+    "LEFT JOIN (SELECT v.comparison_id," + _VOTE_COUNTS + "FROM annotation_vote v WHERE 1 = 1 {labelers} "
+    "GROUP BY v.comparison_id) counts ON counts.comparison_id = c.id"
+)
+_PREFERENCES_SQL = """
 SELECT c.id, c.round, p.text, p.messages, ra.text, ra.source, rb.text, rb.source,
        COALESCE(counts.votes_a, 0), COALESCE(counts.votes_b, 0), COALESCE(counts.votes_tie, 0),
        COALESCE(counts.votes_both_bad, 0), counts.mean_strength,
@@ -85,7 +93,7 @@ FROM annotation_comparison c
 JOIN annotation_prompt p ON p.id = c.prompt_id
 JOIN annotation_response ra ON ra.id = c.response_a_id
 JOIN annotation_response rb ON rb.id = c.response_b_id
-LEFT JOIN counts ON counts.comparison_id = c.id
+{counts}
 LEFT JOIN annotation_aggregatedlabel agg ON agg.comparison_id = c.id
 WHERE c.project_id = %s AND c.origin <> 'gold' {round_filter}
 ORDER BY c.id
@@ -96,13 +104,14 @@ def preference_rows(project: Project, filters: PreferenceFilters) -> Iterator[di
     """One row per comparison with a decided label: the adjudicated one, else the majority of the
     counted votes. A comparison whose top votes are shared, or below min_confidence, is left out."""
     excluded = excluded_labelers(project, filters.min_gold_accuracy)
-    params: list[Any] = [project.pk, *excluded, project.pk]
+    params: list[Any] = [*excluded, project.pk]
     labeler_filter = f"AND v.labeler_id NOT IN ({', '.join(['%s'] * len(excluded))})" if excluded else ""
+    counts = _COUNTS_LATERAL if connection.vendor == "postgresql" else _COUNTS_GROUPED
     round_filter = ""
     if filters.round is not None:
         round_filter = "AND c.round = %s"
         params.append(filters.round)
-    sql = _PREFERENCES_SQL.format(labeler_filter=labeler_filter, round_filter=round_filter)
+    sql = _PREFERENCES_SQL.format(counts=counts.format(labelers=labeler_filter), round_filter=round_filter)
     conversational = _conversational(project)
 
     for row in _stream(sql, params):

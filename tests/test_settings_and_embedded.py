@@ -64,3 +64,8 @@ def test_embedded_default_runs_on_sqlite_for_one_labeler(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["36", "36"]
     assert (tmp_path / "flywheel.sqlite3").exists()
+    # Export and agreement work on SQLite too (the GROUP BY form of the export query).
+    exported = manage("export_pairs", "demo", str(tmp_path / "demo.jsonl"), env=env)
+    assert exported.returncode == 0, exported.stderr
+    rows = (tmp_path / "demo.jsonl").read_text().splitlines()
+    assert len(rows) == 36 and all('"chosen"' in row for row in rows)
