@@ -1,5 +1,6 @@
 """HTTP API (DRF): one view per operation, each with its own input and output serializer."""
 
+from django.contrib.auth.models import User
 from django.http import StreamingHttpResponse
 from django.shortcuts import get_object_or_404
 from drf_spectacular.types import OpenApiTypes
@@ -7,7 +8,6 @@ from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_sche
 from rest_framework import serializers, status
 from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.exceptions import NotFound, PermissionDenied
-from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.parsers import MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -242,6 +242,8 @@ class VotesAPI(APIView):
 
     class QuerySerializer(serializers.Serializer):
         labeler = serializers.CharField(required=False, help_text="Username; default: yourself.")
+        after = serializers.IntegerField(min_value=0, default=0, help_text="Votes after this vote id (`next`).")
+        limit = serializers.IntegerField(min_value=1, max_value=1000, default=100)
 
     @extend_schema_serializer(component_name="VoteRecord")
     class OutputSerializer(serializers.Serializer):
@@ -252,9 +254,12 @@ class VotesAPI(APIView):
         rationale = serializers.CharField()
         created_at = serializers.DateTimeField()
 
-    @extend_schema(
-        operation_id="votes_list", parameters=[QuerySerializer], responses={200: OutputSerializer(many=True)}
-    )
+    @extend_schema_serializer(component_name="VotePage")
+    class PageSerializer(serializers.Serializer):
+        results = serializers.ListField(child=serializers.DictField())
+        next = serializers.IntegerField(allow_null=True, help_text="Pass as `after` for the next page.")
+
+    @extend_schema(operation_id="votes_list", parameters=[QuerySerializer], responses={200: PageSerializer})
     def get(self, request: Request, slug: str) -> Response:
         user = selectors.labeler_required(request.user)
         project = get_object_or_404(Project, slug=slug)
@@ -263,9 +268,12 @@ class VotesAPI(APIView):
         username = query.validated_data.get("labeler", user.username)
         if username != user.username and selectors.admin_or_none(user) is None:
             raise PermissionDenied("Labelers can only see their own votes.")
-        votes = Vote.objects.filter(comparison__project=project, labeler__username=username).order_by("id")
-        paginator = LimitOffsetPagination()
-        paginator.default_limit = 100
-        paginator.max_limit = 1000
-        page = paginator.paginate_queryset(votes, request, view=self)
-        return paginator.get_paginated_response(self.OutputSerializer(page, many=True).data)
+        labeler = get_object_or_404(User, username=username)
+        # Keyset pages: no COUNT over a labeler's votes, which is slow on big projects.
+        limit, after = query.validated_data["limit"], query.validated_data["after"]
+        votes = list(
+            Vote.objects.filter(comparison__project=project, labeler=labeler, pk__gt=after).order_by("pk")[: limit + 1]
+        )
+        page = votes[:limit]
+        more = len(votes) > limit
+        return Response({"results": self.OutputSerializer(page, many=True).data, "next": page[-1].pk if more else None})

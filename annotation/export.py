@@ -106,12 +106,12 @@ def preference_rows(project: Project, filters: PreferenceFilters) -> Iterator[di
     excluded = excluded_labelers(project, filters.min_gold_accuracy)
     params: list[Any] = [*excluded, project.pk]
     labeler_filter = f"AND v.labeler_id NOT IN ({', '.join(['%s'] * len(excluded))})" if excluded else ""
-    counts = _COUNTS_LATERAL if connection.vendor == "postgresql" else _COUNTS_GROUPED
+    counting = _COUNTS_LATERAL if connection.vendor == "postgresql" else _COUNTS_GROUPED
     round_filter = ""
     if filters.round is not None:
         round_filter = "AND c.round = %s"
         params.append(filters.round)
-    sql = _PREFERENCES_SQL.format(counts=counts.format(labelers=labeler_filter), round_filter=round_filter)
+    sql = _PREFERENCES_SQL.format(counts=counting.format(labelers=labeler_filter), round_filter=round_filter)
     conversational = _conversational(project)
 
     for row in _stream(sql, params):

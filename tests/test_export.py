@@ -22,7 +22,9 @@ def vote_as(labeler, project, canonical_by_prompt: dict[str, str], strength: int
     while (assignment := assignment_claim(project=project, labeler=labeler)) is not None:
         canonical = canonical_by_prompt.get(assignment.comparison.prompt.text, "a")
         screen = {"a": "left", "b": "right"} if assignment.left_is_a else {"a": "right", "b": "left"}
-        vote_submit(assignment_id=assignment.pk, labeler=labeler, choice=screen.get(canonical, canonical), strength=strength)
+        vote_submit(
+            assignment_id=assignment.pk, labeler=labeler, choice=screen.get(canonical, canonical), strength=strength
+        )
 
 
 @pytest.fixture
@@ -96,7 +98,11 @@ def test_parquet_holds_the_same_rows(labeled, tmp_path):
 
 def test_conversations_export_in_the_conversational_format(tmp_path):
     project = make_project(pairs=0, overlap=1)
-    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey"}, {"role": "user", "content": "2+2?"}]
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hey"},
+        {"role": "user", "content": "2+2?"},
+    ]
     pairs_import(project=project, records=[
         PairRecord(line=1, prompt=messages, response_a="4", response_b="5"),
         PairRecord(line=2, prompt="plain text", response_a="x", response_b="y"),
@@ -115,7 +121,9 @@ def test_raw_votes_are_pseudonymised_unless_asked(labeled, tmp_path):
     assert len(rows) == Vote.objects.count() == 9
     ids = set(Vote.objects.values_list("labeler_id", flat=True))
     assert {row["labeler"] for row in rows} == {pseudonym(i) for i in ids}
-    assert {row["labeler"] for row in export(labeled, tmp_path, "--votes", "--no-pseudonymize")} == {str(i) for i in ids}
+    assert {row["labeler"] for row in export(labeled, tmp_path, "--votes", "--no-pseudonymize")} == {
+        str(i) for i in ids
+    }
     assert {row["shown_left"] for row in rows} <= {"a", "b"}
 
 

@@ -46,3 +46,18 @@ def test_the_openapi_schema_is_valid_and_complete(tmp_path):
     text = out.read_text()
     for path in ("/agreement/", "/export/", "/import/", "/votes/", "/assignments/", "/auth/token/"):
         assert path in text
+
+
+def test_votes_api_pages_by_vote_id(admin_user, alice):
+    from tests.conftest import make_project
+    from tests.test_quality import label_all
+
+    project = make_project(pairs=5, overlap=1)
+    label_all(project, [alice], lambda labeler, comparison: "a")
+    client = api_client_for(admin_user)
+    first = client.get(f"/api/v1/projects/{project.slug}/votes/", {"labeler": "alice", "limit": 3}).json()
+    assert len(first["results"]) == 3 and first["next"] == first["results"][-1]["vote"]
+    rest = client.get(f"/api/v1/projects/{project.slug}/votes/", {"labeler": "alice", "after": first["next"]}).json()
+    assert len(rest["results"]) == 2 and rest["next"] is None
+    missing = client.get(f"/api/v1/projects/{project.slug}/votes/", {"labeler": "nobody"})
+    assert missing.status_code == 404

@@ -85,7 +85,9 @@ def test_gold_accuracy_and_exclusion_of_careless_labelers():
         for i in range(5)
     ]
     pairs_import(project=project, records=gold)
-    careful, careless, third = (labeler_create(username=name, password=PASSWORD) for name in ("careful", "careless", "x"))
+    careful, careless, third = (
+        labeler_create(username=name, password=PASSWORD) for name in ("careful", "careless", "x")
+    )
 
     def decide(labeler, comparison):
         if labeler.username == "careless":
@@ -120,9 +122,9 @@ def test_adjudication_overrides_the_votes():
 
 def test_one_snapshot_per_round_beside_the_project_one():
     project = make_project(pairs=4, overlap=2)
-    Comparison.objects.filter(project=project, id__in=Comparison.objects.filter(project=project).values("id")[:2]).update(
-        round=1
-    )
+    Comparison.objects.filter(
+        project=project, id__in=Comparison.objects.filter(project=project).values("id")[:2]
+    ).update(round=1)
     labelers = [labeler_create(username=f"l{i}", password=PASSWORD) for i in range(2)]
     label_all(project, labelers, lambda labeler, comparison: "a")
     agreement_refresh(project_id=project.pk)
