@@ -50,17 +50,24 @@ def dawid_skene(
     counts = value_counts(items, labels, classes).astype(np.float64)
     posterior = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     posterior[counts.sum(axis=1) == 0] = 1 / classes
+    given = labelers * classes + labels  # (labeler, given class) as one index, for bincount
     iterations = 0
     while iterations < max_iterations:
         iterations += 1
         # M-step: class prior and each labeler's confusion matrix from the current posteriors.
         prior = (posterior.sum(axis=0) + smoothing) / (n_items + classes * smoothing)
         confusion = np.full((n_labelers, classes, classes), smoothing)
-        np.add.at(confusion, (labelers, slice(None), labels), posterior[items])  # type: ignore[arg-type]
+        weights = posterior[items]
+        for true in range(classes):
+            confusion[:, true, :] += np.bincount(
+                given, weights=weights[:, true], minlength=n_labelers * classes
+            ).reshape(n_labelers, classes)
         confusion /= confusion.sum(axis=2, keepdims=True)
         # E-step: posterior over the true class of each item given all its votes.
         log_likelihood = np.tile(np.log(prior), (n_items, 1))
-        np.add.at(log_likelihood, items, np.log(confusion[labelers, :, labels]))
+        log_confusion = np.log(confusion[labelers, :, labels])
+        for true in range(classes):
+            log_likelihood[:, true] += np.bincount(items, weights=log_confusion[:, true], minlength=n_items)
         log_likelihood -= log_likelihood.max(axis=1, keepdims=True)
         updated = np.exp(log_likelihood)
         updated /= updated.sum(axis=1, keepdims=True)

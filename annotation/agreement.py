@@ -180,22 +180,36 @@ def labeler_table(votes: Votes) -> list[dict[str, Any]]:
 
 
 def pairwise_cohen(votes: Votes, *, min_shared: int = 20) -> list[dict[str, Any]]:
-    """Cohen's kappa for every pair of labelers who voted on at least `min_shared` common items."""
-    by_labeler: dict[int, dict[int, int]] = {}
-    for item, labeler, choice in zip(votes.item.tolist(), votes.labeler.tolist(), votes.choice.tolist(), strict=True):
-        by_labeler.setdefault(labeler, {})[item] = choice
+    """Cohen's kappa for every pair of labelers who voted on at least `min_shared` common items.
+
+    Every pair of votes on one item is one observation of its two labelers; one bincount builds
+    all the pairs' confusion matrices at once."""
+    if len(votes) == 0:
+        return []
+    order = np.lexsort((votes.labeler, votes.item))
+    item, labeler, choice = votes.item[order], votes.labeler[order], votes.choice[order]
+    n_labelers, k = int(labeler.max()) + 1, len(CHOICES)
+    firsts, seconds = [], []
+    for distance in range(1, int(np.bincount(item).max())):
+        same = np.flatnonzero(item[distance:] == item[:-distance])
+        firsts.append(same)
+        seconds.append(same + distance)
+    if not firsts:
+        return []
+    first, second = np.concatenate(firsts), np.concatenate(seconds)
+    pair = labeler[first] * n_labelers + labeler[second]  # sorted by labeler within an item: first < second
+    cell = (pair * k + choice[first]) * k + choice[second]
+    confusion = np.bincount(cell, minlength=n_labelers * n_labelers * k * k).reshape(-1, k, k).astype(np.float64)
+    shared = confusion.sum(axis=(1, 2))
     rows = []
-    labelers = sorted(by_labeler)
-    for index, first in enumerate(labelers):
-        for second in labelers[index + 1 :]:
-            shared = by_labeler[first].keys() & by_labeler[second].keys()
-            if len(shared) < min_shared:
-                continue
-            ordered = sorted(shared)
-            kappa = cohen_kappa(
-                np.array([by_labeler[first][i] for i in ordered]), np.array([by_labeler[second][i] for i in ordered])
-            )
-            rows.append({"first": first, "second": second, "shared": len(shared), "kappa": kappa})
+    disagreement = 1 - np.eye(k)
+    for index in np.flatnonzero(shared >= min_shared):
+        table = confusion[index]
+        expected = np.outer(table.sum(axis=1), table.sum(axis=0)) / shared[index]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            kappa = _undefined(1 - (disagreement * table).sum() / (disagreement * expected).sum())
+        rows.append({"first": int(index // n_labelers), "second": int(index % n_labelers), "shared": int(shared[index]),
+                     "kappa": kappa})  # fmt: skip
     return rows
 
 

@@ -2,6 +2,7 @@
 and annotation.aggregation."""
 
 from datetime import datetime
+from typing import Any
 
 import numpy as np
 from django.conf import settings
@@ -126,28 +127,58 @@ def _aggregate(project: Project, loaded: _LoadedVotes, counted: np.ndarray) -> d
     label, share = majority(counts)
     result = dawid_skene(items, labelers, choices, classes=len(CHOICES))
     posterior = np.vstack([result.posterior, np.zeros((len(counts) - len(result.posterior), len(CHOICES)))])
-    rows = [
-        AggregatedLabel(
-            comparison_id=int(comparison_id),
-            votes_a=int(counts[i, 0]),
-            votes_b=int(counts[i, 1]),
-            votes_tie=int(counts[i, 2]),
-            votes_both_bad=int(counts[i, 3]),
-            mean_strength=float(strength_sum[i] / counts[i].sum()) if counts[i].sum() else None,
-            majority_choice=CHOICES[label[i]] if label[i] >= 0 else "",
-            majority_share=float(share[i]),
-            ds_choice=CHOICES[int(posterior[i].argmax())] if counts[i].sum() else "",
-            ds_confidence=float(posterior[i].max()) if counts[i].sum() else None,
-        )
-        for i, comparison_id in enumerate(loaded.comparison_ids)
+    totals = counts.sum(axis=1)
+    voted = totals > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_strength = np.where(voted, strength_sum / np.maximum(totals, 1), np.nan)
+    choice_names = np.array([*CHOICES, ""], dtype=object)
+    columns = [
+        loaded.comparison_ids.tolist(),
+        *(counts[:, c].tolist() for c in range(len(CHOICES))),
+        [None if np.isnan(value) else value for value in mean_strength.tolist()],
+        choice_names[label].tolist(),  # -1 (shared top) picks ""
+        share.tolist(),
+        np.where(voted, choice_names[posterior.argmax(axis=1)], "").tolist(),
+        [value if ok else None for value, ok in zip(posterior.max(axis=1).tolist(), voted.tolist(), strict=True)],
     ]
-    fields = ["votes_a", "votes_b", "votes_tie", "votes_both_bad", "mean_strength", "majority_choice",
-              "majority_share", "ds_choice", "ds_confidence", "updated_at"]  # fmt: skip
-    AggregatedLabel.objects.bulk_create(
-        rows, batch_size=2000, update_conflicts=True, unique_fields=["comparison"], update_fields=fields
-    )
+    _store_aggregates(list(zip(*columns, strict=True)))
     present = np.unique(labelers)
     return {int(index): float(result.trust[index]) for index in present}
+
+
+_AGGREGATE_COLUMNS = [
+    "comparison_id", "votes_a", "votes_b", "votes_tie", "votes_both_bad", "mean_strength", "majority_choice",
+    "majority_share", "ds_choice", "ds_confidence",
+]  # fmt: skip
+
+
+def _store_aggregates(rows: list[tuple[Any, ...]]) -> None:
+    """Upsert aggregated labels, keeping adjudications. On PostgreSQL through COPY into a temporary
+    table and one INSERT ... ON CONFLICT: a million rows in seconds, not minutes of ORM."""
+    updates = ", ".join(f"{name} = excluded.{name}" for name in _AGGREGATE_COLUMNS[1:])
+    if connection.vendor != "postgresql":
+        objects = [AggregatedLabel(**dict(zip(_AGGREGATE_COLUMNS, row, strict=True))) for row in rows]
+        AggregatedLabel.objects.bulk_create(
+            objects, batch_size=2000, update_conflicts=True, unique_fields=["comparison"],
+            update_fields=[*_AGGREGATE_COLUMNS[1:], "updated_at"],
+        )  # fmt: skip
+        return
+    names = ", ".join(_AGGREGATE_COLUMNS)
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("DROP TABLE IF EXISTS aggregate_load")
+        cursor.execute(
+            "CREATE TEMPORARY TABLE aggregate_load (comparison_id bigint, votes_a int, votes_b int, votes_tie int, "
+            "votes_both_bad int, mean_strength float8, majority_choice text, majority_share float8, ds_choice text, "
+            "ds_confidence float8) ON COMMIT DROP"
+        )
+        with cursor.cursor.copy(f"COPY aggregate_load ({names}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        cursor.execute(
+            f"INSERT INTO annotation_aggregatedlabel ({names}, adjudicated_choice, updated_at) "
+            f"SELECT {names}, '', now() FROM aggregate_load "
+            f"ON CONFLICT (comparison_id) DO UPDATE SET {updates}, updated_at = excluded.updated_at"
+        )
 
 
 def agreement_schedule(*, project_id: int) -> None:

@@ -133,3 +133,31 @@ def test_majority_marks_shared_tops_as_undecided():
     label, share = majority(np.array([[2, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]]))
     assert label.tolist() == [0, -1, -1]
     assert share.tolist() == pytest.approx([2 / 3, 0.5, 0.0])
+
+
+def test_pairwise_cohen_equals_scikit_learn_for_every_pair():
+    from annotation.agreement import Votes, pairwise_cohen
+
+    rng = np.random.default_rng(7)
+    items, labelers, choices = [], [], []
+    for item in range(400):
+        for labeler in rng.choice(6, size=3, replace=False):
+            items.append(item)
+            labelers.append(labeler)
+            choices.append(int(rng.integers(0, 4)) if rng.random() < 0.4 else item % 4)
+    n = len(items)
+    votes = Votes(
+        item=np.array(items), labeler=np.array(labelers), choice=np.array(choices), signed=np.zeros(n, dtype=np.int64),
+        left_won=np.zeros(n, dtype=bool), has_winner=np.zeros(n, dtype=bool), seconds=np.zeros(n),
+        gold_correct=np.full(n, -1, dtype=np.int8),
+    )  # fmt: skip
+    rows = pairwise_cohen(votes, min_shared=20)
+    assert len(rows) == 15
+    for row in rows:
+        by_item = {}
+        for item, labeler, choice in zip(items, labelers, choices, strict=True):
+            by_item.setdefault(item, {})[labeler] = choice
+        shared = [votes_on for votes_on in by_item.values() if row["first"] in votes_on and row["second"] in votes_on]
+        assert row["shared"] == len(shared)
+        reference = reference_cohen([v[row["first"]] for v in shared], [v[row["second"]] for v in shared])
+        assert same(row["kappa"], reference)
