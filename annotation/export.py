@@ -5,6 +5,7 @@ Rows come from one SQL query read through a server-side cursor, and are written 
 time, so memory stays flat whatever the size of the project.
 """
 
+import functools
 import hashlib
 import hmac
 import json
@@ -24,6 +25,7 @@ from annotation.quality import latest_snapshot
 Format = Literal["jsonl", "parquet"]
 FORMATS = ("jsonl", "parquet")
 BATCH_ROWS = 2000
+FIRST_BATCH_ROWS = 50  # a download starts at once; later batches are bigger
 
 _MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 
@@ -46,6 +48,9 @@ def _stream(sql: str, params: list[Any]) -> Iterator[tuple[Any, ...]]:
         return
     with transaction.atomic():
         connection.ensure_connection()
+        with connection.cursor() as plain:
+            # Plan for the first rows: the reader consumes them while the rest is still coming.
+            plain.execute("SET LOCAL cursor_tuple_fraction = 0.01")
         with connection.connection.cursor(name="flywheel_export") as cursor:
             cursor.itersize = BATCH_ROWS
             cursor.execute(sql, params)
@@ -220,6 +225,7 @@ VOTE_SCHEMA = pa.schema(
 )
 
 
+@functools.lru_cache(maxsize=100_000)
 def pseudonym(labeler_id: int) -> str:
     """Stable per installation, not reversible without the SECRET_KEY."""
     digest = hmac.new(str(settings.SECRET_KEY).encode(), f"labeler:{labeler_id}".encode(), hashlib.sha256)
@@ -251,11 +257,12 @@ def vote_rows(project: Project, *, round_number: int | None = None, pseudonymize
 
 def encode_jsonl(rows: Iterable[dict[str, Any]]) -> Iterator[bytes]:
     buffer: list[str] = []
+    size = FIRST_BATCH_ROWS
     for row in rows:
         buffer.append(json.dumps(row, ensure_ascii=False))
-        if len(buffer) >= BATCH_ROWS:
+        if len(buffer) >= size:
             yield ("\n".join(buffer) + "\n").encode()
-            buffer = []
+            buffer, size = [], BATCH_ROWS
     if buffer:
         yield ("\n".join(buffer) + "\n").encode()
 
@@ -291,11 +298,12 @@ def encode_parquet(rows: Iterable[dict[str, Any]], schema: pa.Schema) -> Iterato
     sink = _Drain()
     writer = pq.ParquetWriter(sink, schema)
     batch: list[dict[str, Any]] = []
+    size = FIRST_BATCH_ROWS
     for row in rows:
         batch.append(row)
-        if len(batch) >= BATCH_ROWS:
+        if len(batch) >= size:
             writer.write_table(pa.Table.from_pylist(batch, schema=schema))
-            batch = []
+            batch, size = [], BATCH_ROWS
             yield sink.take()
     if batch:
         writer.write_table(pa.Table.from_pylist(batch, schema=schema))
