@@ -17,6 +17,8 @@ from annotation.agreement import CHOICES
 from annotation.charts import line_chart
 from annotation.models import AggregatedLabel, AgreementSnapshot, Comparison, Project
 from annotation.tasks import agreement_refresh_task
+from training import services as training_services
+from training.models import RewardModel
 
 REVIEW_BELOW_SHARE = 0.67
 REVIEW_PAGE = 25
@@ -70,8 +72,35 @@ def dashboard(request: AdminRequest, slug: str) -> HttpResponse:
         if snapshot
         else [],
         "review_count": _review_queryset(project).count(),
+        "reward_models": RewardModel.objects.filter(project=project).order_by("-version")[:10],
     }
     return _render(request, "annotation/dashboard.html", "labelers", context)
+
+
+@require_GET
+@login_required
+def reward_models(request: AdminRequest, slug: str) -> HttpResponse:
+    """The reward model table alone: htmx polls it while a version trains."""
+    selectors.admin_required(request.user)
+    project = get_object_or_404(Project, slug=slug)
+    context = {
+        "project": project,
+        "reward_models": RewardModel.objects.filter(project=project).order_by("-version")[:10],
+    }
+    return _render(request, "annotation/dashboard.html", "reward-models", context)
+
+
+@require_POST
+@login_required
+def reward_model_train(request: AdminRequest, slug: str) -> HttpResponse:
+    selectors.admin_required(request.user)
+    project = get_object_or_404(Project, slug=slug)
+    try:
+        model = training_services.reward_model_start(project=project)
+        messages.info(request, f"Reward model v{model.version} queued.")
+    except training_services.TrainingBusy as error:
+        messages.error(request, str(error))
+    return redirect("dashboard", slug=slug)
 
 
 def _history_chart(project: Project) -> Any:

@@ -39,6 +39,7 @@ INSTALLED_APPS = [
     "django_htmx",
     "template_partials",
     "annotation",
+    "training",
 ]
 
 MIDDLEWARE = [
@@ -155,6 +156,11 @@ CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "default"
+# GPU work goes to its own queue, consumed by `celery -A config worker --queues gpu --pool solo`.
+CELERY_TASK_ROUTES = {"training.tasks.reward_model_train_task": {"queue": "gpu"}}
+CELERY_BEAT_SCHEDULE = {
+    "reward-models-reclaim": {"task": "training.tasks.reward_models_reclaim_task", "schedule": 60.0},
+}
 
 CACHES = {
     "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}
@@ -168,6 +174,11 @@ FLYWHEEL_DEFAULT_LEASE_SECONDS = env_int("FLYWHEEL_DEFAULT_LEASE_SECONDS", 600)
 FLYWHEEL_IMPORT_MAX_LINE_BYTES = env_int("FLYWHEEL_IMPORT_MAX_LINE_BYTES", 1_000_000)
 # A burst of votes triggers one agreement recomputation this many seconds after its first vote.
 FLYWHEEL_AGREEMENT_DEBOUNCE_SECONDS = env_int("FLYWHEEL_AGREEMENT_DEBOUNCE_SECONDS", 30)
+
+# Training: where models and their data snapshots are written, and the default reward backbone
+# (a model id, a local path, or an offline package: smollm2-135m, minilm-l6).
+ARTIFACTS_DIR = Path(env_str("ARTIFACTS_DIR") or VAR_DIR / "artifacts")
+FLYWHEEL_REWARD_BACKBONE = env_str("FLYWHEEL_REWARD_BACKBONE") or "smollm2-135m"
 
 LOGGING = {
     "version": 1,

@@ -18,6 +18,15 @@ _slugs = itertools.count()
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _celery_configured_before_any_override():
+    """Celery copies its settings from Django's on first use; make that happen with the real
+    settings, not inside some test's override_settings."""
+    from config.celery import app
+
+    assert app.conf.task_always_eager is not None
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _require_postgresql(django_db_setup, django_db_blocker):
     with django_db_blocker.unblock():
         if connection.vendor != "postgresql":

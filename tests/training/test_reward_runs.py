@@ -1,0 +1,165 @@
+"""Reward model versions on PostgreSQL: train from votes, one at a time, failures recorded,
+a killed worker taken over from its checkpoint, and a real Celery worker on the gpu queue."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import redis
+from django.core.management import CommandError, call_command
+from django.db import connection
+from django.utils import timezone
+
+from annotation.importing import PairRecord
+from annotation.quality import agreement_refresh
+from annotation.services import labeler_create, pairs_import
+from config.celery import app
+from tests.conftest import PASSWORD, make_project
+from tests.test_quality import label_all
+from tests.training.conftest import marker_pairs
+from training.models import RewardModel
+from training.services import TrainingBusy, reward_model_run, reward_model_start
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = {"max_length": 32, "learning_rate": 3e-3, "epochs": 2, "batch_size": 16, "checkpoint_every": 2}
+
+
+def voted_project(pairs: int = 120):
+    """Pairs voted on by two simulated labelers who always prefer the answer with the marker."""
+    project = make_project(pairs=0, overlap=2)
+    rows = marker_pairs(pairs)
+    pairs_import(
+        project=project,
+        records=[PairRecord(line=i, prompt=r["prompt"], response_a=r["chosen"], response_b=r["rejected"])
+                 for i, r in enumerate(rows)],
+    )  # fmt: skip
+    labelers = [labeler_create(username=f"bot{i}", password=PASSWORD) for i in range(2)]
+    label_all(project, labelers, lambda labeler, comparison: "a")
+    agreement_refresh(project_id=project.pk)
+    return project
+
+
+@pytest.fixture
+def artifacts(tmp_path, settings):
+    settings.ARTIFACTS_DIR = tmp_path / "artifacts"
+    return settings.ARTIFACTS_DIR
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_version_trains_from_the_votes_and_records_its_metrics(tiny_backbone, artifacts):
+    project = voted_project()
+    model = reward_model_start(project=project, overrides={"backbone": tiny_backbone, **TINY})  # eager: runs on commit
+    model.refresh_from_db()
+    assert model.status == RewardModel.Status.SUCCEEDED, model.error
+    assert model.version == 1 and model.data["pairs"] == 120
+    assert model.metrics["accuracy"] is not None and model.metrics["held_out_pairs"] > 0
+    assert model.step == model.total_steps > 0
+    assert (Path(model.artifact_path) / "member_0" / "config.json").exists()
+    assert json.loads((Path(model.artifact_path) / "config.json").read_text())["backbone"] == tiny_backbone
+
+
+@pytest.mark.django_db
+def test_one_training_per_project_at_a_time(tiny_backbone, artifacts, monkeypatch):
+    monkeypatch.setattr("training.tasks.reward_model_train_task.delay", lambda pk: None)  # nobody consumes
+    project = make_project(pairs=1)
+    reward_model_start(project=project, overrides={"backbone": tiny_backbone})
+    with pytest.raises(TrainingBusy):
+        reward_model_start(project=project, overrides={"backbone": tiny_backbone})
+    with pytest.raises(ValueError, match="unknown reward model setting 'speed'"):
+        reward_model_start(project=project, overrides={"speed": 11})
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_run_is_marked_failed_with_its_error(artifacts):
+    project = voted_project(20)
+    model = reward_model_start(project=project, overrides={"backbone": "/nonexistent/model"})
+    model.refresh_from_db()
+    assert model.status == RewardModel.Status.FAILED
+    assert "nonexistent" in model.error and model.lease_owner == "" and model.finished_at is not None
+    with pytest.raises(CommandError, match="failed"):
+        call_command("train_reward_model", project.slug, "--backbone", "/nonexistent/model")
+
+
+@pytest.mark.django_db
+def test_a_killed_worker_is_taken_over_from_its_checkpoint(tiny_backbone, artifacts, monkeypatch):
+    monkeypatch.setattr("training.tasks.reward_model_train_task.delay", lambda pk: None)
+    project = voted_project()
+    model = reward_model_start(project=project, overrides={"backbone": tiny_backbone, **TINY})
+    reward_model_run(reward_model_id=model.pk, worker="doomed", stop_after=4)  # dies after step 4
+    model.refresh_from_db()
+    assert (model.status, model.lease_owner) == (RewardModel.Status.RUNNING, "doomed")
+    checkpoint = Path(artifacts) / project.slug / "reward" / "v1" / "member_0" / "checkpoint.pt"
+    assert checkpoint.exists()
+    reward_model_run(reward_model_id=model.pk, worker="eager")  # the lease is still live: nothing happens
+    model.refresh_from_db()
+    assert model.lease_owner == "doomed"
+    RewardModel.objects.filter(pk=model.pk).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+    reward_model_run(reward_model_id=model.pk, worker="rescuer")
+    model.refresh_from_db()
+    assert model.status == RewardModel.Status.SUCCEEDED, model.error
+    assert model.attempts == 2
+    losses = json.loads((checkpoint.parent / "losses.json").read_text())
+    assert len(losses) == model.total_steps  # steps 1-4 from the first worker, the rest from the second
+
+
+@pytest.mark.django_db(transaction=True)
+def test_command_trains_on_the_embedded_default(tiny_backbone, artifacts, capsys):
+    project = voted_project(60)
+    call_command("train_reward_model", project.slug, "--backbone", tiny_backbone, "--max-length", "32")
+    assert "reward model v1: accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_celery_worker_on_the_gpu_queue_trains_from_votes_in_postgresql(tiny_backbone, artifacts, monkeypatch):
+    redis_url = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+    redis.Redis.from_url(redis_url).flushdb()
+    project = voted_project(80)
+    database = connection.settings_dict
+    url = f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/{database['NAME']}"
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings_test", "REDIS_URL": redis_url,
+           "ARTIFACTS_DIR": str(artifacts), "DATABASE_URL": url}  # fmt: skip
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "config", "worker", "--pool", "solo", "--queues", "gpu",
+         "--without-mingle", "--without-gossip", "--loglevel", "INFO"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    previous = {"broker_url": app.conf.broker_url, "task_always_eager": app.conf.task_always_eager}
+    app.conf.update(broker_url=redis_url, task_always_eager=False)
+    try:
+        model = reward_model_start(project=project, overrides={"backbone": tiny_backbone, **TINY})
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            model.refresh_from_db()
+            if model.status in (RewardModel.Status.SUCCEEDED, RewardModel.Status.FAILED):
+                break
+            time.sleep(1)
+    finally:
+        app.conf.update(**previous)
+        worker.terminate()
+        output, _ = worker.communicate(timeout=30)
+    assert model.status == RewardModel.Status.SUCCEEDED, (model.status, model.error, output[-3000:])
+    assert "reward_model_train_task" in output
+    assert model.metrics["accuracy"] is not None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_dashboard_button_trains_and_the_table_shows_progress(tiny_backbone, artifacts, admin_user, alice, settings):
+    from django.test import Client
+
+    settings.FLYWHEEL_REWARD_BACKBONE = tiny_backbone
+    project = voted_project(40)
+    client = Client()
+    client.force_login(admin_user)
+    response = client.post(f"/projects/{project.slug}/reward-models/train/")
+    assert response.status_code == 302
+    table = client.get(f"/projects/{project.slug}/reward-models/", HTTP_HX_REQUEST="true").content.decode()
+    assert table.lstrip().startswith('<div id="reward-models"') and "v1" in table and "succeeded" in table
+    assert "<progress" in table and 'hx-trigger="every 2s"' not in table  # nothing left to poll
+    labeler = Client()
+    labeler.force_login(alice)
+    assert labeler.post(f"/projects/{project.slug}/reward-models/train/").status_code == 403
