@@ -18,8 +18,9 @@ What it measures, on a database of its own (dropped and recreated every run):
    agreement API, a labeler's votes, time to first byte of both exports, the labeling page (as a
    labeler) and any --pages; EXPLAIN ANALYZE of the slowest query of every call above 500 ms.
 
-Every measurement runs in a fresh subprocess (`--worker`), so peak RSS figures don't pollute each
-other. A table on stdout, JSON in bench/results/export_agreement.json; bounded by --timeout.
+Every measurement runs in a fresh subprocess (`--worker`), so peak RSS (VmHWM) figures don't
+pollute each other; a worker still running at --timeout or on error is killed. A table on stdout,
+JSON in bench/results/export_agreement.json (machine, parameters, app commit, figures).
 
     python bench/export_agreement.py [--comparisons 1000000] [--pages /projects/{slug}/dashboard/ ...]
 """
@@ -259,9 +260,13 @@ def work_agreement(slug: str) -> dict[str, Any]:
     from annotation.models import AggregatedLabel, Project
 
     phases: dict[str, float] = {}
+    # The phases as far as this version of quality.py has them; the upsert is `store` either way.
     for name in ("_LoadedVotes", "labeler_table", "dawid_skene", "_aggregate", "pairwise_cohen", "project_figures"):
         wrap(quality, name, phases)
-    wrap(AggregatedLabel.objects, "bulk_create", phases)
+    if hasattr(quality, "_store_aggregates"):
+        wrap(quality, "_store_aggregates", phases, "store_aggregates")
+    else:
+        wrap(AggregatedLabel.objects, "bulk_create", phases, "store_aggregates")
 
     def query_timer(execute: Callable, sql: str, params: Any, many: bool, context: Any) -> Any:
         t = time.perf_counter()
@@ -277,10 +282,10 @@ def work_agreement(slug: str) -> dict[str, Any]:
     with connection.execute_wrapper(query_timer):
         snapshot = quality.agreement_refresh(project_id=project.pk)
     total = time.perf_counter() - t
-    phases["build_aggregate_rows"] = phases["_aggregate"] - phases["dawid_skene"] - phases["bulk_create"]
+    phases["build_aggregate_rows"] = phases["_aggregate"] - phases["dawid_skene"] - phases["store_aggregates"]
     phases["load_fetch_and_numpy"] = phases["_LoadedVotes"] - phases.pop("vote_query", 0.0)
-    phases["other"] = total - sum(phases[k] for k in ("_LoadedVotes", "labeler_table", "_aggregate",
-                                                      "pairwise_cohen", "project_figures"))  # fmt: skip
+    top = ("_LoadedVotes", "labeler_table", "_aggregate", "pairwise_cohen", "project_figures")
+    phases["other"] = total - sum(phases.get(k, 0.0) for k in top)
     return {"seconds": round(total, 2), "phases_s": {k: round(x, 2) for k, x in phases.items()},
             "figures": snapshot.figures, "rss_before_mib": base, "peak_rss_mib": maxrss_mib()}  # fmt: skip
 
@@ -327,7 +332,7 @@ def work_krippendorff(slug: str) -> dict[str, Any]:
             "load_s": round(load_s, 2), "matrix_s": round(matrix_s, 2), "package_alpha": package,
             "package_s": round(package_s, 3), "package_value_counts_s": round(package_counts_s, 4),
             "app_alpha": app, "app_alpha_s": round(app_s, 4), "snapshot_alpha": stored,
-            "max_abs_diff": max(diffs), "agree_1e9": stored is not None and max(diffs) <= 1e-9,
+            "max_abs_diff": max(diffs), "agree_1e9": bool(stored is not None and max(diffs) <= 1e-9),
             "peak_rss_mib": maxrss_mib()}  # fmt: skip
 
 
@@ -364,16 +369,11 @@ def work_export(slug: str, file_format: str, votes: bool) -> dict[str, Any]:
 def work_copy(slug: str, votes: bool) -> dict[str, Any]:
     from django.db import connection
 
-    from annotation import export
     from annotation.models import Project
 
-    project = Project.objects.get(slug=slug)
-    if votes:
-        query = export._VOTES_SQL.format(round_filter="")
-    else:
-        query = export._PREFERENCES_SQL.format(labeler_filter="", round_filter="")
-    query = query.replace("%s", str(int(project.pk)))
+    sql, params = export_query(Project.objects.get(slug=slug), votes)
     connection.ensure_connection()
+    query = psycopg.ClientCursor(connection.connection).mogrify(sql, params)  # type: ignore[arg-type]
     nbytes, rows, t = 0, 0, time.perf_counter()
     with connection.connection.cursor() as cursor, cursor.copy(f"COPY ({query}) TO STDOUT") as copy:  # type: ignore[union-attr]
         for data in copy:
@@ -383,10 +383,26 @@ def work_copy(slug: str, votes: bool) -> dict[str, Any]:
             "peak_rss_mib": maxrss_mib()}  # fmt: skip
 
 
-def explain(sql: str, params: Any = None, declare: bool = False) -> str:
+def export_query(project: Any, votes: bool) -> tuple[str, list[Any]]:
+    """The SELECT (and parameters) the export runs, as export.py builds it today, without running it."""
+    from annotation import export
+
+    seen: list[tuple[str, list[Any]]] = []
+    original = export._stream
+    export._stream = lambda sql, params: seen.append((sql, list(params))) or iter(())  # type: ignore[func-returns-value]
+    try:
+        next(export.vote_rows(project) if votes else export.preference_rows(project, export.PreferenceFilters()), None)
+    finally:
+        export._stream = original
+    return seen[0]
+
+
+def explain(sql: str, params: Any = None, declare: bool = False, setup: tuple[str, ...] = ()) -> str:
     from django.db import connection, transaction
 
     with transaction.atomic(), connection.cursor() as cursor:
+        for statement in setup:  # e.g. the SET LOCAL the export issues before its cursor
+            cursor.execute(statement)
         prefix = "EXPLAIN (ANALYZE, BUFFERS) " + ("DECLARE bench_explain CURSOR FOR " if declare else "")
         cursor.execute(prefix + sql, params)
         plan = "\n".join(row[0] for row in cursor.fetchall())
@@ -400,7 +416,7 @@ def work_latency(slug: str, pages: list[str]) -> dict[str, Any]:
     from django.test import Client, override_settings
     from django.test.utils import CaptureQueriesContext
 
-    from annotation import export, services
+    from annotation import services
     from annotation.models import Project
 
     # DEBUG=0 wants collectstatic's manifest for {% static %}; plain storage instead, so the run writes nothing.
@@ -411,9 +427,7 @@ def work_latency(slug: str, pages: list[str]) -> dict[str, Any]:
     labeler = User.objects.filter(username__startswith="labeler").order_by("id").first()
     assert labeler is not None
     labeler_client.force_login(labeler)
-    preferences_sql = export._PREFERENCES_SQL.format(labeler_filter="", round_filter="")
-    export_sql = {"preferences": (preferences_sql, [project.pk, project.pk]),
-                  "votes": (export._VOTES_SQL.format(round_filter=""), [project.pk])}  # fmt: skip
+    export_sql = {kind: export_query(project, kind == "votes") for kind in ("preferences", "votes")}
     api = f"/api/v1/projects/{slug}"
     calls: list[tuple[str, str, Client, str | None]] = [
         ("agreement API", f"{api}/agreement/", admin_client, None),
@@ -423,6 +437,9 @@ def work_latency(slug: str, pages: list[str]) -> dict[str, Any]:
         ("labeling page (labeler)", f"/p/{slug}/label/", labeler_client, None),
         *((f"page {url}", url.replace("{slug}", slug), admin_client, None) for url in pages),
     ]
+    t = time.perf_counter()  # the first request of a process imports and warms up what the rest reuse
+    admin_client.get("/")
+    warmup_ms = round((time.perf_counter() - t) * 1000, 1)
     results = []
     for name, url, client, streamed in calls:
         times, slowest, status = [], ("", 0.0), 0
@@ -442,14 +459,14 @@ def work_latency(slug: str, pages: list[str]) -> dict[str, Any]:
                "p50_ms": round(statistics.median(times), 1), "max_ms": round(max(times), 1),
                "queries": len(queries.captured_queries), "slowest_query_ms": round(slowest[1] * 1000, 1)}  # fmt: skip
         row["slow"] = row["max_ms"] > SLOW_MS
-        if row["slow"]:
-            if streamed:  # the export's own query runs on a server-side cursor the capture cannot see
-                row["slowest_query"], params = export_sql[streamed]
-                row["explain"] = explain(row["slowest_query"], params, declare=True)
-            elif slowest[0]:
-                row["slowest_query"], row["explain"] = slowest[0], explain(slowest[0])
+        if row["slow"] and slowest[0]:
+            row["slowest_query"], row["explain"] = slowest[0], explain(slowest[0])
+        if row["slow"] and streamed:  # the export's own query runs on a server-side cursor the capture cannot see
+            sets = tuple(q["sql"] for q in queries.captured_queries if q["sql"].lstrip().upper().startswith("SET "))
+            row["export_query"], params = export_sql[streamed]
+            row["export_explain"] = explain(row["export_query"], params, declare=True, setup=sets)
         results.append(row)
-    return {"calls": results, "peak_rss_mib": maxrss_mib()}
+    return {"warmup_ms": warmup_ms, "calls": results, "peak_rss_mib": maxrss_mib()}
 
 
 def worker_main(spec: dict[str, Any]) -> None:
@@ -505,6 +522,13 @@ def print_report(r: dict[str, Any]) -> None:
               f"{c['queries']} queries, slowest {c['slowest_query_ms']} ms{'  SLOW' if c['slow'] else ''}")  # fmt: skip
 
 
+def app_commit() -> str:
+    git = ["git", "-C", str(ROOT)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "annotation", "config"], capture_output=True, text=True)
+    return head + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--comparisons", type=int, default=1_000_000, help="comparisons of the big project")
@@ -535,18 +559,20 @@ def main(argv: list[str] | None = None) -> int:
                         "platform": platform.platform(), "postgres": pg,
                         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")},
             "parameters": {"comparisons": args.comparisons, "votes": args.comparisons * OVERLAP, "labelers": LABELERS,
-                           "open_comparisons": OPEN_COMPARISONS, "database": args.database, "pages": args.pages},
+                           "open_comparisons": OPEN_COMPARISONS, "database": args.database, "pages": args.pages,
+                           "app_commit": app_commit()},
         }  # fmt: skip
+        migrate = [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"]
         if args.skip_load:
             r["load"] = dict.fromkeys(("copy_s", "fk_check_s", "vacuum_analyze_s", "fk_violations"), "skipped")
+            subprocess.run(migrate, cwd=ROOT, env=app_env(db_url), check=True, timeout=300)  # the app may have moved on
         else:
             log(f"resetting {args.database}, migrating, loading {args.comparisons:,} + {args.comparisons // 4:,}")
             with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
                 database = pgsql.Identifier(args.database)
                 conn.execute(pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(database))
                 conn.execute(pgsql.SQL("CREATE DATABASE {}").format(database))
-            subprocess.run([sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], cwd=ROOT,
-                           env=app_env(db_url), check=True, timeout=300)  # fmt: skip
+            subprocess.run(migrate, cwd=ROOT, env=app_env(db_url), check=True, timeout=300)
             r["load"] = load(db_url, args.comparisons)
             log(f"loaded: {r['load']}")
         r["agreement"] = {}
