@@ -20,7 +20,6 @@ from annotation.tasks import agreement_refresh_task
 from training import services as training_services
 from training.models import RewardModel
 
-REVIEW_BELOW_SHARE = 0.67
 REVIEW_PAGE = 25
 LABELER_COLUMNS = [
     ("username", "Labeler"),
@@ -71,7 +70,8 @@ def dashboard(request: AdminRequest, slug: str) -> HttpResponse:
         "pairs": sorted(snapshot.labeler_pairs, key=lambda pair: pair["kappa"] if pair["kappa"] is not None else 9)[:20]
         if snapshot
         else [],
-        "review_count": _review_queryset(project).count(),
+        # Counted when the snapshot was computed: counting here would scan every aggregate.
+        "review_count": snapshot.figures.get("split_pairs", 0) if snapshot else 0,
         "reward_models": RewardModel.objects.filter(project=project).order_by("-version")[:10],
     }
     return _render(request, "annotation/dashboard.html", "labelers", context)
@@ -140,7 +140,7 @@ def _rounds_chart(project: Project) -> Any:
 
 def _review_queryset(project: Project) -> Any:
     return AggregatedLabel.objects.filter(comparison__project=project, adjudicated_choice="").filter(
-        Q(majority_choice="") | Q(majority_share__lt=REVIEW_BELOW_SHARE)
+        Q(majority_choice="") | Q(majority_share__lt=quality.REVIEW_BELOW_SHARE)
     )
 
 

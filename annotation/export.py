@@ -51,6 +51,8 @@ def _stream(sql: str, params: list[Any]) -> Iterator[tuple[Any, ...]]:
         with connection.cursor() as plain:
             # Plan for the first rows: the reader consumes them while the rest is still coming.
             plain.execute("SET LOCAL cursor_tuple_fraction = 0.01")
+            # JIT compiling costs ~0.4 s before the first row and gains nothing on index plans.
+            plain.execute("SET LOCAL jit = off")
         with connection.connection.cursor(name="flywheel_export") as cursor:
             cursor.itersize = BATCH_ROWS
             cursor.execute(sql, params)
@@ -205,7 +207,7 @@ SELECT v.id, v.comparison_id, v.labeler_id, v.choice, v.strength, v.winner_id, v
        c.response_a_id, v.rationale, v.flags, v.time_spent_ms, v.created_at, c.round
 FROM annotation_vote v JOIN annotation_comparison c ON c.id = v.comparison_id
 WHERE c.project_id = %s {round_filter}
-ORDER BY v.id
+ORDER BY c.id, v.id
 """
 
 VOTE_SCHEMA = pa.schema(

@@ -113,7 +113,10 @@ class Comparison(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["project", "content_hash"], name="comparison_unique_content"),
         ]
-        indexes = [models.Index(fields=["project", "-vote_count", "id"], name="comparison_queue")]
+        indexes = [
+            models.Index(fields=["project", "-vote_count", "id"], name="comparison_queue"),
+            models.Index(fields=["project", "id"], name="comparison_by_project"),  # exports walk a project in order
+        ]
 
     def __str__(self) -> str:
         return f"comparison #{self.pk}"
@@ -195,6 +198,7 @@ class Vote(models.Model):
             ),
             models.CheckConstraint(condition=Q(strength__gte=1, strength__lte=3), name="vote_strength_1_3"),
         ]
+        indexes = [models.Index(fields=["labeler", "id"], name="vote_by_labeler")]
 
     def __str__(self) -> str:
         return f"vote #{self.pk} ({self.choice})"

@@ -15,6 +15,9 @@ from annotation.aggregation import dawid_skene
 from annotation.agreement import CHOICES, Votes, labeler_table, majority, pairwise_cohen, project_figures, value_counts
 from annotation.models import AggregatedLabel, AgreementSnapshot, Comparison, Project, Vote
 
+# A comparison goes to the review queue when no choice has a majority or under this share agrees.
+REVIEW_BELOW_SHARE = 0.67
+
 _VOTES_SQL = """
 SELECT v.comparison_id, v.labeler_id, v.choice, v.strength, v.winner_id, v.shown_left_id, v.time_spent_ms,
        c.gold_choice, c.round
@@ -82,7 +85,7 @@ def agreement_refresh(*, project_id: int, now: datetime | None = None) -> Agreem
         and row["gold_accuracy"] < project.gold_min_accuracy
     }
     counted = not_gold & ~np.isin(votes.labeler, list(excluded))
-    trust = _aggregate(project, loaded, counted)
+    trust, split = _aggregate(project, loaded, counted)
     for row in named(table):
         row["trust"] = trust.get(row["labeler_index"])
         row["excluded"] = row["labeler_index"] in excluded
@@ -95,7 +98,7 @@ def agreement_refresh(*, project_id: int, now: datetime | None = None) -> Agreem
         snapshot = AgreementSnapshot.objects.create(
             project=project,
             computed_at=now,
-            figures=project_figures(loaded.subset(not_gold)),
+            figures={**project_figures(loaded.subset(not_gold)), "split_pairs": split},
             labelers=table,
             labeler_pairs=pairs,
         )
@@ -111,15 +114,16 @@ def agreement_refresh(*, project_id: int, now: datetime | None = None) -> Agreem
     return snapshot
 
 
-def _aggregate(project: Project, loaded: _LoadedVotes, counted: np.ndarray) -> dict[int, float]:
-    """Majority and Dawid-Skene labels for every voted comparison; returns trust per labeler index."""
+def _aggregate(project: Project, loaded: _LoadedVotes, counted: np.ndarray) -> tuple[dict[int, float], int]:
+    """Majority and Dawid-Skene labels for every voted comparison; returns trust per labeler index
+    and how many comparisons are split (no majority, or under REVIEW_BELOW_SHARE agreeing)."""
     votes = loaded.votes
     if not counted.any():
         AggregatedLabel.objects.filter(comparison__project=project).update(
             votes_a=0, votes_b=0, votes_tie=0, votes_both_bad=0, mean_strength=None, majority_choice="",
             majority_share=0.0, ds_choice="", ds_confidence=None,
         )  # fmt: skip
-        return {}
+        return {}, 0
     items, labelers, choices = votes.item[counted], votes.labeler[counted], votes.choice[counted]
     counts = value_counts(items, choices, len(CHOICES))
     counts = np.vstack([counts, np.zeros((len(loaded.comparison_ids) - len(counts), len(CHOICES)), dtype=counts.dtype)])
@@ -142,8 +146,9 @@ def _aggregate(project: Project, loaded: _LoadedVotes, counted: np.ndarray) -> d
         [value if ok else None for value, ok in zip(posterior.max(axis=1).tolist(), voted.tolist(), strict=True)],
     ]
     _store_aggregates(list(zip(*columns, strict=True)))
+    split = int((voted & ((label < 0) | (share < REVIEW_BELOW_SHARE))).sum())
     present = np.unique(labelers)
-    return {int(index): float(result.trust[index]) for index in present}
+    return {int(index): float(result.trust[index]) for index in present}, split
 
 
 _AGGREGATE_COLUMNS = [

@@ -15,7 +15,6 @@ from django.utils import timezone
 
 from annotation.export import PreferenceFilters, encode_jsonl, preference_rows
 from annotation.models import Project
-from training import reward
 from training.models import LEASE, RewardModel
 
 
@@ -29,6 +28,7 @@ def worker_name() -> str:
 
 def reward_model_start(*, project: Project, overrides: dict[str, Any] | None = None) -> RewardModel:
     """Queue a new reward model version; the `gpu` queue's worker trains it."""
+    from training import reward  # torch is imported where training runs, never in web processes
     from training.tasks import reward_model_train_task
 
     fields = {spec.name for spec in dataclasses.fields(reward.RewardConfig)}
@@ -92,6 +92,8 @@ def _heartbeat(model: RewardModel, worker: str) -> Any:
 def reward_model_run(*, reward_model_id: int, worker: str | None = None, stop_after: int | None = None) -> None:
     """Train a queued version (or take over one whose worker died). `stop_after` ends the run after
     that many steps without finishing it, as a killed worker would."""
+    from training import reward
+
     worker = worker or worker_name()
     model = reward_model_claim(reward_model_id=reward_model_id, worker=worker)
     if model is None:

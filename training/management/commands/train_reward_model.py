@@ -4,7 +4,6 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from annotation.models import Project
 from training.models import RewardModel
-from training.reward import RewardConfig
 from training.services import TrainingBusy, reward_model_start
 
 
@@ -15,6 +14,8 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
+        from training.reward import RewardConfig
+
         parser.add_argument("project_slug")
         for spec in dataclasses.fields(RewardConfig):
             flag = "--" + spec.name.replace("_", "-")
@@ -28,6 +29,8 @@ class Command(BaseCommand):
         project = Project.objects.filter(slug=project_slug).first()
         if project is None:
             raise CommandError(f"no project {project_slug!r}")
+        from training.reward import RewardConfig
+
         names = {spec.name for spec in dataclasses.fields(RewardConfig)}
         overrides = {name: value for name, value in options.items() if name in names and value is not None}
         try:
