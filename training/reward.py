@@ -127,7 +127,11 @@ def encode(tokenizer: PreTrainedTokenizerBase, prompt: str | Messages, answer: s
         ids = tokenizer(text, add_special_tokens=True)["input_ids"]
         if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
             ids.append(tokenizer.eos_token_id)
-    return ids[-max_length:]
+    if len(ids) <= max_length:
+        return ids
+    # Keep a leading special token ([CLS], <bos>): encoders pool on it.
+    keep = 1 if ids[0] in tokenizer.all_special_ids else 0
+    return ids[:keep] + ids[len(ids) - (max_length - keep) :]
 
 
 def pad(sequences: Sequence[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:

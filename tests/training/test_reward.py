@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.training.conftest import make_model, make_tokenizer, marker_pairs
+from tests.training.conftest import WORDS, make_model, make_tokenizer, marker_pairs
 from training.reward import (
     Encoded,
     Pair,
@@ -176,3 +176,16 @@ def test_command_line_trains_and_evaluates(tiny_backbone, tmp_path):
     result = json.loads(evaluated.stdout)
     assert {"accuracy", "ece", "length_spearman"} <= set(result)
     assert result["pairs"] == 200
+
+
+def test_truncation_keeps_the_answer_and_a_leading_special_token():
+    from training.reward import encode
+
+    tokenizer = make_tokenizer()
+    tokenizer.bos_token = "<unk>"  # stands in for an encoder's [CLS]
+    long_prompt = " ".join(WORDS[:100])
+    ids = encode(tokenizer, long_prompt, "banana answer", max_length=8)
+    assert len(ids) == 8
+    assert tokenizer.decode(ids[-3:]) == "banana answer <eos>"
+    ids_with_cls = encode(tokenizer, "<unk> " + long_prompt, "banana", max_length=8)
+    assert ids_with_cls[0] == tokenizer.convert_tokens_to_ids("<unk>") and len(ids_with_cls) == 8
