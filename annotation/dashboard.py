@@ -72,9 +72,13 @@ def dashboard(request: AdminRequest, slug: str) -> HttpResponse:
         else [],
         # Counted when the snapshot was computed: counting here would scan every aggregate.
         "review_count": snapshot.figures.get("split_pairs", 0) if snapshot else 0,
-        "reward_models": RewardModel.objects.filter(project=project).order_by("-version")[:10],
+        "reward_models": _reward_models(project),
     }
     return _render(request, "annotation/dashboard.html", "labelers", context)
+
+
+def _reward_models(project: Project) -> Any:
+    return RewardModel.objects.filter(project=project).order_by("-version")[:10]
 
 
 @require_GET
