@@ -10,18 +10,24 @@ from django.utils import timezone
 from annotation.models import ADMINS_GROUP, LABELERS_GROUP, Assignment, Comparison, Project, Vote
 
 
+def _roles(user: User) -> set[str]:
+    """The user's groups, read once per user object (that is, once per request): a labeling
+    request checks access in several places."""
+    roles = getattr(user, "_flywheel_roles", None)
+    if roles is None:
+        roles = set(user.groups.filter(name__in=[LABELERS_GROUP, ADMINS_GROUP]).values_list("name", flat=True))
+        user._flywheel_roles = roles  # type: ignore[attr-defined]
+    return roles
+
+
 def labeler_or_none(user: User | AnonymousUser) -> User | None:
     """The user when they may label (in the labelers or admins group), else None."""
-    if isinstance(user, User) and user.groups.filter(name__in=[LABELERS_GROUP, ADMINS_GROUP]).exists():
-        return user
-    return None
+    return user if isinstance(user, User) and _roles(user) else None
 
 
 def admin_or_none(user: User | AnonymousUser) -> User | None:
     """The user when they are in the admins group, else None."""
-    if isinstance(user, User) and user.groups.filter(name=ADMINS_GROUP).exists():
-        return user
-    return None
+    return user if isinstance(user, User) and ADMINS_GROUP in _roles(user) else None
 
 
 def labeler_required(user: User | AnonymousUser) -> User:
