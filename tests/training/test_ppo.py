@@ -1,0 +1,191 @@
+"""PPO core: the objective's pieces against hand-computed values, log-probs that match sampling,
+resume, LoRA, the command line, and over-optimization reproduced with a tiny policy."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from training import ppo
+from training.ppo import PPOConfig, gae, policy_loss, shaped_rewards, value_loss, whiten
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMPTS = [f"question w{i}" for i in range(20)]
+TINY = {"batch_size": 16, "max_new_tokens": 12, "learning_rate": 3e-3, "temperature": 1.0}
+
+
+def test_gae_matches_hand_computed_values_and_stops_at_the_last_real_token():
+    rewards, values = torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.5, 0.2, 0.4]])
+    advantages, returns = gae(rewards, values, torch.ones(1, 3), gamma=1.0, lam=0.5)
+    # t=2: 1 - 0.4 = 0.6; t=1: (0 + 0.4 - 0.2) + 0.5*0.6 = 0.5; t=0: (0 + 0.2 - 0.5) + 0.5*0.5 = -0.05
+    assert advantages.tolist()[0] == pytest.approx([-0.05, 0.5, 0.6])
+    assert returns.tolist()[0] == pytest.approx([0.45, 0.7, 1.0])
+    # A padded position contributes nothing, whatever reward or value it carries.
+    advantages, _ = gae(torch.tensor([[0.0, 1.0, 9.0]]), torch.tensor([[0.5, 0.2, 7.0]]), torch.tensor([[1.0, 1, 0]]),
+                        gamma=1.0, lam=0.5)  # fmt: skip
+    assert advantages.tolist()[0] == pytest.approx([0.1, 0.8, 0.0])
+
+
+def test_whitening_uses_only_real_tokens():
+    whitened = whiten(torch.tensor([[1.0, 2.0, 3.0, 100.0]]), torch.tensor([[1.0, 1, 1, 0]]))
+    assert whitened.tolist()[0] == pytest.approx([-1.0, 0.0, 1.0, 0.0], abs=1e-4)
+
+
+def test_kl_penalty_on_every_token_and_the_score_on_the_eos_token_not_the_first_pad():
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]])
+    reference = torch.tensor([[-1.5, -2.0, -2.0], [-1.0, -2.0, -1.0]])
+    mask = torch.tensor([[1.0, 1, 1], [1.0, 1, 0]])  # the second response ended with EOS at index 1
+    rewards, kl = shaped_rewards(logprobs, reference, mask, torch.tensor([2.0, 5.0]), beta=0.1)
+    torch.testing.assert_close(kl, torch.tensor([[0.5, 0.0, -1.0], [0.0, 1.0, 0.0]]))
+    assert rewards.tolist()[0] == pytest.approx([-0.05, 0.0, 0.1 + 2.0])
+    assert rewards.tolist()[1] == pytest.approx([0.0, -0.1 + 5.0, 0.0])
+
+
+def test_clipped_surrogate_on_crafted_ratios():
+    advantages = torch.tensor([[1.0, 1.0, -1.0, -1.0]])
+    old = torch.zeros(1, 4)
+    logprobs = torch.log(torch.tensor([[1.5, 0.5, 1.5, 0.5]])).requires_grad_()
+    loss, clip_fraction, _ = policy_loss(logprobs, old, advantages, torch.ones(1, 4), clip=0.2)
+    # max(-A r, -A clip(r)): -1.2 (clipped), -0.5, 1.5, 0.8 (clipped)
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 1.5 + 0.8) / 4)
+    assert clip_fraction.item() == 0.5
+    loss.backward()
+    # A clipped ratio passes no gradient; the others pass -A r / n.
+    assert logprobs.grad.tolist()[0] == pytest.approx([0.0, -0.125, 0.375, 0.0])
+
+
+def test_clipped_value_loss_on_crafted_values():
+    loss, clip_fraction = value_loss(
+        torch.tensor([[2.0, 0.0]]), torch.tensor([[1.0, 1.0]]), torch.tensor([[3.0, 0.0]]), torch.ones(1, 2), clip=0.5
+    )
+    # Clipped to 1.5 and 0.5: max((2-3)^2, (1.5-3)^2) = 2.25 and max(0, 0.25) = 0.25.
+    assert loss.item() == pytest.approx(0.5 * (2.25 + 0.25) / 2)
+    assert clip_fraction.item() == 1.0
+
+
+def test_adaptive_controller_moves_beta_toward_the_target():
+    config = PPOConfig(target_kl=6.0, kl_horizon=10000, batch_size=16)
+    assert ppo.adaptive_beta(0.1, 12.0, config) == pytest.approx(0.1 * (1 + 0.2 * 16 / 10000))
+    assert ppo.adaptive_beta(0.1, 5.7, config) == pytest.approx(0.1 * (1 - 0.05 * 16 / 10000))
+
+
+def test_training_log_probs_equal_the_sampling_distribution_with_left_padding(tiny_policy):
+    model, tokenizer = ppo.load_policy(tiny_policy, torch.device("cpu"))
+    prompts = [ppo.prompt_ids(tokenizer, text, 64) for text in ("question w1", "question w2 w3 w4 w5 w6 w7")]
+    torch.manual_seed(0)
+    query, query_mask = ppo.reward.pad(prompts, tokenizer.pad_token_id, "left")
+    out = model.generate(
+        input_ids=query, attention_mask=query_mask, do_sample=True, temperature=0.7, top_k=0, max_new_tokens=6,
+        output_logits=True, return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    sampled = (torch.stack(out.logits, 1) / 0.7).log_softmax(-1)
+    response = out.sequences[:, query.shape[1] :]
+    expected = torch.gather(sampled, 2, response.unsqueeze(-1)).squeeze(-1)
+    mask = torch.cat([query_mask, torch.ones_like(response)], 1)
+    with torch.no_grad():
+        logprobs, _ = ppo.token_logprobs(model, out.sequences, mask, query.shape[1], temperature=0.7)
+    torch.testing.assert_close(logprobs, expected, atol=1e-5, rtol=1e-5)
+
+
+def _rows(out: Path) -> list[dict]:
+    """Metrics without the wall-clock figures."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if not k.startswith("timing/")} for row in rows]
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tiny_policy, banana_reward_model, tmp_path):
+    config = PPOConfig(policy=tiny_policy, reward_model=banana_reward_model, steps=4, checkpoint_every=2, **TINY)
+    ppo.train(config, PROMPTS, tmp_path / "straight")
+    assert ppo.train(config, PROMPTS, tmp_path / "resumed", stop_after=3) == {"stopped_at": 3}
+    assert (tmp_path / "resumed" / "checkpoint.pt").exists()
+    assert len(_rows(tmp_path / "resumed")) == 3  # the third step's row is dropped and redone
+    ppo.train(config, PROMPTS, tmp_path / "resumed")
+    assert _rows(tmp_path / "resumed") == _rows(tmp_path / "straight")
+    straight = AutoModelForCausalLM.from_pretrained(tmp_path / "straight").state_dict()
+    resumed = AutoModelForCausalLM.from_pretrained(tmp_path / "resumed").state_dict()
+    assert all(torch.equal(straight[name], resumed[name]) for name in straight)
+    assert not (tmp_path / "resumed" / "checkpoint.pt").exists()
+    # A redelivered run finds the work done and returns the same summary.
+    done = json.loads((tmp_path / "resumed" / "summary.json").read_text())
+    assert ppo.train(config, PROMPTS, tmp_path / "resumed") == done
+
+
+def test_lora_uses_the_adapter_off_policy_as_reference_and_saves_a_merged_model(
+    tiny_policy, banana_reward_model, tmp_path
+):
+    config = PPOConfig(policy=tiny_policy, reward_model=banana_reward_model, steps=2, lora=True, lora_rank=4, **TINY)
+    roles = ppo.load_roles(config, torch.device("cpu"))
+    assert roles.reference is None  # no second copy of the weights
+    trainable = [name for name, p in roles.policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+    ppo.train(config, PROMPTS, tmp_path / "lora")
+    first = _rows(tmp_path / "lora")[0]
+    assert first["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # adapters start at zero: policy == reference
+    assert not (tmp_path / "lora" / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "lora").state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_policy).state_dict()
+    assert set(merged) == set(base)
+    assert any(not torch.equal(merged[name], base[name]) for name in base)
+
+
+def test_command_line_trains_and_writes_policy_config_and_metrics(tiny_policy, banana_reward_model, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        json.dumps({"prompt": "question w1"}) + "\n"
+        + json.dumps({"prompt": [{"role": "user", "content": "question w2"}]}) + "\n"
+    )  # fmt: skip
+    args = [sys.executable, "-m", "training.ppo", "--policy", tiny_policy, "--reward-model", banana_reward_model,
+            "--prompts", str(prompts), "--out", str(tmp_path / "out"), "--steps", "2", "--batch-size", "4",
+            "--max-new-tokens", "6", "--beta", "0.1", "--learning-rate", "1e-3", "--seed", "3"]  # fmt: skip
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 2
+    assert json.loads((tmp_path / "out" / "ppo_config.json").read_text())["beta"] == 0.1
+    assert len(_rows(tmp_path / "out")) == 2
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out") is not None
+    assert "2/2" in done.stderr  # the progress bar
+
+    prompts.write_text('{"prompt": "fine"}\n{"prompt": 7}\n')
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "line 2: 'prompt' must be text" in done.stderr
+
+
+def test_generate_is_deterministic_for_a_seed(tiny_policy):
+    first = ppo.generate(tiny_policy, PROMPTS[:4], max_new_tokens=8, seed=5)
+    assert first == ppo.generate(tiny_policy, PROMPTS[:4], max_new_tokens=8, seed=5)
+    assert first != ppo.generate(tiny_policy, PROMPTS[:4], max_new_tokens=8, seed=6)
+    assert all(isinstance(answer, str) and "<pad>" not in answer for answer in first)
+
+
+def gold(text: str) -> float:
+    """The hidden judge: a banana or two is good, more is spam."""
+    count = text.split().count("banana")
+    return count - 1.5 * max(0, count - 2)
+
+
+def gold_win_rate(new: list[str], old: list[str]) -> float:
+    """Share of prompts where the judge prefers the new answer (ties count half)."""
+    wins = [1.0 if gold(a) > gold(b) else 0.5 if gold(a) == gold(b) else 0.0 for a, b in zip(new, old, strict=True)]
+    return sum(wins) / len(wins)
+
+
+@pytest.mark.parametrize("beta, hacked", [(0.0, True), (0.3, False)])
+def test_without_a_kl_leash_the_policy_games_the_reward_model(tiny_policy, banana_reward_model, tmp_path, beta, hacked):
+    config = PPOConfig(policy=tiny_policy, reward_model=banana_reward_model, steps=20, beta=beta, **TINY)
+    summary = ppo.train(config, PROMPTS, tmp_path / "out")
+    rows = _rows(tmp_path / "out")
+    assert summary["score"] > rows[0]["objective/score"] + 2  # the proxy reward rose either way
+    held_out = [f"question w{i} w{i + 1}" for i in range(20)] * 3
+    before = ppo.generate(tiny_policy, held_out, max_new_tokens=12, temperature=1.0, seed=1)
+    after = ppo.generate(str(tmp_path / "out"), held_out, max_new_tokens=12, temperature=1.0, seed=1)
+    gold_before, gold_after = (sum(map(gold, answers)) / len(answers) for answers in (before, after))
+    win_rate = gold_win_rate(after, before)
+    if hacked:
+        assert gold_after < gold_before and win_rate < 0.5
+    else:
+        assert gold_after > gold_before and win_rate > 0.5

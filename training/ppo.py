@@ -1,0 +1,580 @@
+"""PPO against a Bradley-Terry reward model, with a frozen reference and a critic. Pure torch +
+transformers (+ peft for LoRA): no Django, so a GPU box runs it from a prompts file.
+
+    python -m training.ppo --policy NAME_OR_DIR --reward-model DIR --prompts FILE --out DIR [...]
+
+Each step of `train` reads top to bottom: rollout (sample with the KV cache), score (the reward
+model, through its own tokenizer), KL shaping (per-token penalty, score at the EOS token),
+advantages (GAE, whitened), update (clipped surrogate and clipped value loss over minibatches),
+metrics, checkpoint. The recipe follows Ziegler et al. 2019, Stiennon et al. 2020 and InstructGPT;
+the defaults are theirs or TRL's PPO trainer's.
+"""
+
+import argparse
+import dataclasses
+import json
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from training import backbones, reward
+
+Messages = list[dict[str, str]]
+Prompt = str | Messages
+
+
+@dataclass
+class PPOConfig:
+    policy: str = field(
+        default="smollm2-135m", metadata={"help": "Starting policy: model id, local path, or smollm2-135m."}
+    )
+    reward_model: str = field(default="", metadata={"help": "Directory written by `python -m training.reward`."})
+    reference: str = field(default="", metadata={"help": "KL reference model; empty: the starting policy (frozen)."})
+    steps: int = field(default=100, metadata={"help": "PPO steps (a rollout batch and its update each)."})
+    batch_size: int = field(default=16, metadata={"help": "Episodes (prompt + sampled response) per step."})
+    minibatches: int = field(default=4, metadata={"help": "Minibatches each update epoch splits the batch into."})
+    ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch (Stiennon et al.: 4)."})
+    learning_rate: float = field(default=3e-6, metadata={"help": "AdamW learning rate of policy and critic."})
+    max_new_tokens: int = field(default=53, metadata={"help": "Longest sampled response, in policy tokens."})
+    max_prompt_length: int = field(default=256, metadata={"help": "Prompts are cut from the left to this."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (log-probs use the same)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling; 1.0 samples the full distribution."})
+    beta: float = field(default=0.05, metadata={"help": "KL penalty coefficient: reward -= beta*(log pi - log ref)."})
+    adaptive_kl: bool = field(default=False, metadata={"help": "Adapt beta toward target_kl (Ziegler et al.)."})
+    target_kl: float = field(default=6.0, metadata={"help": "KL per episode the adaptive controller aims at."})
+    kl_horizon: int = field(default=10000, metadata={"help": "Horizon (episodes) of the adaptive controller."})
+    missing_eos_penalty: float = field(
+        default=0.0, metadata={"help": "Subtracted from the score of a response that never emits EOS."}
+    )
+    gamma: float = field(default=1.0, metadata={"help": "GAE discount."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip."})
+    cliprange_value: float = field(default=0.2, metadata={"help": "Value prediction clip around the old value."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    reward_max_length: int = field(default=512, metadata={"help": "Tokens per sequence the reward model reads."})
+    lora: bool = field(
+        default=False, metadata={"help": "Train LoRA adapters; the reference is the adapter-off policy."}
+    )
+    lora_rank: int = field(default=16, metadata={"help": "LoRA rank."})
+    checkpoint_every: int = field(default=10, metadata={"help": "Steps between resumable checkpoints."})
+    seed: int = field(default=42, metadata={"help": "Seed of sampling, prompt order and initialisation."})
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+def load_prompts(path: Path) -> list[Prompt]:
+    """JSON Lines with a `prompt` per line: a string or a list of {role, content} messages."""
+    prompts: list[Prompt] = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} line {number}: not JSON ({error.msg})") from None
+        prompt = row.get("prompt") if isinstance(row, dict) else None
+        is_text = isinstance(prompt, str) and prompt.strip()
+        is_messages = isinstance(prompt, list) and prompt and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in prompt
+        )  # fmt: skip
+        if not (is_text or is_messages):
+            raise ValueError(f"{path} line {number}: 'prompt' must be text or a list of {{role, content}} messages")
+        prompts.append(prompt)  # type: ignore[arg-type]
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and tokens
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, max_length: int) -> list[int]:
+    """The prompt as the policy sees it, ready for the answer; cut from the left."""
+    messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids: list[int] = tokenizer(str(text), add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer("\n\n".join(m["content"] for m in messages), add_special_tokens=True)["input_ids"]
+    return ids[-max_length:]
+
+
+def load_policy(name: str, device: torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    path = backbones.resolve(name)
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.to(device)  # type: ignore[arg-type]
+    return model.eval(), tokenizer
+
+
+class RewardModel:
+    """The reward model written by `training.reward`: every ensemble member, averaged. It reads
+    text, so it may use another tokenizer than the policy (decode, then re-encode)."""
+
+    def __init__(self, directory: Path, device: torch.device, max_length: int) -> None:
+        members = sorted(path for path in directory.glob("member_*") if (path / "config.json").exists())
+        if not members:
+            raise FileNotFoundError(f"{directory} holds no trained reward model (member_*/config.json)")
+        self.members = [
+            AutoModelForSequenceClassification.from_pretrained(m, dtype=torch.float32).to(device).eval()
+            for m in members
+        ]
+        self.tokenizer = AutoTokenizer.from_pretrained(members[0])
+        self.first_member = members[0]
+        self.device, self.max_length = device, max_length
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[Prompt], answers: Sequence[str]) -> torch.Tensor:
+        pairs = zip(prompts, answers, strict=True)
+        sequences = [reward.encode(self.tokenizer, prompt, answer, self.max_length) for prompt, answer in pairs]
+        ids, mask = reward.pad(sequences, self.tokenizer.pad_token_id, self.tokenizer.padding_side)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        with reward._autocast(self.device):
+            return torch.stack([reward.scores(m, ids, mask).float() for m in self.members]).mean(0)
+
+
+def load_critic(
+    reward_model: RewardModel, policy_path: str, tokenizer: PreTrainedTokenizerBase, device: torch.device
+) -> PreTrainedModel:
+    """A value model initialised from the reward model (Stiennon et al., InstructGPT). The critic
+    reads policy tokens, so a reward model with another vocabulary (or an encoder) cannot seed it:
+    then it starts from the policy's backbone with a fresh scalar head."""
+    same_vocab = reward_model.tokenizer.get_vocab() == tokenizer.get_vocab()
+    decoder = getattr(reward_model.members[0], "score", None) is not None
+    source = str(reward_model.first_member) if same_vocab and decoder else policy_path
+    critic = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=torch.float32)
+    critic.config.pad_token_id = tokenizer.pad_token_id
+    return critic.to(device).eval()
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding, as `generate` numbers them."""
+    return (mask.cumsum(1) - 1).clamp(min=0)
+
+
+def token_logprobs(
+    model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, context: int, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability and entropy of each response token (those after `context`), from the
+    sampling distribution (logits over temperature)."""
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
+    logits = logits[:, context - 1 : -1].float() / temperature
+    logprobs = F.log_softmax(logits, dim=-1)
+    chosen = torch.gather(logprobs, 2, ids[:, context:].unsqueeze(-1)).squeeze(-1)
+    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    return chosen, entropy
+
+
+def token_values(critic: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, context: int) -> torch.Tensor:
+    """The critic's value of the state before each response token."""
+    base = getattr(critic, critic.base_model_prefix)
+    hidden = base(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
+    head: torch.nn.Module = critic.score  # type: ignore[assignment]
+    return head(hidden[:, context - 1 : -1]).squeeze(-1).float()
+
+
+@torch.no_grad()
+def sample(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Left-padded prompts and their sampled responses: (ids, attention mask, context width).
+    Tokens after a response's first EOS are masked out (EOS itself stays in)."""
+    device = next(model.parameters()).device
+    query, query_mask = reward.pad(prompts, tokenizer.pad_token_id, "left")
+    query, query_mask = query.to(device), query_mask.to(device)
+    out = model.generate(  # type: ignore[operator]
+        input_ids=query, attention_mask=query_mask, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+        max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, use_cache=True,
+    )  # fmt: skip
+    context = query.shape[1]
+    response = out[:, context:]
+    is_eos = response == tokenizer.eos_token_id
+    after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
+    return out, torch.cat([query_mask, (~after_eos).long()], dim=1), context
+
+
+def generate(
+    policy: str,
+    prompts: Sequence[Prompt],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.7,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    max_prompt_length: int = 256,
+    device: torch.device | None = None,
+) -> list[str]:
+    """One sampled answer per prompt, the same for the same seed."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_policy(policy, device)
+    torch.manual_seed(seed)
+    answers: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = [prompt_ids(tokenizer, p, max_prompt_length) for p in prompts[start : start + batch_size]]
+        ids, mask, context = sample(
+            model, tokenizer, batch, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p
+        )
+        answers += decode(tokenizer, ids[:, context:], mask[:, context:])
+    return answers
+
+
+def decode(tokenizer: PreTrainedTokenizerBase, response: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    rows = zip(response, mask, strict=True)
+    return [str(tokenizer.decode(row[keep.bool()], skip_special_tokens=True)).strip() for row, keep in rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# The pieces of the objective, each checked against hand-computed values in the tests
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    mean = masked_mean(values, mask)
+    variance = masked_mean((values - mean) ** 2, mask)
+    variance = variance * mask.sum() / (mask.sum() - 1).clamp(min=1)  # unbiased, as TRL and the papers
+    whitened = (values - mean) * torch.rsqrt(variance + 1e-8)
+    return (whitened if shift_mean else whitened + mean) * mask
+
+
+def shaped_rewards(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, score: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token reward: -beta * (log pi - log ref) on every response token, plus the score on the
+    last real one (the EOS token, or the last token of a response cut at max_new_tokens); nothing
+    on padding. Returns (rewards, per-token k1 KL)."""
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = -beta * kl
+    last = (mask.sum(1) - 1).clamp(min=0).long()
+    rewards[torch.arange(len(score)), last] += score
+    return rewards, kl
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over the response tokens; the episode ends at the last
+    real token (no bootstrap past it). Returns (advantages, returns)."""
+    values = values * mask
+    rewards = rewards * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros(rewards.shape[0], device=rewards.device)
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        advantages[:, t] = running
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clipped surrogate: mean of max(-A r, -A clip(r, 1-e, 1+e)). Returns (loss, clip fraction,
+    approximate KL 0.5*E[(log r)^2])."""
+    log_ratio = logprobs - old_logprobs
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip, 1 + clip)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    clip_fraction = masked_mean((clipped > unclipped).float(), mask)
+    return loss, clip_fraction, masked_mean(0.5 * log_ratio**2, mask)
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss: 0.5 * mean(max((v - R)^2, (v_clipped - R)^2)). Returns (loss, clip fraction)."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    unclipped_error, clipped_error = (values - returns) ** 2, (clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(unclipped_error, clipped_error), mask)
+    return loss, masked_mean((clipped_error > unclipped_error).float(), mask)
+
+
+def adaptive_beta(beta: float, kl: float, config: PPOConfig) -> float:
+    """Ziegler et al.'s proportional controller: beta *= 1 + clip(KL/target - 1, ±0.2) * n / horizon."""
+    error = float(np.clip(kl / config.target_kl - 1, -0.2, 0.2))
+    return beta * (1 + error * config.batch_size / config.kl_horizon)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class Roles:
+    policy: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    reference: PreTrainedModel | None  # None: the policy with its LoRA adapter switched off
+    critic: PreTrainedModel
+    reward_model: RewardModel
+
+    @contextmanager
+    def as_reference(self) -> Iterator[PreTrainedModel]:
+        if self.reference is not None:
+            yield self.reference
+        else:
+            with self.policy.disable_adapter():  # type: ignore[operator]
+                yield self.policy
+
+
+def load_roles(config: PPOConfig, device: torch.device) -> Roles:
+    torch.manual_seed(config.seed)
+    policy, tokenizer = load_policy(config.policy, device)
+    reward_model = RewardModel(Path(config.reward_model), device, config.reward_max_length)
+    critic = load_critic(reward_model, backbones.resolve(config.policy), tokenizer, device)
+    reference = None
+    if config.lora:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank, task_type="CAUSAL_LM")
+        policy = get_peft_model(policy, lora).eval()  # type: ignore[assignment]
+    if not config.lora or (config.reference and config.reference != config.policy):
+        reference, _ = load_policy(config.reference or config.policy, device)
+        reference.requires_grad_(False)
+    return Roles(policy, tokenizer, reference, critic, reward_model)
+
+
+def _rng_state(sampler: random.Random) -> dict[str, Any]:
+    return {**reward._rng_state(), "sampler": sampler.getstate()}
+
+
+def train(
+    config: PPOConfig,
+    prompts: Sequence[Prompt],
+    out: Path,
+    *,
+    device: torch.device | None = None,
+    progress: Callable[[int, int, dict[str, float]], None] | None = None,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Run `config.steps` PPO steps and save the policy (adapters merged) in Hugging Face format
+    in `out`, beside ppo_config.json, metrics.jsonl (a row per step) and summary.json. A
+    checkpoint in `out` is resumed; `stop_after` ends the run after that many steps, as a killed
+    worker would, leaving the last checkpoint behind."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not prompts:
+        raise ValueError("no prompts to train on")
+    if config.batch_size % config.minibatches:
+        raise ValueError(f"batch_size {config.batch_size} is not a multiple of minibatches {config.minibatches}")
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "summary.json").exists():  # a redelivered task finds the work done
+        return json.loads((out / "summary.json").read_text())
+    (out / "ppo_config.json").write_text(config.to_json())
+    roles = load_roles(config, device)
+    trainable = [p for p in (*roles.policy.parameters(), *roles.critic.parameters()) if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, eps=1e-5)
+    encoded = [prompt_ids(roles.tokenizer, p, config.max_prompt_length) for p in prompts]
+    sampler = random.Random(config.seed)
+    beta, start = config.beta, 0
+    checkpoint, metrics_file = out / "checkpoint.pt", out / "metrics.jsonl"
+    if checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        roles.policy.load_state_dict(state["policy"])
+        roles.critic.load_state_dict(state["critic"])
+        optimizer.load_state_dict(state["optimizer"])
+        reward._set_rng_state(state["rng"])
+        sampler.setstate(state["rng"]["sampler"])
+        beta, start = state["beta"], state["step"]
+    else:
+        torch.manual_seed(config.seed)
+    # Rows written after the checkpoint belong to steps that will run again.
+    rows = metrics_file.read_text().splitlines()[:start] if metrics_file.exists() else []
+    metrics_file.write_text("".join(row + "\n" for row in rows))
+    autocast = reward._autocast(device)
+
+    for step in range(start, config.steps):
+        if stop_after is not None and step >= stop_after:
+            return {"stopped_at": step}
+        began = time.perf_counter()
+        # 1. Rollout: sample a response to each prompt of the batch with the KV cache.
+        batch = [sampler.randrange(len(prompts)) for _ in range(config.batch_size)]
+        with autocast:
+            ids, mask, context = sample(
+                roles.policy, roles.tokenizer, [encoded[i] for i in batch],
+                max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
+            )  # fmt: skip
+        response_mask = mask[:, context:].float()
+        has_eos = (ids[:, context:] == roles.tokenizer.eos_token_id).logical_and(response_mask.bool()).any(1)
+        generated = time.perf_counter()
+
+        # 2. Score: the reward model reads the decoded text with its own tokenizer.
+        answers = decode(roles.tokenizer, ids[:, context:], mask[:, context:])
+        with torch.no_grad(), autocast:
+            score = roles.reward_model([prompts[i] for i in batch], answers)
+            raw_score = score.clone()
+            score = score - config.missing_eos_penalty * (~has_eos).float()
+            old_logprobs, entropy = token_logprobs(roles.policy, ids, mask, context, config.temperature)
+            with roles.as_reference() as reference:
+                ref_logprobs, _ = token_logprobs(reference, ids, mask, context, config.temperature)
+            old_values = token_values(roles.critic, ids, mask, context)
+        scored = time.perf_counter()
+
+        # 3. KL shaping: -beta * (log pi - log ref) per token, the score at the last real token.
+        rewards, kl = shaped_rewards(old_logprobs, ref_logprobs, response_mask, score, beta)
+
+        # 4. Advantages: GAE, whitened over the batch's real tokens.
+        advantages, returns = gae(rewards, old_values, response_mask, config.gamma, config.lam)
+        advantages = whiten(advantages, response_mask)
+
+        # 5. Update: several epochs of clipped policy and value losses over shuffled minibatches.
+        stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "clip", "vclip", "approxkl")}
+        size = config.batch_size // config.minibatches
+        for _ in range(config.ppo_epochs):
+            order = torch.randperm(config.batch_size)
+            for first in range(0, config.batch_size, size):
+                rows_ = order[first : first + size]
+                row_mask = response_mask[rows_]
+                with autocast:
+                    logprobs, _ = token_logprobs(roles.policy, ids[rows_], mask[rows_], context, config.temperature)
+                    values = token_values(roles.critic, ids[rows_], mask[rows_], context)
+                pg, clip_fraction, approx_kl = policy_loss(
+                    logprobs, old_logprobs[rows_], advantages[rows_], row_mask, config.cliprange
+                )
+                vf, value_clip_fraction = value_loss(
+                    values, old_values[rows_], returns[rows_], row_mask, config.cliprange_value
+                )
+                optimizer.zero_grad(set_to_none=True)
+                (pg + config.vf_coef * vf).backward()
+                torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+                optimizer.step()
+                for key, value in zip(stats, (pg, vf, clip_fraction, value_clip_fraction, approx_kl), strict=True):
+                    stats[key].append(float(value.detach()))
+        updated = time.perf_counter()
+
+        # 6. Metrics, in named groups; the adaptive controller moves beta for the next step.
+        sequence_kl = kl.sum(1)
+        log_ratio_ref = (ref_logprobs - old_logprobs) * response_mask
+        kl_k3 = ((log_ratio_ref.exp() - 1) - log_ratio_ref) * response_mask
+        variance = masked_mean((returns - masked_mean(returns, response_mask)) ** 2, response_mask)
+        residual = masked_mean((returns - old_values * response_mask) ** 2, response_mask)
+        row = {
+            "step": step + 1,
+            "objective/score": float(raw_score.mean()),
+            "objective/kl": float(sequence_kl.mean()),
+            "objective/kl_k3": float(kl_k3.sum(1).mean()),
+            "objective/entropy": float(masked_mean(entropy, response_mask)),
+            "objective/non_score_reward": float((-beta * sequence_kl).mean()),
+            "objective/rlhf_reward": float((score - beta * sequence_kl).mean()),
+            "policy/response_length": float(response_mask.sum(1).mean()),
+            "policy/eos_rate": float(has_eos.float().mean()),
+            "policy/clipfrac": float(np.mean(stats["clip"])),
+            "policy/approxkl": float(np.mean(stats["approxkl"])),
+            "loss/policy": float(np.mean(stats["pg"])),
+            "loss/value": float(np.mean(stats["vf"])),
+            "val/clipfrac": float(np.mean(stats["vclip"])),
+            "val/explained_variance": float(1 - residual / variance) if variance > 0 else 0.0,
+            "kl_controller/beta": beta,
+            "timing/generation_s": generated - began,
+            "timing/scoring_s": scored - generated,
+            "timing/update_s": updated - scored,
+            "timing/episodes_per_second": config.batch_size / (updated - began),
+            "timing/generated_tokens_per_second": float(response_mask.sum()) / (generated - began),
+        }
+        if config.adaptive_kl:
+            beta = adaptive_beta(beta, row["objective/kl"], config)
+        with metrics_file.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+            state = {
+                "policy": roles.policy.state_dict(), "critic": roles.critic.state_dict(),
+                "optimizer": optimizer.state_dict(), "rng": _rng_state(sampler), "beta": beta, "step": step + 1,
+            }  # fmt: skip
+            torch.save(state, checkpoint.with_suffix(".tmp"))
+            checkpoint.with_suffix(".tmp").replace(checkpoint)
+        if progress is not None:
+            progress(step + 1, config.steps, row)
+
+    policy = roles.policy.merge_and_unload() if config.lora else roles.policy  # type: ignore[operator]
+    policy.save_pretrained(out)
+    roles.tokenizer.save_pretrained(out)
+    summary = summarize([json.loads(line) for line in metrics_file.read_text().splitlines()])
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    checkpoint.unlink(missing_ok=True)
+    return summary
+
+
+def summarize(rows: Sequence[dict[str, float]], last: int = 5) -> dict[str, Any]:
+    """Means over the last steps: what a round reports of its PPO run."""
+    tail = rows[-last:]
+    mean = lambda key: float(np.mean([r[key] for r in tail])) if tail else None  # noqa: E731
+    return {
+        "steps": len(rows),
+        "score": mean("objective/score"),
+        "kl": mean("objective/kl"),
+        "response_length": mean("policy/response_length"),
+        "entropy": mean("objective/entropy"),
+        "eos_rate": mean("policy/eos_rate"),
+        "episodes_per_second": mean("timing/episodes_per_second"),
+    }
+
+
+def _progress_bar(step: int, total: int, row: dict[str, float]) -> None:
+    width = 30
+    filled = int(width * step / max(total, 1))
+    sys.stderr.write(
+        f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{total} "
+        f"score {row['objective/score']:.3f} kl {row['objective/kl']:.3f} len {row['policy/response_length']:.1f}"
+    )
+    if step == total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.ppo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", type=Path, required=True, help="JSON Lines with a 'prompt' per line.")
+    parser.add_argument("--out", type=Path, required=True, help="Directory for the policy, config and metrics.")
+    for spec in dataclasses.fields(PPOConfig):
+        flag = "--" + spec.name.replace("_", "-")
+        if spec.type is bool:
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=spec.default, help=spec.metadata["help"]
+            )
+        else:
+            kind = spec.type if spec.type in (int, float) else str
+            parser.add_argument(flag, type=kind, default=spec.default, help=spec.metadata["help"])
+    args = parser.parse_args(argv)
+    if not args.reward_model:
+        parser.error("--reward-model is required")
+    config = PPOConfig(**{spec.name: getattr(args, spec.name) for spec in dataclasses.fields(PPOConfig)})
+    print(json.dumps(train(config, load_prompts(args.prompts), args.out, progress=_progress_bar)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
