@@ -157,9 +157,14 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "default"
 # GPU work goes to its own queue, consumed by `celery -A config worker --queues gpu --pool solo`.
-CELERY_TASK_ROUTES = {"training.tasks.reward_model_train_task": {"queue": "gpu"}}
+CELERY_TASK_ROUTES = {
+    "training.tasks.reward_model_train_task": {"queue": "gpu"},
+    "training.tasks.round_run_task": {"queue": "gpu"},
+}
 CELERY_BEAT_SCHEDULE = {
     "reward-models-reclaim": {"task": "training.tasks.reward_models_reclaim_task", "schedule": 60.0},
+    # Starts rounds that have enough new labels, finishes labeled ones, re-enqueues stale ones.
+    "rounds-check": {"task": "training.tasks.rounds_check_task", "schedule": 120.0},
 }
 
 CACHES = {
@@ -179,6 +184,8 @@ FLYWHEEL_AGREEMENT_DEBOUNCE_SECONDS = env_int("FLYWHEEL_AGREEMENT_DEBOUNCE_SECON
 # (a model id, a local path, or an offline package: smollm2-135m, minilm-l6).
 ARTIFACTS_DIR = Path(env_str("ARTIFACTS_DIR") or VAR_DIR / "artifacts")
 FLYWHEEL_REWARD_BACKBONE = env_str("FLYWHEEL_REWARD_BACKBONE") or "smollm2-135m"
+# The policy a project's first round starts from, unless its training settings name another.
+FLYWHEEL_POLICY = env_str("FLYWHEEL_POLICY") or "smollm2-135m"
 
 LOGGING = {
     "version": 1,

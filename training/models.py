@@ -1,8 +1,10 @@
-"""The Django side of training: versioned reward models with their lease, progress and metrics."""
+"""The Django side of training: versioned reward models and policies, and the training rounds that
+produce them, each run under a lease with progress and metrics."""
 
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
@@ -61,3 +63,139 @@ class RewardModel(models.Model):
 
 
 LEASE = timedelta(minutes=2)
+
+
+class TrainingSettings(models.Model):
+    """How a project's training rounds run; created with the defaults on first use."""
+
+    project = models.OneToOneField(Project, on_delete=models.CASCADE, related_name="training_settings")
+    min_new_comparisons = models.PositiveIntegerField(
+        default=200, help_text="A round starts once this many comparisons were aggregated since the last round's."
+    )
+    policy = models.CharField(
+        max_length=500,
+        blank=True,
+        help_text="The starting policy (model id, local path or smollm2-135m); empty: FLYWHEEL_POLICY.",
+    )
+    held_out_prompts = models.PositiveIntegerField(
+        default=32, help_text="Prompts kept out of PPO training; both policies answer them for the humans to compare."
+    )
+    hacking_length_factor = models.FloatField(
+        default=1.5, help_text="A round whose mean response length grew by more than this factor is flagged."
+    )
+    ppo_overrides = models.JSONField(default=dict, blank=True, help_text="training.ppo.PPOConfig fields to change.")
+    reward_overrides = models.JSONField(
+        default=dict, blank=True, help_text="training.reward.RewardConfig fields for the rounds' reward models."
+    )
+
+    class Meta:
+        verbose_name_plural = "training settings"
+        constraints = [models.CheckConstraint(condition=Q(hacking_length_factor__gt=1), name="length_factor_above_1")]
+
+    def __str__(self) -> str:
+        return f"training settings of {self.project_id}"
+
+    @property
+    def starting_policy(self) -> str:
+        return self.policy or settings.FLYWHEEL_POLICY
+
+
+class PolicyVersion(models.Model):
+    """A policy: version 0 is the project's starting policy (untrained); each round adds the next."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="policy_versions")
+    version = models.PositiveIntegerField()
+    parent = models.ForeignKey("self", on_delete=models.PROTECT, null=True, blank=True, related_name="children")
+    round = models.OneToOneField(
+        "TrainingRound", on_delete=models.SET_NULL, null=True, blank=True, related_name="produced_policy"
+    )
+    config = models.JSONField(default=dict, help_text="training.ppo.PPOConfig, as trained.")
+    metrics = models.JSONField(default=dict, blank=True, help_text="PPO summary and the path of its metrics.jsonl.")
+    artifact_path = models.CharField(max_length=500, help_text="What ppo.train and ppo.generate take as `policy`.")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["project", "version"], name="policy_version_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.project_id} policy v{self.version}"
+
+
+class TrainingRound(models.Model):
+    """One turn of the loop: reward model, PPO, the new policy's samples back to the labelers."""
+
+    class State(models.TextChoices):
+        WAITING_FOR_LABELS = "waiting_for_labels"
+        TRAINING_REWARD_MODEL = "training_reward_model"
+        RUNNING_PPO = "running_ppo"
+        SAMPLING = "sampling"
+        LABELING = "labeling"
+        DONE = "done"
+        FAILED = "failed"
+
+    # The states a gpu worker drives; the others wait for people (labels) or are over.
+    WORKER_STATES = (State.TRAINING_REWARD_MODEL, State.RUNNING_PPO, State.SAMPLING)
+    TERMINAL_STATES = (State.DONE, State.FAILED)
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="training_rounds")
+    number = models.PositiveIntegerField()
+    state = models.CharField(max_length=30, choices=State.choices, default=State.WAITING_FOR_LABELS)
+    state_since = models.DateTimeField(default=timezone.now)
+    aggregated_at_start = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Aggregated comparisons of the project when its reward model started."
+    )
+    reward_model = models.ForeignKey(RewardModel, on_delete=models.PROTECT, null=True, blank=True, related_name="+")
+    policy = models.ForeignKey(
+        PolicyVersion, on_delete=models.PROTECT, null=True, blank=True, related_name="+", help_text="What PPO produced."
+    )
+    held_out_prompt_ids = models.JSONField(default=list, blank=True, help_text="Fixed when PPO starts.")
+    step = models.PositiveIntegerField(default=0)
+    total_steps = models.PositiveIntegerField(default=0)
+    samples = models.PositiveIntegerField(default=0, help_text="Comparisons sent back to the labelers.")
+    win_rate = models.FloatField(null=True, blank=True, help_text="Humans' verdict: new policy over previous.")
+    flagged = models.BooleanField(default=False)
+    flag_reason = models.TextField(blank=True)
+    error = models.TextField(blank=True)
+    lease_owner = models.CharField(max_length=200, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["project", "number"], name="training_round_number"),
+            models.UniqueConstraint(
+                fields=["project"], condition=~Q(state__in=["done", "failed"]), name="training_round_one_active"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.project_id} round {self.number} ({self.state})"
+
+    @property
+    def progress(self) -> float:
+        return self.step / self.total_steps if self.total_steps else 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.state not in self.TERMINAL_STATES
+
+    def lease_live(self, now: datetime | None = None) -> bool:
+        return self.lease_expires_at is not None and self.lease_expires_at > (now or timezone.now())
+
+
+class RoundTransition(models.Model):
+    training_round = models.ForeignKey(TrainingRound, on_delete=models.CASCADE, related_name="transitions")
+    from_state = models.CharField(max_length=30, blank=True)
+    to_state = models.CharField(max_length=30)
+    at = models.DateTimeField(default=timezone.now)
+    worker = models.CharField(max_length=200, blank=True)
+    note = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["at", "id"]
+
+    def __str__(self) -> str:
+        return f"round {self.training_round_id}: {self.from_state or '-'} -> {self.to_state}"

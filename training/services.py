@@ -2,8 +2,6 @@
 trains a project's model at a time and a killed worker's run is taken over from its checkpoint."""
 
 import dataclasses
-import os
-import socket
 import traceback
 from pathlib import Path
 from typing import Any
@@ -15,15 +13,12 @@ from django.utils import timezone
 
 from annotation.export import PreferenceFilters, encode_jsonl, preference_rows
 from annotation.models import Project
-from training.models import LEASE, RewardModel
+from training.leases import Heartbeat, LeaseLost, lease_claim, worker_name
+from training.models import RewardModel
 
 
 class TrainingBusy(Exception):
     """The project already has a reward model queued or training."""
-
-
-def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def reward_model_start(*, project: Project, overrides: dict[str, Any] | None = None) -> RewardModel:
@@ -49,49 +44,18 @@ def reward_model_start(*, project: Project, overrides: dict[str, Any] | None = N
 
 def reward_model_claim(*, reward_model_id: int, worker: str) -> RewardModel | None:
     """Take the run's lease if it is queued, or running under a lease that ran out."""
-    now = timezone.now()
-    claimed = RewardModel.objects.filter(pk=reward_model_id).filter(
-        Q(status=RewardModel.Status.QUEUED) | Q(status=RewardModel.Status.RUNNING, lease_expires_at__lt=now)
+    claimable = RewardModel.objects.filter(pk=reward_model_id).filter(
+        Q(status=RewardModel.Status.QUEUED) | Q(status=RewardModel.Status.RUNNING, lease_expires_at__lt=timezone.now())
     )
-    with transaction.atomic():
-        model = claimed.select_for_update(skip_locked=True).first()
-        if model is None:
-            return None
-        model.status = RewardModel.Status.RUNNING
-        model.lease_owner = worker
-        model.lease_expires_at = now + LEASE
-        model.attempts += 1
-        model.started_at = model.started_at or now
-        model.save(update_fields=["status", "lease_owner", "lease_expires_at", "attempts", "started_at"])
-    return model
+    return lease_claim(claimable, worker=worker, status=RewardModel.Status.RUNNING)
 
 
-class LeaseLost(Exception):
-    pass
-
-
-def _heartbeat(model: RewardModel, worker: str) -> Any:
-    """Progress callback for the training loop: writes progress and renews the lease, at most
-    every two seconds; stops the run if another worker took the lease over."""
-    last = [0.0]
-
-    def beat(step: int, total: int, loss: float) -> None:
-        now = timezone.now()
-        if now.timestamp() - last[0] < 2 and step != total:
-            return
-        last[0] = now.timestamp()
-        renewed = RewardModel.objects.filter(pk=model.pk, lease_owner=worker).update(
-            step=step, total_steps=total, lease_expires_at=now + LEASE
-        )
-        if not renewed:
-            raise LeaseLost(f"{worker} lost the lease on reward model {model.pk}")
-
-    return beat
-
-
-def reward_model_run(*, reward_model_id: int, worker: str | None = None, stop_after: int | None = None) -> None:
+def reward_model_run(
+    *, reward_model_id: int, worker: str | None = None, stop_after: int | None = None, also: Heartbeat | None = None
+) -> None:
     """Train a queued version (or take over one whose worker died). `stop_after` ends the run after
-    that many steps without finishing it, as a killed worker would."""
+    that many steps without finishing it, as a killed worker would. `also` is a lease the heartbeat
+    renews with this one (the round that waits for this model)."""
     from training import reward
 
     worker = worker or worker_name()
@@ -111,7 +75,7 @@ def reward_model_run(*, reward_model_id: int, worker: str | None = None, stop_af
         pairs = reward.load_pairs(data_file)
         RewardModel.objects.filter(pk=model.pk).update(data={"pairs": len(pairs), "file": str(data_file)})
         config = reward.RewardConfig(**model.config)
-        summary = reward.train(pairs, config, out, progress=_heartbeat(model, worker), stop_after=stop_after)
+        summary = reward.train(pairs, config, out, progress=Heartbeat(model, worker, also=also), stop_after=stop_after)
         if "stopped_at" in summary:
             return
         RewardModel.objects.filter(pk=model.pk, lease_owner=worker).update(

@@ -1,0 +1,394 @@
+"""Training rounds on PostgreSQL with the real reward model and PPO on tiny models: every state
+change recorded, one round per project, a killed worker resumed from its checkpoint, samples
+back to the labelers exactly once, the humans' win rate, the reward-hacking flag, the pages."""
+
+import json
+import threading
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from django.db import connection
+from django.test import Client
+from django.utils import timezone
+
+from annotation.importing import PairRecord
+from annotation.models import Comparison, Prompt, content_hash
+from annotation.quality import agreement_refresh
+from annotation.services import labeler_create, pairs_import
+from tests.conftest import PASSWORD, make_project
+from tests.test_quality import label_all
+from tests.training.test_reward_runs import TINY, voted_project
+from training import rounds
+from training.leases import LeaseLost
+from training.models import PolicyVersion, RewardModel, RoundTransition, TrainingRound, TrainingSettings
+
+State = TrainingRound.State
+# A high learning rate so that three steps change what the tiny policy says.
+TINY_PPO = {"steps": 3, "learning_rate": 3e-2, "batch_size": 4, "minibatches": 2, "ppo_epochs": 1, "max_new_tokens": 6,
+            "lora": False, "checkpoint_every": 1, "max_prompt_length": 16, "reward_max_length": 32}  # fmt: skip
+
+
+@pytest.fixture
+def artifacts(tmp_path, settings):
+    settings.ARTIFACTS_DIR = tmp_path / "artifacts"
+    return settings.ARTIFACTS_DIR
+
+
+@pytest.fixture
+def no_queue(monkeypatch):
+    """Tasks are recorded, not run: the tests drive round_run themselves, as workers would."""
+    queued: list[int] = []
+    monkeypatch.setattr("training.tasks.round_run_task.delay", queued.append)
+    monkeypatch.setattr("training.tasks.reward_model_train_task.delay", lambda pk: None)
+    return queued
+
+
+def loop_project(tiny_backbone: str, tiny_policy: str, *, pairs: int = 60, **ppo):
+    project = voted_project(pairs)
+    TrainingSettings.objects.create(
+        project=project, min_new_comparisons=pairs // 2, policy=tiny_policy, held_out_prompts=6,
+        reward_overrides={"backbone": tiny_backbone, **TINY}, ppo_overrides={**TINY_PPO, **ppo},
+    )  # fmt: skip
+    return project
+
+
+def states(training_round: TrainingRound) -> list[tuple[str, str]]:
+    return list(training_round.transitions.values_list("from_state", "to_state"))
+
+
+def expire_lease(training_round: TrainingRound) -> None:
+    TrainingRound.objects.filter(pk=training_round.pk).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+
+
+def round_samples(training_round: TrainingRound):
+    return Comparison.objects.filter(
+        project=training_round.project, origin=Comparison.Origin.ROUND_SAMPLE, round=training_round.number
+    )
+
+
+@pytest.mark.django_db
+def test_a_round_runs_resumes_after_a_killed_worker_and_closes_on_the_human_verdict(
+    tiny_backbone, tiny_policy, artifacts, no_queue, django_capture_on_commit_callbacks
+):
+    project = loop_project(tiny_backbone, tiny_policy)
+    with django_capture_on_commit_callbacks(execute=True):
+        training_round = rounds.round_start(project=project)
+    assert training_round.state == State.TRAINING_REWARD_MODEL and no_queue == [training_round.pk]
+    assert training_round.aggregated_at_start == 60
+
+    rounds.round_run(round_id=training_round.pk, worker="doomed", stop_after=1)  # dies after PPO step 1
+    training_round.refresh_from_db()
+    assert (training_round.state, training_round.lease_owner, training_round.step) == (State.RUNNING_PPO, "doomed", 1)
+    assert training_round.reward_model.status == RewardModel.Status.SUCCEEDED
+    policy_dir = Path(artifacts) / project.slug / "rounds" / "1" / "policy"
+    assert (policy_dir / "checkpoint.pt").exists()
+    rounds.round_run(round_id=training_round.pk, worker="eager")  # the lease is live: nothing happens
+    training_round.refresh_from_db()
+    assert training_round.lease_owner == "doomed"
+
+    expire_lease(training_round)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert rounds.rounds_check()["reclaimed"] == [training_round.pk]
+    assert no_queue == [training_round.pk, training_round.pk]
+    rounds.round_run(round_id=training_round.pk, worker="rescuer")
+    training_round.refresh_from_db()
+    assert training_round.state == State.LABELING, training_round.error
+    assert states(training_round) == [
+        ("", State.WAITING_FOR_LABELS), (State.WAITING_FOR_LABELS, State.TRAINING_REWARD_MODEL),
+        (State.TRAINING_REWARD_MODEL, State.RUNNING_PPO), (State.RUNNING_PPO, State.SAMPLING),
+        (State.SAMPLING, State.LABELING),
+    ]  # fmt: skip
+    assert list(training_round.transitions.values_list("worker", flat=True))[-2:] == ["rescuer", "rescuer"]
+    assert training_round.attempts == 2 and training_round.lease_owner == "" and training_round.step == 3
+
+    policy = training_round.policy
+    assert (policy.version, policy.parent.version, policy.parent.artifact_path) == (1, 0, tiny_policy)
+    assert policy.config["reference"] == tiny_policy and policy.config["steps"] == 3
+    steps = [json.loads(line) for line in (policy_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 3 and "objective/score" in steps[0]  # step 1 from the dead worker, 2-3 from the rescuer
+    assert set(policy.metrics) >= {"score", "kl", "response_length", "metrics_file"}
+
+    # The held-out prompts were never trained on, and both policies answered exactly those.
+    held_out = set(training_round.held_out_prompt_ids)
+    assert len(held_out) == 6
+    trained_on = {json.loads(line)["prompt"] for line in (policy_dir.parent / "prompts.jsonl").read_text().splitlines()}
+    assert not trained_on & set(Prompt.objects.filter(pk__in=held_out).values_list("text", flat=True))
+    assert len(trained_on) == Prompt.objects.filter(project=project).count() - 6
+    samples = list(round_samples(training_round).select_related("response_a", "response_b"))
+    assert len(samples) == training_round.samples > 0
+    assert {sample.prompt_id for sample in samples} <= held_out
+    for sample in samples:
+        new = sample.response_a if sample.meta["new_side"] == "a" else sample.response_b
+        assert new.source == "policy v1"
+
+    # A redelivered task adds nothing.
+    no_queue.clear()
+    rounds.round_run(round_id=training_round.pk, worker="redelivered")
+    assert round_samples(training_round).count() == len(samples)
+    assert rounds.rounds_check() == {"started": [], "promoted": [], "completed": [], "reclaimed": []}
+
+    # The humans vote: it closes once every pair is labeled and aggregated.
+    labelers = [labeler_create(username=f"judge{i}", password=PASSWORD) for i in range(2)]
+    label_all(project, labelers, lambda labeler, comparison: comparison.meta["new_side"])
+    assert rounds.rounds_check()["completed"] == []  # voted, not yet aggregated
+    agreement_refresh(project_id=project.pk)
+    assert rounds.rounds_check()["completed"] == [training_round.pk]
+    training_round.refresh_from_db()
+    assert (training_round.state, training_round.win_rate) == (State.DONE, 1.0)
+    assert training_round.transitions.last().note.startswith("human win rate 1.000")
+
+
+@pytest.mark.django_db
+def test_a_round_whose_ppo_step_raises_is_marked_failed_with_its_error(tiny_backbone, tiny_policy, artifacts, no_queue):
+    project = loop_project(tiny_backbone, tiny_policy, batch_size=3)  # not a multiple of 2 minibatches
+    training_round = rounds.round_start(project=project)
+    rounds.round_run(round_id=training_round.pk, worker="w1")
+    training_round.refresh_from_db()
+    assert training_round.state == State.FAILED
+    assert "batch_size 3 is not a multiple of minibatches 2" in training_round.error
+    assert (training_round.lease_owner, training_round.lease_expires_at) == ("", None)
+    assert training_round.finished_at is not None and training_round.policy is None
+    assert states(training_round)[-1] == (State.RUNNING_PPO, State.FAILED)
+    assert rounds.rounds_check()["started"] == []  # no retry loop on a broken configuration
+    TrainingSettings.objects.filter(project=project).update(ppo_overrides={**TINY_PPO, "batch_size": 4})
+    retry = rounds.round_start(project=project)  # the admin, once it is fixed: the labels still count
+    assert (retry.number, retry.state) == (2, State.TRAINING_REWARD_MODEL)
+
+
+@pytest.mark.django_db
+def test_unknown_ppo_settings_fail_the_round_naming_the_setting(tiny_backbone, tiny_policy, artifacts, no_queue):
+    project = loop_project(tiny_backbone, tiny_policy, speed=11)
+    training_round = rounds.round_start(project=project)
+    rounds.round_run(round_id=training_round.pk, worker="w1")
+    training_round.refresh_from_db()
+    assert training_round.state == State.FAILED
+    assert training_round.error.startswith("ValueError: unknown PPO setting 'speed'")
+    assert states(training_round)[-1] == (State.TRAINING_REWARD_MODEL, State.FAILED)
+    assert training_round.reward_model is None  # failed before spending time on a reward model
+
+
+@pytest.mark.django_db
+def test_a_round_waits_for_enough_new_labels(no_queue, django_capture_on_commit_callbacks):
+    project = make_project(pairs=6, overlap=1)
+    TrainingSettings.objects.create(project=project, min_new_comparisons=4)
+    training_round = rounds.round_start(project=project)
+    assert training_round.state == State.WAITING_FOR_LABELS and no_queue == []
+    assert rounds.rounds_check()["promoted"] == []
+    label_all(project, [labeler_create(username="solo", password=PASSWORD)], lambda labeler, comparison: "a")
+    agreement_refresh(project_id=project.pk)
+    assert rounds.new_aggregated_count(project) == 6
+    with django_capture_on_commit_callbacks(execute=True):
+        assert rounds.rounds_check()["promoted"] == [training_round.pk]
+    training_round.refresh_from_db()
+    assert training_round.state == State.TRAINING_REWARD_MODEL and no_queue == [training_round.pk]
+    assert training_round.aggregated_at_start == 6
+    assert rounds.new_aggregated_count(project) == 0  # counted from this round's reward model on
+
+
+@pytest.mark.django_db(transaction=True)
+def test_one_round_per_project_even_when_two_workers_race(no_queue):
+    project = make_project(pairs=2)
+    TrainingSettings.objects.create(project=project, min_new_comparisons=1000)
+    outcomes: list[str] = []
+    barrier = threading.Barrier(4)
+
+    def start() -> None:
+        barrier.wait()
+        try:
+            outcomes.append(f"round {rounds.round_start(project=project).number}")
+        except rounds.RoundBusy:
+            outcomes.append("busy")
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == ["busy", "busy", "busy", "round 1"]
+    assert TrainingRound.objects.filter(project=project).count() == 1
+
+    # Two workers claiming the same round: one gets the lease.
+    training_round = TrainingRound.objects.get(project=project)
+    TrainingRound.objects.filter(pk=training_round.pk).update(state=State.RUNNING_PPO)
+    claims: list[str] = []
+    barrier = threading.Barrier(2)
+
+    def claim(worker: str) -> None:
+        barrier.wait()
+        if rounds.round_claim(round_id=training_round.pk, worker=worker) is not None:
+            claims.append(worker)
+        connection.close()
+
+    threads = [threading.Thread(target=claim, args=(name,)) for name in ("gpu-1", "gpu-2")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(claims) == 1
+    training_round.refresh_from_db()
+    assert training_round.lease_owner == claims[0] and training_round.attempts == 1
+
+
+def test_the_hacking_rule_on_hand_values():
+    rule = dict(previous_score=1.0, previous_length=20.0, length_factor=1.5)
+    assert rounds.hacking_reason(score=2.0, win_rate=0.6, length=25.0, **rule) == ""  # reward up, humans agree
+    assert rounds.hacking_reason(score=0.5, win_rate=0.3, length=25.0, **rule) == ""  # worse, but not hacking
+    assert rounds.hacking_reason(score=2.0, win_rate=None, length=30.0, **rule) == ""  # exactly 1.5x: allowed
+    reason = rounds.hacking_reason(score=2.0, win_rate=0.4, length=25.0, **rule)
+    assert reason == "proxy reward rose from 1.000 to 2.000 while the human win rate is 40%"
+    reason = rounds.hacking_reason(score=0.9, win_rate=0.7, length=30.5, **rule)
+    assert reason == "mean response length grew from 20.0 to 30.5 tokens (over 1.5 times)"
+    assert "; " in rounds.hacking_reason(score=2.0, win_rate=0.2, length=50.0, **rule)
+
+
+def make_prompt(project, text: str) -> Prompt:
+    return Prompt.objects.create(project=project, text=text, content_hash=content_hash(text))
+
+
+def labeling_round(project, *, new_metrics=None, old_metrics=None) -> TrainingRound:
+    """A round that reached labeling, built by hand (no training)."""
+    training_round = TrainingRound.objects.create(project=project, number=1, state=State.LABELING)
+    base = PolicyVersion.objects.create(project=project, version=0, artifact_path="base", metrics=old_metrics or {})
+    training_round.policy = PolicyVersion.objects.create(
+        project=project, version=1, parent=base, round=training_round, artifact_path="v1",
+        metrics=new_metrics or {"score": 1.0, "kl": 0.1, "response_length": 10.0},
+    )  # fmt: skip
+    training_round.save(update_fields=["policy"])
+    return training_round
+
+
+@pytest.mark.django_db
+def test_sampling_back_is_idempotent_with_randomized_sides():
+    project = make_project(pairs=0, overlap=2)
+    training_round = labeling_round(project)
+    prompts = [make_prompt(project, f"q{i}") for i in range(20)]
+    new = [f"new answer {i}" for i in range(20)]
+    old = [f"old answer {i}" if i else "new answer 0" for i in range(20)]  # prompt 0: identical, no pair
+    records = rounds.sample_records(training_round, prompts, new, old)
+    assert len(records) == 19
+    assert rounds.samples_insert(training_round=training_round, records=records) == 19
+    first = sorted(round_samples(training_round).values_list("pk", "content_hash"))
+    assert rounds.samples_insert(training_round=training_round, records=records) == 0
+    again = rounds.sample_records(training_round, prompts, new, old)  # a redelivery draws the same sides
+    assert rounds.samples_insert(training_round=training_round, records=again) == 0
+    assert sorted(round_samples(training_round).values_list("pk", "content_hash")) == first
+    sides = [comparison.meta["new_side"] for comparison in round_samples(training_round)]
+    assert 4 <= sides.count("a") <= 15  # both sides used
+    for comparison in round_samples(training_round).select_related("response_a", "response_b"):
+        new_text = comparison.response_a.text if comparison.meta["new_side"] == "a" else comparison.response_b.text
+        assert new_text.startswith("new answer")
+
+
+@pytest.mark.django_db
+def test_win_rate_comes_from_the_aggregated_labels_and_sets_the_flag(tmp_path, no_queue):
+    project = make_project(pairs=0, overlap=1)
+    # Round 1 compares with its own first PPO step: the starting policy under this reward model.
+    metrics_file = tmp_path / "metrics.jsonl"
+    metrics_file.write_text(json.dumps({"objective/score": 1.0, "policy/response_length": 10.0}) + "\n")
+    training_round = labeling_round(
+        project, new_metrics={"score": 2.0, "kl": 0.5, "response_length": 12.0, "metrics_file": str(metrics_file)}
+    )
+    prompts = [make_prompt(project, f"q{i}") for i in range(8)]
+    records = rounds.sample_records(training_round, prompts, [f"n{i}" for i in range(8)], [f"o{i}" for i in range(8)])
+    rounds.samples_insert(training_round=training_round, records=records)
+    pairs_import(project=project, records=[PairRecord(line=1, prompt="other", response_a="x", response_b="y")])
+    # New wins 2, loses 4, one tie and one both-bad (half each): (2 + 1) / 8.
+    verdicts = {
+        prompt.pk: verdict
+        for prompt, verdict in zip(prompts, ["new"] * 2 + ["old"] * 4 + ["tie", "both_bad"], strict=True)
+    }
+
+    def decide(labeler, comparison):
+        if comparison.origin != Comparison.Origin.ROUND_SAMPLE:
+            return "a"
+        verdict = verdicts[comparison.prompt_id]
+        other = "b" if comparison.meta["new_side"] == "a" else "a"
+        return {"new": comparison.meta["new_side"], "old": other}.get(verdict, verdict)
+
+    label_all(project, [labeler_create(username="judge", password=PASSWORD)], decide)
+    assert rounds.win_rate(training_round) == (None, 0)  # nothing aggregated yet
+    agreement_refresh(project_id=project.pk)
+    assert rounds.win_rate(training_round) == (3 / 8, 8)
+    assert rounds.round_complete(training_round=training_round)
+    training_round.refresh_from_db()
+    assert training_round.state == State.DONE and training_round.win_rate == 3 / 8
+    assert training_round.flagged
+    assert training_round.flag_reason == "proxy reward rose from 1.000 to 2.000 while the human win rate is 38%"
+
+
+@pytest.mark.django_db
+def test_a_worker_that_lost_its_lease_cannot_move_the_round():
+    project = make_project(pairs=0)
+    training_round = TrainingRound.objects.create(project=project, number=1, state=State.RUNNING_PPO)
+    assert rounds.round_claim(round_id=training_round.pk, worker="first") is not None
+    expire_lease(training_round)
+    assert rounds.round_claim(round_id=training_round.pk, worker="second") is not None
+    with pytest.raises(LeaseLost):
+        rounds._transition(training_round, State.SAMPLING, worker="first")
+    training_round.refresh_from_db()
+    assert training_round.state == State.RUNNING_PPO and not RoundTransition.objects.exists()
+
+
+@pytest.mark.django_db
+def test_round_pages_for_admins_only_with_plots_transitions_and_escaped_output(
+    tmp_path, admin_user, alice, charlie, no_queue
+):
+    project = make_project(pairs=0, overlap=1)
+    training_round = labeling_round(project)
+    metrics_file = tmp_path / "metrics.jsonl"
+    metrics_file.write_text(
+        "".join(json.dumps({"step": s, "objective/score": 0.1 * s, "objective/kl": 0.01 * s,
+                            "policy/response_length": 5 + s, "objective/entropy": 2 - 0.1 * s}) + "\n"
+                for s in range(1, 6))
+    )  # fmt: skip
+    PolicyVersion.objects.filter(pk=training_round.policy_id).update(
+        metrics={"score": 0.5, "kl": 0.05, "response_length": 10, "metrics_file": str(metrics_file)}
+    )
+    RoundTransition.objects.create(training_round=training_round, from_state="sampling", to_state="labeling")
+    prompt = make_prompt(project, "say hi")
+    records = rounds.sample_records(training_round, [prompt], ["<script>alert(1)</script>"], ["hello"])
+    rounds.samples_insert(training_round=training_round, records=records)
+
+    client = Client()
+    client.force_login(admin_user)
+    page = client.get(f"/projects/{project.slug}/rounds/1/").content.decode()
+    assert page.count("<polyline") >= 5  # four per-step plots + the across-rounds ones with data
+    assert "Reward-model score per PPO step" in page and "Human win rate over the predecessor" in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script>alert(1)" not in page
+    assert "<td>sampling</td><td>labeling</td>" in page
+    listing = client.get(f"/projects/{project.slug}/rounds/").content.decode()
+    assert f'href="/projects/{project.slug}/rounds/1/"' in listing and "Start round" in listing
+    dashboard = client.get(f"/projects/{project.slug}/dashboard/").content.decode()
+    assert f'href="/projects/{project.slug}/rounds/"' in dashboard
+    assert client.get(f"/projects/{project.slug}/rounds/2/").status_code == 404
+    assert client.get("/projects/nope/rounds/").status_code == 404
+
+    TrainingRound.objects.filter(pk=training_round.pk).update(
+        state=State.DONE, flagged=True, flag_reason="mean response length grew <a lot>"
+    )
+    page = client.get(f"/projects/{project.slug}/rounds/1/").content.decode()
+    assert "Likely reward hacking:</strong> mean response length grew &lt;a lot&gt;" in page
+
+    for user in (alice, charlie):
+        other = Client()
+        other.force_login(user)
+        assert other.get(f"/projects/{project.slug}/rounds/").status_code == 403
+        assert other.get(f"/projects/{project.slug}/rounds/1/").status_code == 403
+        assert other.post(f"/projects/{project.slug}/rounds/start/").status_code == 403
+    assert Client().get(f"/projects/{project.slug}/rounds/").status_code == 302  # to the login page
+
+
+@pytest.mark.django_db
+def test_the_start_button_opens_a_round_once(admin_user, no_queue):
+    project = make_project(pairs=0)
+    client = Client()
+    client.force_login(admin_user)
+    table = client.post(f"/projects/{project.slug}/rounds/start/", HTTP_HX_REQUEST="true").content.decode()
+    assert table.lstrip().startswith('<div id="rounds"') and "Round 1 opened." in table
+    assert "waiting_for_labels" in table and 'hx-trigger="every 3s"' not in table  # waits for people: no polling
+    again = client.post(f"/projects/{project.slug}/rounds/start/", HTTP_HX_REQUEST="true").content.decode()
+    assert "already has a round in progress" in again
+    assert TrainingRound.objects.filter(project=project).count() == 1

@@ -1,0 +1,8 @@
+from django.contrib import admin
+
+from training.models import TrainingSettings
+
+
+@admin.register(TrainingSettings)
+class TrainingSettingsAdmin(admin.ModelAdmin):
+    list_display = ["project", "min_new_comparisons", "policy", "held_out_prompts", "hacking_length_factor"]

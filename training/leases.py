@@ -1,0 +1,77 @@
+"""Database leases for long GPU work (reward models, training rounds).
+
+A worker owns a row while its `lease_expires_at` is ahead and renews it as it goes (the heartbeat).
+A killed worker's lease runs out; another worker then claims the row and carries on from the last
+checkpoint. Rows that use this carry `lease_owner`, `lease_expires_at`, `attempts`, `started_at`,
+`step` and `total_steps`.
+"""
+
+import os
+import socket
+import time
+from typing import Any, TypeVar
+
+from django.db import models, transaction
+from django.utils import timezone
+
+from training.models import LEASE
+
+Row = TypeVar("Row", bound=models.Model)
+
+
+class LeaseLost(Exception):
+    """Another worker took the lease over: this one must stop writing."""
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def lease_claim(claimable: models.QuerySet[Row], *, worker: str, **changes: Any) -> Row | None:
+    """Take the lease of the first row of `claimable` (the caller filters to rows whose lease is free
+    or ran out) and apply `changes`; None when there is none or another worker is claiming it now."""
+    now = timezone.now()
+    with transaction.atomic():
+        row = claimable.select_for_update(skip_locked=True, of=("self",)).first()
+        if row is None:
+            return None
+        fields = {"lease_owner": worker, "lease_expires_at": now + LEASE, "attempts": row.attempts + 1,  # type: ignore[attr-defined]
+                  "started_at": row.started_at or now, **changes}  # type: ignore[attr-defined]  # fmt: skip
+        for name, value in fields.items():
+            setattr(row, name, value)
+        row.save(update_fields=list(fields))
+    return row
+
+
+class Heartbeat:
+    """Progress callback of a training loop: writes step/total and renews the lease, at most every
+    `every` seconds (and at the last step); raises LeaseLost when another worker took it over.
+
+    The reward model calls it as (step, total, loss), PPO as (step, total, metrics): only step and
+    total are stored, the losses and metrics go to the run's own files. `also` is a lease renewed
+    with this one: a round keeps its own lease alive while its reward model trains.
+    """
+
+    def __init__(self, row: models.Model, worker: str, *, also: "Heartbeat | None" = None, every: float = 2.0) -> None:
+        self.model = type(row)
+        self.pk = row.pk
+        self.worker = worker
+        self.also = also
+        self.every = every
+        self.last = 0.0
+
+    def __call__(self, step: int, total: int, *details: Any) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every and step != total:
+            return
+        self.last = now
+        self.renew(step=step, total_steps=total)
+
+    def renew(self, **fields: Any) -> None:
+        renewed = self.model._default_manager.filter(pk=self.pk, lease_owner=self.worker).update(
+            lease_expires_at=timezone.now() + LEASE, **fields
+        )
+        if not renewed:
+            raise LeaseLost(f"{self.worker} lost the lease on {self.model.__name__} {self.pk}")
+        if self.also is not None:
+            self.also.renew()

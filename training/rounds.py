@@ -1,0 +1,496 @@
+"""Training rounds: the collect-retrain-relabel loop.
+
+A round moves through explicit states, each change recorded as a RoundTransition:
+
+    waiting_for_labels -> training_reward_model -> running_ppo -> sampling -> labeling -> done
+                                (any of these may end in failed, with the error)
+
+`round_start` opens a round; it waits until the project has `min_new_comparisons` aggregated
+comparisons more than when the previous round's reward model started, then a gpu worker takes it
+(`round_run`, under a lease with heartbeat, as for reward models): it trains the reward model on
+all the labels, runs PPO from the previous policy against it, and has the new and the previous
+policy answer the held-out prompts; those pairs go to the labelers. `rounds_check` (Celery beat)
+starts rounds, re-enqueues the ones whose worker died, and closes a labeling round once all its
+pairs are labeled and aggregated, with the humans' win rate of the new policy over the previous.
+
+Held-out prompts are the project's `held_out_prompts` prompts with the smallest md5 of
+"holdout:" + content hash: a fixed, deterministic set that PPO never trains on (importing new
+prompts can change it for later rounds; each round stores the set it used).
+"""
+
+import dataclasses
+import json
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import Max, Q, Value
+from django.db.models.functions import MD5, Concat
+from django.utils import timezone
+
+from annotation.importing import PairRecord
+from annotation.models import AggregatedLabel, Comparison, Project, Prompt, Vote, content_hash
+from annotation.quality import latest_snapshot
+from annotation.services import pairs_import
+from training.leases import Heartbeat, LeaseLost, lease_claim, worker_name
+from training.models import PolicyVersion, RewardModel, RoundTransition, TrainingRound, TrainingSettings
+from training.services import TrainingBusy, reward_model_run, reward_model_start
+
+State = TrainingRound.State
+SAMPLE_CHUNK = 16  # prompts per generate call while sampling: the lease is renewed between chunks
+# Fields of PPOConfig a round sets itself; the project's overrides may not change them.
+ROUND_OWNED_FIELDS = {"policy", "reward_model", "reference"}
+
+
+class RoundBusy(Exception):
+    """The project already has a round that is not done or failed."""
+
+
+class RoundFailed(Exception):
+    pass
+
+
+def training_settings(project: Project) -> TrainingSettings:
+    return TrainingSettings.objects.get_or_create(project=project)[0]
+
+
+def hacking_reason(
+    *, score: float, previous_score: float, win_rate: float | None, length: float, previous_length: float,
+    length_factor: float,
+) -> str:  # fmt: skip
+    """Why a round looks like reward hacking, or "" when it does not: the proxy reward rose while
+    the humans preferred the new policy less than half the time, or answers grew by more than
+    `length_factor`."""
+    reasons = []
+    if score > previous_score and win_rate is not None and win_rate < 0.5:
+        reasons.append(
+            f"proxy reward rose from {previous_score:.3f} to {score:.3f} while the human win rate is {win_rate:.0%}"
+        )
+    if previous_length > 0 and length > length_factor * previous_length:
+        reasons.append(
+            f"mean response length grew from {previous_length:.1f} to {length:.1f} tokens "
+            f"(over {length_factor:g} times)"
+        )
+    return "; ".join(reasons)
+
+
+def aggregated_count(project: Project) -> int:
+    """Comparisons of the project that have an aggregated label (gold ones excluded)."""
+    return (
+        AggregatedLabel.objects.filter(comparison__project=project)
+        .exclude(comparison__origin=Comparison.Origin.GOLD)
+        .count()
+    )
+
+
+def new_aggregated_count(project: Project) -> int:
+    """Aggregated comparisons since the reward model of the last round that did not fail started
+    (all of them before the first): a failed round leaves its labels to the next."""
+    last = (
+        TrainingRound.objects.filter(project=project, aggregated_at_start__isnull=False)
+        .exclude(state=State.FAILED)
+        .order_by("-number")
+        .values_list("aggregated_at_start", flat=True)
+        .first()
+    )
+    return aggregated_count(project) - (last or 0)
+
+
+def _transition(
+    training_round: TrainingRound, to: str, *, worker: str = "", note: str = "", owned: bool = True, **fields: Any
+) -> None:
+    """Move the round from its current state to `to`, recording it. With `owned`, only while
+    `worker` holds the lease (LeaseLost otherwise); without, only if nobody moved it meanwhile."""
+    now = timezone.now()
+    rows = TrainingRound.objects.filter(pk=training_round.pk, state=training_round.state)
+    if owned:
+        rows = rows.filter(lease_owner=worker)
+    with transaction.atomic():
+        if not rows.update(state=to, state_since=now, **fields):
+            raise LeaseLost(f"round {training_round.pk} is no longer {training_round.state} under {worker or 'nobody'}")
+        RoundTransition.objects.create(
+            training_round=training_round, from_state=training_round.state, to_state=to, at=now, worker=worker,
+            note=note,
+        )  # fmt: skip
+    training_round.state = to
+    for name, value in fields.items():
+        setattr(training_round, name, value)
+
+
+def _enqueue(training_round: TrainingRound) -> None:
+    from training.tasks import round_run_task
+
+    transaction.on_commit(lambda: round_run_task.delay(training_round.pk))
+
+
+def _promote_if_ready(training_round: TrainingRound, *, worker: str) -> bool:
+    """waiting_for_labels -> training_reward_model once the project has enough new labels."""
+    project = training_round.project
+    needed = training_settings(project).min_new_comparisons
+    new = new_aggregated_count(project)
+    if new < needed:
+        return False
+    with transaction.atomic():
+        _transition(
+            training_round, State.TRAINING_REWARD_MODEL, worker=worker, owned=False,
+            note=f"{new} new aggregated comparisons (at least {needed} needed)",
+            aggregated_at_start=aggregated_count(project),
+        )  # fmt: skip
+        _enqueue(training_round)
+    return True
+
+
+def round_start(*, project: Project) -> TrainingRound:
+    """Open the project's next round: it trains as soon as enough new labels exist (at once if they do)."""
+    worker = worker_name()
+    try:
+        with transaction.atomic():
+            Project.objects.select_for_update().get(pk=project.pk)
+            number = (TrainingRound.objects.filter(project=project).aggregate(Max("number"))["number__max"] or 0) + 1
+            training_round = TrainingRound.objects.create(project=project, number=number)
+            RoundTransition.objects.create(
+                training_round=training_round, to_state=State.WAITING_FOR_LABELS, worker=worker, note="round opened"
+            )
+    except IntegrityError:
+        raise RoundBusy(f"project {project.slug!r} already has a round in progress") from None
+    _promote_if_ready(training_round, worker=worker)
+    return training_round
+
+
+def _policy_zero(project: Project) -> PolicyVersion:
+    """The starting policy, recorded as version 0 so that round 1 has a predecessor."""
+    name = training_settings(project).starting_policy
+    return PolicyVersion.objects.get_or_create(
+        project=project, version=0, defaults={"artifact_path": name, "config": {"policy": name}}
+    )[0]
+
+
+def _latest_policy(project: Project) -> PolicyVersion:
+    return PolicyVersion.objects.filter(project=project).order_by("-version").first() or _policy_zero(project)
+
+
+def held_out_prompts(project: Project, count: int) -> list[int]:
+    return list(
+        Prompt.objects.filter(project=project)
+        .annotate(key=MD5(Concat(Value("holdout:"), "content_hash")))
+        .order_by("key", "id")
+        .values_list("id", flat=True)[:count]
+    )
+
+
+def _round_dir(training_round: TrainingRound) -> Path:
+    return Path(settings.ARTIFACTS_DIR) / training_round.project.slug / "rounds" / str(training_round.number)
+
+
+def _train_reward_model(training_round: TrainingRound, worker: str, lease: Heartbeat) -> None:
+    """Runs in the round's own task, synchronously: the gpu worker is busy with the round anyway,
+    and the round must wait for the model before PPO. The version's own lease still guards it, so
+    a reward model trained elsewhere (its queued task on another gpu worker) is waited for."""
+    ppo_overrides(training_round.project)
+    model = training_round.reward_model
+    if model is None:
+        overrides = training_settings(training_round.project).reward_overrides
+        try:
+            with transaction.atomic():
+                model = reward_model_start(project=training_round.project, overrides=overrides)
+                if not TrainingRound.objects.filter(pk=training_round.pk, lease_owner=worker).update(
+                    reward_model=model
+                ):
+                    raise LeaseLost(f"{worker} lost the lease on round {training_round.pk}")
+        except TrainingBusy as error:
+            raise RoundFailed(f"{error}; the round needs its own") from None
+        training_round.reward_model = model
+    while True:
+        reward_model_run(reward_model_id=model.pk, worker=worker, also=lease)
+        model.refresh_from_db()
+        if model.status == RewardModel.Status.SUCCEEDED:
+            break
+        if model.status == RewardModel.Status.FAILED:
+            first_line = (model.error.splitlines() or ["no error recorded"])[0]
+            raise RoundFailed(f"reward model v{model.version} failed: {first_line}")
+        lease.renew()  # another worker trains it
+        time.sleep(2)
+    _transition(
+        training_round, State.RUNNING_PPO, worker=worker,
+        note=f"reward model v{model.version}: held-out accuracy {model.metrics.get('accuracy')}",
+    )  # fmt: skip
+
+
+def _write_prompts(path: Path, prompts: Iterator[Prompt]) -> None:
+    partial = path.with_suffix(".partial")
+    with partial.open("w") as handle:
+        for prompt in prompts:
+            handle.write(json.dumps({"prompt": prompt.content}, ensure_ascii=False) + "\n")
+    partial.replace(path)
+
+
+def ppo_overrides(project: Project) -> dict[str, Any]:
+    """The project's PPO settings, checked before any training: a typo fails the round at once."""
+    from training import ppo
+
+    overrides = training_settings(project).ppo_overrides
+    known = {field.name for field in dataclasses.fields(ppo.PPOConfig)} - ROUND_OWNED_FIELDS
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown PPO setting {unknown[0]!r} in the project's training settings")
+    return dict(overrides)
+
+
+def ppo_config(training_round: TrainingRound, previous: PolicyVersion) -> Any:
+    from training import ppo
+
+    overrides = ppo_overrides(training_round.project)
+    assert training_round.reward_model is not None
+    return ppo.PPOConfig(
+        **overrides, policy=previous.artifact_path, reward_model=training_round.reward_model.artifact_path,
+        reference=_policy_zero(training_round.project).artifact_path,
+    )  # fmt: skip
+
+
+def _run_ppo(training_round: TrainingRound, worker: str, stop_after: int | None) -> bool:
+    """PPO from the previous policy; False when stopped early (`stop_after`), the checkpoint kept."""
+    from training import ppo
+
+    project = training_round.project
+    previous = _latest_policy(project)
+    config = ppo_config(training_round, previous)
+    directory = _round_dir(training_round)
+    directory.mkdir(parents=True, exist_ok=True)
+    prompts_file = directory / "prompts.jsonl"
+    if not prompts_file.exists():  # a taken-over round trains on the same prompts
+        held_out = held_out_prompts(project, training_settings(project).held_out_prompts)
+        TrainingRound.objects.filter(pk=training_round.pk).update(held_out_prompt_ids=held_out)
+        training_round.held_out_prompt_ids = held_out
+        _write_prompts(prompts_file, Prompt.objects.filter(project=project).exclude(pk__in=held_out).iterator())
+    prompts = ppo.load_prompts(prompts_file)
+    out = directory / "policy"
+    summary = ppo.train(config, prompts, out, progress=Heartbeat(training_round, worker), stop_after=stop_after)
+    if "stopped_at" in summary:
+        return False
+    with transaction.atomic():
+        Project.objects.select_for_update().get(pk=project.pk)
+        version = PolicyVersion.objects.filter(project=project).aggregate(Max("version"))["version__max"] + 1
+        policy = PolicyVersion.objects.create(
+            project=project, version=version, parent=previous, round=training_round,
+            config=dataclasses.asdict(config), metrics={**summary, "metrics_file": str(out / "metrics.jsonl")},
+            artifact_path=str(out),
+        )  # fmt: skip
+        _transition(
+            training_round, State.SAMPLING, worker=worker, policy=policy,
+            note=f"policy v{version}: score {summary['score']:.3f}, KL {summary['kl']:.3f}",
+        )  # fmt: skip
+    return True
+
+
+def sample_records(
+    training_round: TrainingRound, prompts: Sequence[Prompt], new_answers: Sequence[str], old_answers: Sequence[str]
+) -> list[PairRecord]:
+    """New vs previous answer per prompt, sides drawn from the pair's hash (random, yet the same on a
+    redelivery); identical answers are no comparison and are left out."""
+    assert training_round.policy is not None and training_round.policy.parent is not None
+    new, old = training_round.policy, training_round.policy.parent
+    records = []
+    for index, (prompt, new_answer, old_answer) in enumerate(zip(prompts, new_answers, old_answers, strict=True)):
+        if new_answer == old_answer:
+            continue
+        new_side = "a" if int(content_hash(prompt.content, new_answer, old_answer)[:8], 16) % 2 else "b"
+        old_side = "b" if new_side == "a" else "a"
+        texts = {new_side: new_answer, old_side: old_answer}
+        sources = {new_side: f"policy v{new.version}", old_side: f"policy v{old.version}"}
+        records.append(
+            PairRecord(
+                line=index, prompt=prompt.content, response_a=texts["a"], response_b=texts["b"],
+                source_a=sources["a"], source_b=sources["b"],
+                meta={"round": training_round.number, "new_side": new_side, "new_policy": new.version,
+                      "previous_policy": old.version},
+            )
+        )  # fmt: skip
+    return records
+
+
+def samples_insert(*, training_round: TrainingRound, records: Sequence[PairRecord]) -> int:
+    """Add the round's pairs to the labeling queue as round samples; pairs already there (by content
+    hash) are left alone, so inserting twice adds nothing. Returns how many were new."""
+    project = training_round.project
+    hashes = {content_hash(record.prompt, sorted([record.response_a, record.response_b])) for record in records}
+    with transaction.atomic():
+        present = set(
+            Comparison.objects.filter(project=project, content_hash__in=hashes).values_list("content_hash", flat=True)
+        )
+        pairs_import(project=project, records=list(records))
+        return Comparison.objects.filter(project=project, content_hash__in=hashes - present).update(
+            origin=Comparison.Origin.ROUND_SAMPLE, round=training_round.number
+        )
+
+
+def _sample(training_round: TrainingRound, worker: str, lease: Heartbeat) -> None:
+    from training import ppo
+
+    assert training_round.policy is not None and training_round.policy.parent is not None
+    by_id = Prompt.objects.in_bulk(training_round.held_out_prompt_ids)
+    prompts = [by_id[pk] for pk in training_round.held_out_prompt_ids if pk in by_id]
+    config = training_round.policy.config  # both policies answer as PPO sampled
+    answers: dict[str, list[str]] = {"new": [], "old": []}
+    for start in range(0, len(prompts), SAMPLE_CHUNK):
+        chunk = [prompt.content for prompt in prompts[start : start + SAMPLE_CHUNK]]
+        for key, policy in (("new", training_round.policy), ("old", training_round.policy.parent)):
+            lease.renew()
+            answers[key] += ppo.generate(
+                policy.artifact_path, chunk, max_new_tokens=config["max_new_tokens"],
+                temperature=config["temperature"], top_p=config["top_p"], seed=training_round.number,
+            )  # fmt: skip
+    records = sample_records(training_round, prompts, answers["new"], answers["old"])
+    # The pairs and the move to labeling commit together: a worker that dies before adds nothing,
+    # and a redelivered task finds the round labeling and samples nothing again.
+    with transaction.atomic():
+        added = samples_insert(training_round=training_round, records=records)
+        _transition(
+            training_round, State.LABELING, worker=worker, samples=added, lease_owner="", lease_expires_at=None,
+            note=f"{added} pairs to label ({len(prompts) - len(records)} prompts answered identically)",
+        )  # fmt: skip
+
+
+def round_claim(*, round_id: int, worker: str) -> TrainingRound | None:
+    """Take the round's lease when it is in a worker state and nobody holds a live lease."""
+    claimable = TrainingRound.objects.filter(pk=round_id, state__in=TrainingRound.WORKER_STATES).filter(
+        Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=timezone.now())
+    )
+    return lease_claim(claimable.select_related("project", "reward_model", "policy__parent"), worker=worker)
+
+
+def round_run(*, round_id: int, worker: str | None = None, stop_after: int | None = None) -> None:
+    """Drive a round from where it stands to labeling (or failed). `stop_after` ends PPO after that
+    many steps with the lease still held, as a killed worker would; the lease then runs out and
+    another worker resumes from the checkpoint."""
+    worker = worker or worker_name()
+    training_round = round_claim(round_id=round_id, worker=worker)
+    if training_round is None:
+        return
+    lease = Heartbeat(training_round, worker)
+    try:
+        if training_round.state == State.TRAINING_REWARD_MODEL:
+            _train_reward_model(training_round, worker, lease)
+        if training_round.state == State.RUNNING_PPO and not _run_ppo(training_round, worker, stop_after):
+            return
+        if training_round.state == State.SAMPLING:
+            _sample(training_round, worker, lease)
+    except LeaseLost:
+        return
+    except Exception as error:  # noqa: BLE001 - a failed round is recorded, never left running
+        message = f"{type(error).__name__}: {error}"
+        training_round.refresh_from_db(fields=["state"])
+        try:
+            _transition(
+                training_round, State.FAILED, worker=worker, note=message[:500], finished_at=timezone.now(),
+                error=f"{message}\n\n{traceback.format_exc()[-4000:]}", lease_owner="", lease_expires_at=None,
+            )  # fmt: skip
+        except LeaseLost:
+            return
+
+
+def win_rate(training_round: TrainingRound) -> tuple[float | None, int]:
+    """The humans' verdict on the round's pairs: the new policy's share of wins, a tie or "both bad"
+    (or a split vote) counting half; and how many pairs it rests on."""
+    labels = AggregatedLabel.objects.filter(
+        comparison__project_id=training_round.project_id,
+        comparison__origin=Comparison.Origin.ROUND_SAMPLE,
+        comparison__round=training_round.number,
+    ).select_related("comparison")
+    points = []
+    for label in labels:
+        new_side = label.comparison.meta.get("new_side")
+        old_side = {"a": "b", "b": "a"}.get(new_side)
+        points.append(1.0 if label.final_choice == new_side else 0.0 if label.final_choice == old_side else 0.5)
+    return (sum(points) / len(points) if points else None), len(points)
+
+
+def _labeled_and_aggregated(training_round: TrainingRound) -> bool:
+    """Every pair of the round has all its votes, and agreement was recomputed after the last one."""
+    pairs = Comparison.objects.filter(
+        project_id=training_round.project_id, origin=Comparison.Origin.ROUND_SAMPLE, round=training_round.number
+    )
+    if pairs.filter(Q(vote_count__lt=training_round.project.overlap) | Q(aggregate__isnull=True)).exists():
+        return False
+    last_vote = Vote.objects.filter(comparison__in=pairs).aggregate(Max("created_at"))["created_at__max"]
+    snapshot = latest_snapshot(project=training_round.project)
+    return last_vote is None or (snapshot is not None and snapshot.computed_at >= last_vote)
+
+
+def _first_step_metrics(policy: PolicyVersion) -> dict[str, Any]:
+    path = Path(policy.metrics.get("metrics_file", ""))
+    if not path.is_file():
+        return {}
+    with path.open() as handle:
+        first = handle.readline()
+    return json.loads(first) if first.strip() else {}
+
+
+def round_complete(*, training_round: TrainingRound) -> bool:
+    """labeling -> done once every pair is labeled and aggregated: stores the win rate and the
+    reward-hacking flag. The comparison is with the previous round's policy, or for the first
+    round with this round's first PPO step (the starting policy under this reward model)."""
+    if training_round.state != State.LABELING or not _labeled_and_aggregated(training_round):
+        return False
+    rate, pairs = win_rate(training_round)
+    policy = training_round.policy
+    assert policy is not None and policy.parent is not None
+    previous = policy.parent.metrics if policy.parent.version > 0 else {}
+    if "score" not in previous:
+        first = _first_step_metrics(policy)
+        previous = {"score": first.get("objective/score"), "response_length": first.get("policy/response_length")}
+    reason = ""
+    if previous.get("score") is not None and previous.get("response_length") is not None:
+        reason = hacking_reason(
+            score=policy.metrics["score"], previous_score=previous["score"], win_rate=rate,
+            length=policy.metrics["response_length"], previous_length=previous["response_length"],
+            length_factor=training_settings(training_round.project).hacking_length_factor,
+        )  # fmt: skip
+    try:
+        _transition(
+            training_round, State.DONE, worker=worker_name(), owned=False, win_rate=rate, flagged=bool(reason),
+            flag_reason=reason, finished_at=timezone.now(),
+            note=f"human win rate {'–' if rate is None else f'{rate:.3f}'} over {pairs} pairs",
+        )  # fmt: skip
+    except LeaseLost:  # another check finished it first
+        return False
+    return True
+
+
+def rounds_check() -> dict[str, list[int]]:
+    """Beat, every few minutes: start rounds where labels suffice (unless the last one failed),
+    close labeled ones, re-enqueue rounds whose worker stopped renewing its lease."""
+    done: dict[str, list[int]] = {"started": [], "promoted": [], "completed": [], "reclaimed": []}
+    worker = worker_name()
+    active = {
+        training_round.project_id: training_round
+        for training_round in TrainingRound.objects.exclude(state__in=TrainingRound.TERMINAL_STATES).select_related(
+            "project", "policy__parent"
+        )
+    }
+    for project in Project.objects.all():
+        training_round = active.get(project.pk)
+        if training_round is None:
+            # After a failure an admin starts the next round, once the cause is fixed: no retry loop.
+            latest = TrainingRound.objects.filter(project=project).order_by("-number").values_list("state").first()
+            if (
+                latest != (State.FAILED,)
+                and new_aggregated_count(project) >= training_settings(project).min_new_comparisons
+            ):
+                try:
+                    done["started"].append(round_start(project=project).pk)
+                except RoundBusy:
+                    pass
+        elif training_round.state == State.WAITING_FOR_LABELS:
+            if _promote_if_ready(training_round, worker=worker):
+                done["promoted"].append(training_round.pk)
+        elif training_round.state == State.LABELING:
+            if round_complete(training_round=training_round):
+                done["completed"].append(training_round.pk)
+        elif training_round.lease_expires_at is not None and not training_round.lease_live():
+            _enqueue(training_round)
+            done["reclaimed"].append(training_round.pk)
+    return done

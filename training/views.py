@@ -1,0 +1,141 @@
+"""Admin pages of training rounds: the list with its start button, and one round with its plots."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.utils.cache import patch_vary_headers
+from django.views.decorators.http import require_GET, require_POST
+from django_htmx.middleware import HtmxDetails
+
+from annotation import selectors
+from annotation.charts import LineChart, line_chart
+from annotation.models import Comparison, Project
+from training import rounds
+from training.models import PolicyVersion, TrainingRound
+
+STEP_CHARTS = [
+    ("objective/score", "Reward-model score per PPO step"),
+    ("objective/kl", "KL from the first policy per PPO step"),
+    ("policy/response_length", "Response length per PPO step"),
+    ("objective/entropy", "Entropy per PPO step"),
+]
+SHOWN_SAMPLES = 10
+
+
+class AdminRequest(HttpRequest):
+    htmx: HtmxDetails
+
+
+def _chart(labels: list[str], series: dict[str, list[float | None]], **bounds: float) -> LineChart:
+    """A line chart scaled to its values unless bounds are given."""
+    values = [value for points in series.values() for value in points if value is not None]
+    low, high = (min(values), max(values)) if values else (0.0, 1.0)
+    margin = (high - low) * 0.1 or abs(high) * 0.1 or 1.0
+    return line_chart(labels, series, **{"low": low - margin, "high": high + margin, **bounds})
+
+
+def _step_metrics(policy: PolicyVersion | None) -> list[dict[str, Any]]:
+    path = Path(policy.metrics.get("metrics_file", "")) if policy else Path()
+    if not path.is_file():
+        return []
+    with path.open() as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def _across_rounds(project: Project) -> list[tuple[str, LineChart]]:
+    finished = list(
+        TrainingRound.objects.filter(project=project, policy__isnull=False).select_related("policy").order_by("number")
+    )
+    labels = [f"round {item.number}" for item in finished]
+    metric = lambda key: [item.policy.metrics.get(key) if item.policy else None for item in finished]  # noqa: E731
+    return [
+        ("Proxy reward (mean reward-model score, last steps)", _chart(labels, {"score": metric("score")})),
+        ("KL from the first policy", _chart(labels, {"KL": metric("kl")})),
+        ("Mean response length", _chart(labels, {"tokens": metric("response_length")})),
+        (
+            "Human win rate over the predecessor",
+            _chart(labels, {"win rate": [item.win_rate for item in finished]}, low=0.0, high=1.0),
+        ),
+    ]
+
+
+def _list_context(project: Project) -> dict[str, Any]:
+    listed = list(TrainingRound.objects.filter(project=project).select_related("policy").order_by("-number")[:50])
+    return {
+        "project": project,
+        "rounds": listed,
+        # Poll while a worker moves a round; labels take hours, not seconds.
+        "polling": any(item.state in TrainingRound.WORKER_STATES for item in listed),
+    }
+
+
+def _render_list(request: AdminRequest, project: Project) -> HttpResponse:
+    context = _list_context(project)
+    if request.htmx:
+        response = render(request, "training/rounds.html#round-table", context)
+    else:
+        response = render(request, "training/rounds.html", {**context, "charts": _across_rounds(project)})
+    patch_vary_headers(response, ["HX-Request"])
+    return response
+
+
+@require_GET
+@login_required
+def round_list(request: AdminRequest, slug: str) -> HttpResponse:
+    selectors.admin_required(request.user)
+    return _render_list(request, get_object_or_404(Project, slug=slug))
+
+
+@require_POST
+@login_required
+def round_start(request: AdminRequest, slug: str) -> HttpResponse:
+    selectors.admin_required(request.user)
+    project = get_object_or_404(Project, slug=slug)
+    try:
+        started = rounds.round_start(project=project)
+        messages.info(request, f"Round {started.number} opened.")
+    except rounds.RoundBusy as error:
+        messages.error(request, str(error))
+    if request.htmx:
+        return _render_list(request, project)
+    return redirect("rounds", slug=slug)
+
+
+@require_GET
+@login_required
+def round_detail(request: AdminRequest, slug: str, number: int) -> HttpResponse:
+    selectors.admin_required(request.user)
+    training_round = get_object_or_404(
+        TrainingRound.objects.select_related("project", "reward_model", "policy__parent"),
+        project__slug=slug,
+        number=number,
+    )
+    steps = _step_metrics(training_round.policy)
+    step_labels = [str(row.get("step", index + 1)) for index, row in enumerate(steps)]
+    samples = (
+        Comparison.objects.filter(
+            project=training_round.project, origin=Comparison.Origin.ROUND_SAMPLE, round=training_round.number
+        )
+        .select_related("prompt", "response_a", "response_b", "aggregate")
+        .order_by("id")[:SHOWN_SAMPLES]
+    )
+    context = {
+        "project": training_round.project,
+        "round": training_round,
+        "step_charts": [
+            (title, _chart(step_labels, {key: [row.get(key) for row in steps]})) for key, title in STEP_CHARTS
+        ],
+        "charts": _across_rounds(training_round.project),
+        "transitions": training_round.transitions.all(),
+        "samples": samples,
+        # While labeling, the verdict so far: (win rate, pairs aggregated).
+        "so_far": rounds.win_rate(training_round) if training_round.state == TrainingRound.State.LABELING else None,
+    }
+    response = render(request, "training/round.html", context)
+    patch_vary_headers(response, ["HX-Request"])
+    return response
