@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from training import ppo
 from training.ppo import PPOConfig, gae, policy_loss, shaped_rewards, value_loss, whiten
+from training.rounds import hacking_reason
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = [f"question w{i}" for i in range(20)]
@@ -185,7 +186,13 @@ def test_without_a_kl_leash_the_policy_games_the_reward_model(tiny_policy, banan
     after = ppo.generate(str(tmp_path / "out"), held_out, max_new_tokens=12, temperature=1.0, seed=1)
     gold_before, gold_after = (sum(map(gold, answers)) / len(answers) for answers in (before, after))
     win_rate = gold_win_rate(after, before)
+    flag = hacking_reason(
+        score=summary["score"], previous_score=rows[0]["objective/score"], win_rate=win_rate,
+        length=summary["response_length"], previous_length=rows[0]["policy/response_length"], length_factor=1.5,
+    )  # fmt: skip
     if hacked:
         assert gold_after < gold_before and win_rate < 0.5
+        assert "proxy reward rose" in flag
     else:
         assert gold_after > gold_before and win_rate > 0.5
+        assert flag == ""
