@@ -175,17 +175,29 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(1) - 1).clamp(min=0)
 
 
+def response_logits(
+    model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, context: int, temperature: float
+) -> torch.Tensor:
+    """Logits of the sampling distribution (over temperature) at each response token."""
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
+    return logits[:, context - 1 : -1].float() / temperature
+
+
 def token_logprobs(
     model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, context: int, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability and entropy of each response token (those after `context`), from the
-    sampling distribution (logits over temperature)."""
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
-    logits = logits[:, context - 1 : -1].float() / temperature
+) -> torch.Tensor:
+    """Log-probability of each response token. Gather minus logsumexp: no vocabulary-wide
+    log-softmax is kept for the backward pass."""
+    return gathered_logprobs(response_logits(model, ids, mask, context, temperature), ids[:, context:])
+
+
+def gathered_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return torch.gather(logits, 2, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
     logprobs = F.log_softmax(logits, dim=-1)
-    chosen = torch.gather(logprobs, 2, ids[:, context:].unsqueeze(-1)).squeeze(-1)
-    entropy = -(logprobs.exp() * logprobs).sum(-1)
-    return chosen, entropy
+    return -(logprobs.exp() * logprobs).sum(-1)
 
 
 def token_values(critic: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, context: int) -> torch.Tensor:
@@ -438,9 +450,12 @@ def train(
             score = roles.reward_model([prompts[i] for i in batch], answers)
             raw_score = score.clone()
             score = score - config.missing_eos_penalty * (~has_eos).float()
-            old_logprobs, entropy = token_logprobs(roles.policy, ids, mask, context, config.temperature)
+            logits = response_logits(roles.policy, ids, mask, context, config.temperature)
+            old_logprobs = gathered_logprobs(logits, ids[:, context:])
+            token_entropy = entropy(logits)
+            del logits
             with roles.as_reference() as reference:
-                ref_logprobs, _ = token_logprobs(reference, ids, mask, context, config.temperature)
+                ref_logprobs = token_logprobs(reference, ids, mask, context, config.temperature)
             old_values = token_values(roles.critic, ids, mask, context)
         scored = time.perf_counter()
 
@@ -460,7 +475,7 @@ def train(
                 rows_ = order[first : first + size]
                 row_mask = response_mask[rows_]
                 with autocast:
-                    logprobs, _ = token_logprobs(roles.policy, ids[rows_], mask[rows_], context, config.temperature)
+                    logprobs = token_logprobs(roles.policy, ids[rows_], mask[rows_], context, config.temperature)
                     values = token_values(roles.critic, ids[rows_], mask[rows_], context)
                 pg, clip_fraction, approx_kl = policy_loss(
                     logprobs, old_logprobs[rows_], advantages[rows_], row_mask, config.cliprange
@@ -487,7 +502,7 @@ def train(
             "objective/score": float(raw_score.mean()),
             "objective/kl": float(sequence_kl.mean()),
             "objective/kl_k3": float(kl_k3.sum(1).mean()),
-            "objective/entropy": float(masked_mean(entropy, response_mask)),
+            "objective/entropy": float(masked_mean(token_entropy, response_mask)),
             "objective/non_score_reward": float((-beta * sequence_kl).mean()),
             "objective/rlhf_reward": float((score - beta * sequence_kl).mean()),
             "policy/response_length": float(response_mask.sum(1).mean()),

@@ -88,7 +88,7 @@ def test_training_log_probs_equal_the_sampling_distribution_with_left_padding(ti
     expected = torch.gather(sampled, 2, response.unsqueeze(-1)).squeeze(-1)
     mask = torch.cat([query_mask, torch.ones_like(response)], 1)
     with torch.no_grad():
-        logprobs, _ = ppo.token_logprobs(model, out.sequences, mask, query.shape[1], temperature=0.7)
+        logprobs = ppo.token_logprobs(model, out.sequences, mask, query.shape[1], temperature=0.7)
     torch.testing.assert_close(logprobs, expected, atol=1e-5, rtol=1e-5)
 
 
