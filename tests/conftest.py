@@ -2,8 +2,16 @@
 and small projects built through the same services the product uses."""
 
 import itertools
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
+import redis
 from django.contrib.auth import get_user_model
 from django.db import connection
 from rest_framework.authtoken.models import Token
@@ -89,3 +97,40 @@ def api_client_for(user) -> APIClient:
     token, _ = Token.objects.get_or_create(user=user)
     client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
     return client
+
+
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+@dataclass
+class Worker:
+    process: subprocess.Popen
+    output: str = field(default="")
+
+
+@contextmanager
+def celery_worker(queues: str, **env: str) -> Iterator[Worker]:
+    """A real Celery worker in its own process, consuming `queues` from Redis and writing to the
+    test database; while it runs, this process enqueues to the same Redis. Its log is in `output`
+    once the block ends."""
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    database = connection.settings_dict
+    url = f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/{database['NAME']}"
+    from config.celery import app
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "config", "worker", "--pool", "solo", "--queues", queues,
+         "--without-mingle", "--without-gossip", "--loglevel", "INFO"],
+        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings_test", "DATABASE_URL": url,
+             "REDIS_URL": REDIS_URL, **env},
+    )  # fmt: skip
+    previous = {"broker_url": app.conf.broker_url, "task_always_eager": app.conf.task_always_eager}
+    app.conf.update(broker_url=REDIS_URL, task_always_eager=False)
+    worker = Worker(process)
+    try:
+        yield worker
+    finally:
+        app.conf.update(**previous)
+        process.terminate()
+        worker.output, _ = process.communicate(timeout=30)

@@ -12,7 +12,33 @@ from django.utils import timezone
 from annotation.models import Project
 
 
-class RewardModel(models.Model):
+class LeasedRun(models.Model):
+    """GPU work that a worker owns while lease_expires_at is ahead; it renews the lease as it goes
+    (heartbeat), with its progress. A killed worker's lease runs out and another worker takes over
+    from the last checkpoint."""
+
+    step = models.PositiveIntegerField(default=0)
+    total_steps = models.PositiveIntegerField(default=0)
+    error = models.TextField(blank=True)
+    lease_owner = models.CharField(max_length=200, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        abstract = True
+
+    @property
+    def progress(self) -> float:
+        return self.step / self.total_steps if self.total_steps else 0.0
+
+    def lease_live(self, now: datetime | None = None) -> bool:
+        return self.lease_expires_at is not None and self.lease_expires_at > (now or timezone.now())
+
+
+class RewardModel(LeasedRun):
     class Status(models.TextChoices):
         QUEUED = "queued"
         RUNNING = "running"
@@ -26,18 +52,6 @@ class RewardModel(models.Model):
     data = models.JSONField(default=dict, help_text="What it was trained on: pairs, round, export filters.")
     metrics = models.JSONField(default=dict, blank=True)
     artifact_path = models.CharField(max_length=500, blank=True)
-    error = models.TextField(blank=True)
-    step = models.PositiveIntegerField(default=0)
-    total_steps = models.PositiveIntegerField(default=0)
-    # The lease: a worker owns the run while lease_expires_at is ahead; it renews it as it goes
-    # (heartbeat). A killed worker's lease runs out and another worker takes over from the
-    # last checkpoint.
-    lease_owner = models.CharField(max_length=200, blank=True)
-    lease_expires_at = models.DateTimeField(null=True, blank=True)
-    attempts = models.PositiveIntegerField(default=0)
-    created_at = models.DateTimeField(default=timezone.now)
-    started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         constraints = [
@@ -50,13 +64,6 @@ class RewardModel(models.Model):
 
     def __str__(self) -> str:
         return f"{self.project_id} reward model v{self.version} ({self.status})"
-
-    @property
-    def progress(self) -> float:
-        return self.step / self.total_steps if self.total_steps else 0.0
-
-    def lease_live(self, now: datetime | None = None) -> bool:
-        return self.lease_expires_at is not None and self.lease_expires_at > (now or timezone.now())
 
     def summary(self) -> dict[str, Any]:
         return {key: self.metrics.get(key) for key in ("accuracy", "ece", "length_spearman", "held_out_pairs")}
@@ -121,7 +128,7 @@ class PolicyVersion(models.Model):
         return f"{self.project_id} policy v{self.version}"
 
 
-class TrainingRound(models.Model):
+class TrainingRound(LeasedRun):
     """One turn of the loop: reward model, PPO, the new policy's samples back to the labelers."""
 
     class State(models.TextChoices):
@@ -149,19 +156,10 @@ class TrainingRound(models.Model):
         PolicyVersion, on_delete=models.PROTECT, null=True, blank=True, related_name="+", help_text="What PPO produced."
     )
     held_out_prompt_ids = models.JSONField(default=list, blank=True, help_text="Fixed when PPO starts.")
-    step = models.PositiveIntegerField(default=0)
-    total_steps = models.PositiveIntegerField(default=0)
     samples = models.PositiveIntegerField(default=0, help_text="Comparisons sent back to the labelers.")
     win_rate = models.FloatField(null=True, blank=True, help_text="Humans' verdict: new policy over previous.")
     flagged = models.BooleanField(default=False)
     flag_reason = models.TextField(blank=True)
-    error = models.TextField(blank=True)
-    lease_owner = models.CharField(max_length=200, blank=True)
-    lease_expires_at = models.DateTimeField(null=True, blank=True)
-    attempts = models.PositiveIntegerField(default=0)
-    created_at = models.DateTimeField(default=timezone.now)
-    started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         constraints = [
@@ -175,15 +173,8 @@ class TrainingRound(models.Model):
         return f"{self.project_id} round {self.number} ({self.state})"
 
     @property
-    def progress(self) -> float:
-        return self.step / self.total_steps if self.total_steps else 0.0
-
-    @property
     def active(self) -> bool:
         return self.state not in self.TERMINAL_STATES
-
-    def lease_live(self, now: datetime | None = None) -> bool:
-        return self.lease_expires_at is not None and self.lease_expires_at > (now or timezone.now())
 
 
 class RoundTransition(models.Model):

@@ -2,45 +2,39 @@
 real Celery worker on Redis runs the rounds (reward model, PPO, sampling back), PostgreSQL holds
 everything, and the second round's policy beats the first on the labelers' hidden preference."""
 
-import os
 import random
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import redis
 from django.core.management import call_command
-from django.db import connection
 
 from annotation.importing import PairRecord
 from annotation.models import Comparison
 from annotation.quality import agreement_refresh
 from annotation.services import pairs_import, project_get_or_create
 from annotation.simulation import preference
-from config.celery import app
-from tests.training.conftest import banana_answer
+from tests.conftest import Worker, celery_worker
 from tests.training.test_reward_runs import TINY
 from training import ppo, rounds
 from training.models import TrainingRound, TrainingSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 State = TrainingRound.State
-PPO = {"steps": 12, "learning_rate": 3e-3, "batch_size": 16, "minibatches": 4, "max_new_tokens": 12,
-       "temperature": 1.0, "beta": 0.05, "checkpoint_every": 4, "reward_max_length": 32}  # fmt: skip
+PPO = {"steps": 30, "learning_rate": 5e-3, "batch_size": 16, "minibatches": 4, "max_new_tokens": 16,
+       "temperature": 1.0, "beta": 0.02, "checkpoint_every": 4, "reward_max_length": 32}  # fmt: skip
 GOLD = preference("marker:banana")
 
 
 def label(live_server, slug: str) -> None:
     """Three bots label whatever is in the queue, through the HTTP API, by the hidden preference."""
     call_command("simulate_labelers", slug, "--url", live_server.url, "--labelers", "3",
-                 "--preference", "marker:banana", "--noise", "0.3", "--seed", "1")  # fmt: skip
+                 "--preference", "marker:banana", "--noise", "0.2", "--seed", "1")  # fmt: skip
 
 
-def wait_for(training_round: TrainingRound, states: set[str], worker: subprocess.Popen, seconds: int = 400) -> None:
+def wait_for(training_round: TrainingRound, states: set[str], worker: Worker, seconds: int = 400) -> None:
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and worker.poll() is None:
+    while time.monotonic() < deadline and worker.process.poll() is None:
         training_round.refresh_from_db()
         if training_round.state in states:
             return
@@ -49,8 +43,11 @@ def wait_for(training_round: TrainingRound, states: set[str], worker: subprocess
 
 
 def mean_gold(policy: str, prompts: list[str]) -> float:
-    answers = [a for seed in range(3) for a in ppo.generate(policy, prompts, max_new_tokens=12, temperature=1.0,
-                                                               seed=seed)]  # fmt: skip
+    answers = [
+        answer
+        for seed in range(3)
+        for answer in ppo.generate(policy, prompts, max_new_tokens=PPO["max_new_tokens"], temperature=1.0, seed=seed)
+    ]
     return sum(map(GOLD, answers)) / len(answers)
 
 
@@ -59,33 +56,26 @@ def test_two_rounds_driven_by_simulated_labelers_improve_the_policy(
     live_server, tiny_backbone, tiny_policy, tmp_path, settings
 ):
     settings.ARTIFACTS_DIR = tmp_path / "artifacts"
-    redis_url = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-    redis.Redis.from_url(redis_url).flushdb()
-    # Sixty prompts, each with a pair of answers that mention the marker word a different number of times.
+    # Sixty prompts, each with a pair where the answer with more of the marker word is also longer,
+    # so that the reward model learns "more bananas", not "a short answer that says banana".
     project = project_get_or_create(slug="loop", overlap=2)
     rng = random.Random(0)
-    counts = [rng.sample(range(5), 2) for _ in range(60)]
-    pairs_import(
-        project=project,
-        records=[PairRecord(line=i + 1, prompt=f"question w{i % 20} w{i // 20}", response_a=banana_answer(rng, a),
-                            response_b=banana_answer(rng, b)) for i, (a, b) in enumerate(counts)],
-    )  # fmt: skip
+    records = []
+    for index in range(60):
+        more = rng.randint(1, 4)
+        long = [f"w{rng.randrange(20)}" for _ in range(rng.randint(7, 9))]
+        short = [f"w{rng.randrange(20)}" for _ in range(rng.randint(2, 4))]
+        for words, count in ((long, more), (short, rng.randrange(more))):
+            for _ in range(count):
+                words.insert(rng.randint(0, len(words)), "banana")
+        records.append(PairRecord(line=index + 1, prompt=f"question w{index % 20} w{index // 20}",
+                                  response_a=" ".join(long), response_b=" ".join(short)))  # fmt: skip
+    pairs_import(project=project, records=records)
     TrainingSettings.objects.create(
         project=project, min_new_comparisons=10, policy=tiny_policy, held_out_prompts=16,
         reward_overrides={"backbone": tiny_backbone, **TINY}, ppo_overrides=PPO,
     )  # fmt: skip
-    database = connection.settings_dict
-    url = f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/{database['NAME']}"
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings_test", "REDIS_URL": redis_url,
-           "ARTIFACTS_DIR": str(settings.ARTIFACTS_DIR), "DATABASE_URL": url}  # fmt: skip
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "config", "worker", "--pool", "solo", "--queues", "gpu,celery",
-         "--without-mingle", "--without-gossip", "--loglevel", "INFO"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    previous = {"broker_url": app.conf.broker_url, "task_always_eager": app.conf.task_always_eager}
-    app.conf.update(broker_url=redis_url, task_always_eager=False)
-    try:
+    with celery_worker("gpu,default", ARTIFACTS_DIR=str(settings.ARTIFACTS_DIR)) as worker:
         label(live_server, project.slug)
         agreement_refresh(project_id=project.pk)
         for number in (1, 2):
@@ -101,18 +91,14 @@ def test_two_rounds_driven_by_simulated_labelers_improve_the_policy(
             assert rounds.rounds_check()["completed"] == [training_round.pk]
             training_round.refresh_from_db()
             assert training_round.state == State.DONE and training_round.win_rate is not None
-    finally:
-        app.conf.update(**previous)
-        worker.terminate()
-        output, _ = worker.communicate(timeout=30)
-    assert "round_run_task" in output
+    assert "round_run_task" in worker.output
     first, second = TrainingRound.objects.filter(project=project).order_by("number")
     assert second.policy.parent_id == first.policy_id
-    # The labelers preferred each new policy over its predecessor...
-    assert first.win_rate > 0.5 and second.win_rate > 0.5, (first.win_rate, second.win_rate)
-    # ...and on the hidden gold score, round 2's policy beats round 1's, which beats the start.
     held_out = [f"question w{i} w{j}" for i in range(20) for j in (5, 9)]
     golds = [mean_gold(policy, held_out) for policy in (tiny_policy, first.policy.artifact_path,
                                                        second.policy.artifact_path)]  # fmt: skip
     print(f"win rates {first.win_rate:.2f} {second.win_rate:.2f}; gold start/round 1/round 2 {golds}")
+    # The labelers preferred each new policy over its predecessor...
+    assert first.win_rate > 0.5 and second.win_rate > 0.5, (first.win_rate, second.win_rate)
+    # ...and on the hidden gold score, round 2's policy beats round 1's, which beats the start.
     assert golds[0] < golds[1] < golds[2], golds

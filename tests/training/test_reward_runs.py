@@ -2,24 +2,18 @@
 a killed worker taken over from its checkpoint, and a real Celery worker on the gpu queue."""
 
 import json
-import os
-import subprocess
-import sys
 import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import redis
 from django.core.management import CommandError, call_command
-from django.db import connection
 from django.utils import timezone
 
 from annotation.importing import PairRecord
 from annotation.quality import agreement_refresh
 from annotation.services import labeler_create, pairs_import
-from config.celery import app
-from tests.conftest import PASSWORD, make_project
+from tests.conftest import PASSWORD, celery_worker, make_project
 from tests.test_quality import label_all
 from tests.training.conftest import marker_pairs
 from training.models import RewardModel
@@ -115,35 +109,18 @@ def test_command_trains_on_the_embedded_default(tiny_backbone, artifacts, capsys
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_celery_worker_on_the_gpu_queue_trains_from_votes_in_postgresql(tiny_backbone, artifacts, monkeypatch):
-    redis_url = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-    redis.Redis.from_url(redis_url).flushdb()
+def test_a_celery_worker_on_the_gpu_queue_trains_from_votes_in_postgresql(tiny_backbone, artifacts):
     project = voted_project(80)
-    database = connection.settings_dict
-    url = f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/{database['NAME']}"
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings_test", "REDIS_URL": redis_url,
-           "ARTIFACTS_DIR": str(artifacts), "DATABASE_URL": url}  # fmt: skip
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "config", "worker", "--pool", "solo", "--queues", "gpu",
-         "--without-mingle", "--without-gossip", "--loglevel", "INFO"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    previous = {"broker_url": app.conf.broker_url, "task_always_eager": app.conf.task_always_eager}
-    app.conf.update(broker_url=redis_url, task_always_eager=False)
-    try:
+    with celery_worker("gpu", ARTIFACTS_DIR=str(artifacts)) as worker:
         model = reward_model_start(project=project, overrides={"backbone": tiny_backbone, **TINY})
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and worker.process.poll() is None:
             model.refresh_from_db()
             if model.status in (RewardModel.Status.SUCCEEDED, RewardModel.Status.FAILED):
                 break
             time.sleep(1)
-    finally:
-        app.conf.update(**previous)
-        worker.terminate()
-        output, _ = worker.communicate(timeout=30)
-    assert model.status == RewardModel.Status.SUCCEEDED, (model.status, model.error, output[-3000:])
-    assert "reward_model_train_task" in output
+    assert model.status == RewardModel.Status.SUCCEEDED, (model.status, model.error, worker.output[-3000:])
+    assert "reward_model_train_task" in worker.output
     assert model.metrics["accuracy"] is not None
 
 
