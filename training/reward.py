@@ -149,11 +149,12 @@ def scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torc
     """One scalar per sequence. Decoders are read at the last real token, found from the attention
     mask, so padding side and a pad token equal to EOS cannot move it; encoders use their own
     pooled head."""
-    head = getattr(model, "score", None)
+    # A LoRA model is wrapped by peft; its adapters sit inside the wrapped model's own layers.
+    inner = getattr(model, "get_base_model", lambda: model)()
+    head = getattr(inner, "score", None)
     if head is None:
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
-    base = getattr(model, model.base_model_prefix)
-    hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = inner.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     last = (attention_mask * positions).argmax(dim=1)
     return head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last]).squeeze(-1).float()
@@ -273,9 +274,11 @@ def train_member(
     rng = random.Random(seed)
     torch.manual_seed(seed)
     batches = [b for _ in range(config.epochs) for b in length_grouped_batches(data.lengths(), config.batch_size, rng)]
+    # Fused AdamW: one kernel for all parameters instead of a loop over them (CPU and CUDA).
     optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=config.learning_rate, weight_decay=config.weight_decay
-    )
+        [p for p in model.parameters() if p.requires_grad], lr=config.learning_rate, weight_decay=config.weight_decay,
+        fused=device.type in ("cpu", "cuda"),
+    )  # fmt: skip
     warmup = max(1, int(config.warmup_ratio * len(batches)))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
