@@ -31,6 +31,15 @@
     return document.getElementById("vote-form");
   }
 
+  // A key pressed right after a swap can beat htmx to the new form, which would then post
+  // natively and reload the page; processing an already processed form does nothing.
+  function submit(form) {
+    if (window.htmx) {
+      window.htmx.process(form);
+    }
+    form.requestSubmit();
+  }
+
   function check(form, name, value) {
     const input = form.querySelector('input[name="' + name + '"][value="' + value + '"]');
     if (input) {
@@ -58,7 +67,7 @@
         event.target.blur();
       } else if (event.key === "Enter" && event.ctrlKey) {
         event.preventDefault();
-        form.requestSubmit();
+        submit(form);
       }
       return;
     }
@@ -72,9 +81,9 @@
     } else if (key === "r") {
       form.querySelector("textarea[name=rationale]").focus();
     } else if (key === "s") {
-      document.getElementById("skip-form").requestSubmit();
+      submit(document.getElementById("skip-form"));
     } else if (key === "enter") {
-      form.requestSubmit();
+      submit(form);
     } else {
       return;
     }

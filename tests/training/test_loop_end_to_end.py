@@ -15,14 +15,15 @@ from annotation.quality import agreement_refresh
 from annotation.services import pairs_import, project_get_or_create
 from annotation.simulation import preference
 from tests.conftest import Worker, celery_worker
+from tests.training.conftest import banana_answer
 from tests.training.test_reward_runs import TINY
 from training import ppo, rounds
 from training.models import TrainingRound, TrainingSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 State = TrainingRound.State
-PPO = {"steps": 30, "learning_rate": 5e-3, "batch_size": 16, "minibatches": 4, "max_new_tokens": 16,
-       "temperature": 1.0, "beta": 0.02, "checkpoint_every": 4, "reward_max_length": 32}  # fmt: skip
+PPO = {"steps": 10, "learning_rate": 5e-3, "batch_size": 16, "minibatches": 4, "max_new_tokens": 16,
+       "temperature": 1.0, "beta": 0.01, "checkpoint_every": 4, "reward_max_length": 32}  # fmt: skip
 GOLD = preference("marker:banana")
 
 
@@ -56,24 +57,19 @@ def test_two_rounds_driven_by_simulated_labelers_improve_the_policy(
     live_server, tiny_backbone, tiny_policy, tmp_path, settings
 ):
     settings.ARTIFACTS_DIR = tmp_path / "artifacts"
-    # Sixty prompts, each with a pair where the answer with more of the marker word is also longer,
-    # so that the reward model learns "more bananas", not "a short answer that says banana".
+    # 120 prompts, each with a pair of answers that mention the marker word a different number of
+    # times (0 to 8), at lengths that say nothing of the count.
     project = project_get_or_create(slug="loop", overlap=2)
     rng = random.Random(0)
-    records = []
-    for index in range(60):
-        more = rng.randint(1, 4)
-        long = [f"w{rng.randrange(20)}" for _ in range(rng.randint(7, 9))]
-        short = [f"w{rng.randrange(20)}" for _ in range(rng.randint(2, 4))]
-        for words, count in ((long, more), (short, rng.randrange(more))):
-            for _ in range(count):
-                words.insert(rng.randint(0, len(words)), "banana")
-        records.append(PairRecord(line=index + 1, prompt=f"question w{index % 20} w{index // 20}",
-                                  response_a=" ".join(long), response_b=" ".join(short)))  # fmt: skip
+    records = [
+        PairRecord(line=index + 1, prompt=f"question w{index % 20} w{index // 20}",
+                   response_a=banana_answer(rng, a), response_b=banana_answer(rng, b))
+        for index, (a, b) in enumerate(rng.sample(range(9), 2) for _ in range(120))
+    ]  # fmt: skip
     pairs_import(project=project, records=records)
     TrainingSettings.objects.create(
         project=project, min_new_comparisons=10, policy=tiny_policy, held_out_prompts=16,
-        reward_overrides={"backbone": tiny_backbone, **TINY}, ppo_overrides=PPO,
+        reward_overrides={"backbone": tiny_backbone, **TINY, "epochs": 4}, ppo_overrides=PPO,
     )  # fmt: skip
     with celery_worker("gpu,default", ARTIFACTS_DIR=str(settings.ARTIFACTS_DIR)) as worker:
         label(live_server, project.slug)
