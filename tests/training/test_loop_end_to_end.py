@@ -2,12 +2,16 @@
 real Celery worker on Redis runs the rounds (reward model, PPO, sampling back), PostgreSQL holds
 everything, and the second round's policy beats the first on the labelers' hidden preference."""
 
+import json
+import os
 import random
+import signal
 import time
 from pathlib import Path
 
 import pytest
 from django.core.management import call_command
+from django.utils import timezone
 
 from annotation.importing import PairRecord
 from annotation.models import Comparison
@@ -98,3 +102,52 @@ def test_two_rounds_driven_by_simulated_labelers_improve_the_policy(
     assert first.win_rate > 0.5 and second.win_rate > 0.5, (first.win_rate, second.win_rate)
     # ...and on the hidden gold score, round 2's policy beats round 1's, which beats the start.
     assert golds[0] < golds[1] < golds[2], golds
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_round_whose_worker_is_killed_mid_ppo_resumes_on_another_worker(
+    live_server, tiny_backbone, tiny_policy, tmp_path, settings
+):
+    settings.ARTIFACTS_DIR = tmp_path / "artifacts"
+    project = project_get_or_create(slug="killed", overlap=1)
+    rng = random.Random(1)
+    pairs_import(
+        project=project,
+        records=[PairRecord(line=index + 1, prompt=f"question w{index % 20} w{index // 20}",
+                            response_a=banana_answer(rng, 2), response_b=banana_answer(rng, 0))
+                 for index in range(40)],
+    )  # fmt: skip
+    TrainingSettings.objects.create(
+        project=project, min_new_comparisons=10, policy=tiny_policy, held_out_prompts=8,
+        reward_overrides={"backbone": tiny_backbone, **TINY},
+        ppo_overrides={**PPO, "steps": 40, "checkpoint_every": 2},
+    )  # fmt: skip
+    environment = {"ARTIFACTS_DIR": str(settings.ARTIFACTS_DIR)}
+    with celery_worker("gpu", **environment) as doomed:
+        label(live_server, project.slug)
+        agreement_refresh(project_id=project.pk)
+        training_round = TrainingRound.objects.get(pk=rounds.rounds_check()["started"][0])
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and training_round.step < 5:
+            time.sleep(0.2)
+            training_round.refresh_from_db()
+        assert training_round.state == State.RUNNING_PPO and training_round.step >= 5, training_round.error
+        os.kill(doomed.process.pid, signal.SIGKILL)  # no clean shutdown, no chance to record anything
+        doomed.process.wait()
+    metrics_file = settings.ARTIFACTS_DIR / project.slug / "rounds" / "1" / "policy" / "metrics.jsonl"
+    before = metrics_file.read_text().splitlines()
+    training_round.refresh_from_db()
+    assert training_round.state == State.RUNNING_PPO and training_round.lease_live()  # stuck until the lease runs out
+    TrainingRound.objects.filter(pk=training_round.pk).update(lease_expires_at=timezone.now())  # two minutes later
+    with celery_worker("gpu", **environment) as rescuer:
+        assert rounds.rounds_check()["reclaimed"] == [training_round.pk]
+        wait_for(training_round, {State.LABELING, State.FAILED}, rescuer)
+    assert training_round.state == State.LABELING, training_round.error
+    assert training_round.attempts == 2 and training_round.lease_owner == ""
+    assert "round_run_task" in rescuer.output
+    after = metrics_file.read_text().splitlines()
+    assert [json.loads(row)["step"] for row in after] == list(range(1, 41))  # every step exactly once
+    assert after[:4] == before[:4]  # resumed from a checkpoint: the first steps, timings included, were not redone
+    samples = Comparison.objects.filter(project=project, origin=Comparison.Origin.ROUND_SAMPLE)
+    assert samples.count() == training_round.samples > 0
+    assert samples.values("content_hash").distinct().count() == samples.count()
