@@ -225,7 +225,9 @@ def load_model(config: RewardConfig, device: torch.device) -> tuple[PreTrainedMo
         else:
             torch.nn.init.zeros_(parameter)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # Renamed in transformers 5.2x; the old name still works there, with a warning.
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     if config.lora:
         from peft import LoraConfig, get_peft_model
 
