@@ -29,6 +29,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    GenerationConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -54,7 +55,9 @@ class PPOConfig:
     max_new_tokens: int = field(default=53, metadata={"help": "Longest sampled response, in policy tokens."})
     max_prompt_length: int = field(default=256, metadata={"help": "Prompts are cut from the left to this."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (log-probs use the same)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling; 1.0 samples the full distribution."})
+    top_p: float = field(
+        default=1.0, metadata={"help": "Nucleus sampling for answers sent to labelers; PPO itself needs 1.0."}
+    )
     beta: float = field(default=0.05, metadata={"help": "KL penalty coefficient: reward -= beta*(log pi - log ref)."})
     adaptive_kl: bool = field(default=False, metadata={"help": "Adapt beta toward target_kl (Ziegler et al.)."})
     target_kl: float = field(default=6.0, metadata={"help": "KL per episode the adaptive controller aims at."})
@@ -223,11 +226,20 @@ def sample(
     device = next(model.parameters()).device
     query, query_mask = reward.pad(prompts, tokenizer.pad_token_id, "left")
     query, query_mask = query.to(device), query_mask.to(device)
-    out = model.generate(  # type: ignore[operator]
-        input_ids=query, attention_mask=query_mask, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-        max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, use_cache=True,
+    # Only these settings: a model's own (a repetition penalty, a minimum length, suppressed tokens)
+    # would sample from another distribution than the log-probs in PPO's ratio. generate() fills
+    # unset fields from the model's config, so the model carries this one while it samples.
+    config = GenerationConfig(
+        do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True,
     )  # fmt: skip
+    # peft wraps a LoRA policy: the config that generate() reads is the wrapped model's.
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
+    own, inner.generation_config = inner.generation_config, config
+    try:
+        out = model.generate(input_ids=query, attention_mask=query_mask, generation_config=config)  # type: ignore[operator]
+    finally:
+        inner.generation_config = own
     context = query.shape[1]
     response = out[:, context:]
     is_eos = response == tokenizer.eos_token_id
@@ -401,6 +413,9 @@ def train(
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not prompts:
         raise ValueError("no prompts to train on")
+    if config.top_p != 1.0:
+        # The ratio and the KL use the full distribution; a nucleus would bias both.
+        raise ValueError(f"top_p {config.top_p}: PPO samples from the full distribution (top_p 1.0)")
     if config.batch_size % config.minibatches:
         raise ValueError(f"batch_size {config.batch_size} is not a multiple of minibatches {config.minibatches}")
     out.mkdir(parents=True, exist_ok=True)

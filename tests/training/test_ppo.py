@@ -92,6 +92,27 @@ def test_training_log_probs_equal_the_sampling_distribution_with_left_padding(ti
     torch.testing.assert_close(logprobs, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_sampling_ignores_the_models_own_generation_settings(tiny_policy):
+    """A repetition penalty or a minimum length shipped with a model would make rollouts come from
+    another distribution than the log-probs in PPO's ratio."""
+    model, tokenizer = ppo.load_policy(tiny_policy, torch.device("cpu"))
+    prompts = [ppo.prompt_ids(tokenizer, text, 64) for text in PROMPTS[:8]]
+    torch.manual_seed(0)
+    clean = ppo.sample(model, tokenizer, prompts, max_new_tokens=8, temperature=1.0, top_p=1.0)
+    model.generation_config.repetition_penalty = 5.0
+    model.generation_config.min_new_tokens = 8
+    torch.manual_seed(0)
+    polluted = ppo.sample(model, tokenizer, prompts, max_new_tokens=8, temperature=1.0, top_p=1.0)
+    assert torch.equal(clean[0], polluted[0]) and torch.equal(clean[1], polluted[1])
+    assert (clean[1][:, clean[2] :] == 0).any()  # some answer ended early: EOS and what follows are masked
+
+
+def test_nucleus_sampling_is_refused_for_ppo(tiny_policy, banana_reward_model, tmp_path):
+    config = PPOConfig(policy=tiny_policy, reward_model=banana_reward_model, top_p=0.9, **TINY)
+    with pytest.raises(ValueError, match="top_p 0.9"):
+        ppo.train(config, PROMPTS, tmp_path / "out")
+
+
 def _rows(out: Path) -> list[dict]:
     """Metrics without the wall-clock figures."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -124,8 +145,9 @@ def test_lora_uses_the_adapter_off_policy_as_reference_and_saves_a_merged_model(
     trainable = [name for name, p in roles.policy.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in name for name in trainable)
     ppo.train(config, PROMPTS, tmp_path / "lora")
-    first = _rows(tmp_path / "lora")[0]
+    first, second = _rows(tmp_path / "lora")
     assert first["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # adapters start at zero: policy == reference
+    assert abs(second["objective/kl"]) > 1e-3  # once they trained, the adapter-off reference differs
     assert not (tmp_path / "lora" / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "lora").state_dict()
     base = AutoModelForCausalLM.from_pretrained(tiny_policy).state_dict()
