@@ -108,6 +108,14 @@ class Worker:
     output: str = field(default="")
 
 
+def _switch_broker(app, **conf: object) -> None:
+    """Celery builds its connection pool once, from the broker URL of that moment: a test that
+    switches brokers needs a new pool, or its tasks go to the old broker."""
+    app.conf.update(**conf)
+    app._pool = None  # dropped, not closed: kombu's producer registry may still hold the old one
+    app.amqp._producer_pool = None
+
+
 @contextmanager
 def celery_worker(queues: str, **env: str) -> Iterator[Worker]:
     """A real Celery worker in its own process, consuming `queues` from Redis and writing to the
@@ -126,11 +134,11 @@ def celery_worker(queues: str, **env: str) -> Iterator[Worker]:
              "REDIS_URL": REDIS_URL, **env},
     )  # fmt: skip
     previous = {"broker_url": app.conf.broker_url, "task_always_eager": app.conf.task_always_eager}
-    app.conf.update(broker_url=REDIS_URL, task_always_eager=False)
+    _switch_broker(app, broker_url=REDIS_URL, task_always_eager=False)
     worker = Worker(process)
     try:
         yield worker
     finally:
-        app.conf.update(**previous)
+        _switch_broker(app, **previous)
         process.terminate()
         worker.output, _ = process.communicate(timeout=30)

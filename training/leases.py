@@ -8,10 +8,13 @@ checkpoint. Rows that use this carry `lease_owner`, `lease_expires_at`, `attempt
 
 import os
 import socket
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from django.db import models, transaction
+from django.db import connection, models, transaction
 from django.utils import timezone
 
 from training.models import LEASE
@@ -59,8 +62,11 @@ class Heartbeat:
         self.also = also
         self.every = every
         self.last = 0.0
+        self.lost = False  # set by kept_alive's thread
 
     def __call__(self, step: int, total: int, *details: Any) -> None:
+        if self.lost:
+            raise LeaseLost(f"{self.worker} lost the lease on {self.model.__name__} {self.pk}")
         now = time.monotonic()
         if now - self.last < self.every and step != total:
             return
@@ -75,3 +81,28 @@ class Heartbeat:
             raise LeaseLost(f"{self.worker} lost the lease on {self.model.__name__} {self.pk}")
         if self.also is not None:
             self.also.renew()
+
+
+@contextmanager
+def kept_alive(heartbeat: Heartbeat, every: float = LEASE.total_seconds() / 4) -> Iterator[None]:
+    """Renew the lease from a background thread while the block runs: loading and saving models or
+    sampling answers take minutes with no training step to beat on, and a lease that ran out then
+    would hand the run to a second worker. A lease lost meanwhile is raised by the next heartbeat."""
+    stop = threading.Event()
+
+    def renew() -> None:
+        try:
+            while not stop.wait(every):
+                heartbeat.renew()
+        except LeaseLost:
+            heartbeat.lost = True
+        finally:
+            connection.close()  # this thread's own connection
+
+    thread = threading.Thread(target=renew, name=f"lease-{heartbeat.pk}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()

@@ -20,6 +20,7 @@ prompts can change it for later rounds; each round stores the set it used).
 
 import dataclasses
 import json
+import logging
 import time
 import traceback
 from collections.abc import Iterator, Sequence
@@ -36,11 +37,13 @@ from annotation.importing import PairRecord
 from annotation.models import AggregatedLabel, Comparison, Project, Prompt, Vote, content_hash
 from annotation.quality import latest_snapshot
 from annotation.services import pairs_import
-from training.leases import Heartbeat, LeaseLost, lease_claim, worker_name
-from training.models import PolicyVersion, RewardModel, RoundTransition, TrainingRound, TrainingSettings
+from training.leases import Heartbeat, LeaseLost, kept_alive, lease_claim, worker_name
+from training.models import LEASE, PolicyVersion, RewardModel, RoundTransition, TrainingRound, TrainingSettings
 from training.services import TrainingBusy, reward_model_run, reward_model_start
 
 State = TrainingRound.State
+logger = logging.getLogger(__name__)
+MAX_ATTEMPTS = 5  # workers that may die on one round before it is failed
 SAMPLE_CHUNK = 16  # prompts per generate call while sampling: the lease is renewed between chunks
 # Fields of PPOConfig a round sets itself; the project's overrides may not change them.
 ROUND_OWNED_FIELDS = {"policy", "reward_model", "reference"}
@@ -134,13 +137,16 @@ def _promote_if_ready(training_round: TrainingRound, *, worker: str) -> bool:
     new = new_aggregated_count(project)
     if new < needed:
         return False
-    with transaction.atomic():
-        _transition(
-            training_round, State.TRAINING_REWARD_MODEL, worker=worker, owned=False,
-            note=f"{new} new aggregated comparisons (at least {needed} needed)",
-            aggregated_at_start=aggregated_count(project),
-        )  # fmt: skip
-        _enqueue(training_round)
+    try:
+        with transaction.atomic():
+            _transition(
+                training_round, State.TRAINING_REWARD_MODEL, worker=worker, owned=False,
+                note=f"{new} new aggregated comparisons (at least {needed} needed)",
+                aggregated_at_start=aggregated_count(project),
+            )  # fmt: skip
+            _enqueue(training_round)
+    except LeaseLost:  # the start button and beat promoted it at once: the other one did
+        return False
     return True
 
 
@@ -251,7 +257,7 @@ def ppo_config(training_round: TrainingRound, previous: PolicyVersion) -> Any:
     )  # fmt: skip
 
 
-def _run_ppo(training_round: TrainingRound, worker: str, stop_after: int | None) -> bool:
+def _run_ppo(training_round: TrainingRound, worker: str, lease: Heartbeat, stop_after: int | None) -> bool:
     """PPO from the previous policy; False when stopped early (`stop_after`), the checkpoint kept."""
     from training import ppo
 
@@ -268,7 +274,7 @@ def _run_ppo(training_round: TrainingRound, worker: str, stop_after: int | None)
         _write_prompts(prompts_file, Prompt.objects.filter(project=project).exclude(pk__in=held_out).iterator())
     prompts = ppo.load_prompts(prompts_file)
     out = directory / "policy"
-    summary = ppo.train(config, prompts, out, progress=Heartbeat(training_round, worker), stop_after=stop_after)
+    summary = ppo.train(config, prompts, out, progress=lease, stop_after=stop_after)
     if "stopped_at" in summary:
         return False
     with transaction.atomic():
@@ -372,12 +378,13 @@ def round_run(*, round_id: int, worker: str | None = None, stop_after: int | Non
         return
     lease = Heartbeat(training_round, worker)
     try:
-        if training_round.state == State.TRAINING_REWARD_MODEL:
-            _train_reward_model(training_round, worker, lease)
-        if training_round.state == State.RUNNING_PPO and not _run_ppo(training_round, worker, stop_after):
-            return
-        if training_round.state == State.SAMPLING:
-            _sample(training_round, worker, lease)
+        with kept_alive(lease):
+            if training_round.state == State.TRAINING_REWARD_MODEL:
+                _train_reward_model(training_round, worker, lease)
+            if training_round.state == State.RUNNING_PPO and not _run_ppo(training_round, worker, lease, stop_after):
+                return
+            if training_round.state == State.SAMPLING:
+                _sample(training_round, worker, lease)
     except LeaseLost:
         return
     except Exception as error:  # noqa: BLE001 - a failed round is recorded, never left running
@@ -431,22 +438,21 @@ def _first_step_metrics(policy: PolicyVersion) -> dict[str, Any]:
 
 def round_complete(*, training_round: TrainingRound) -> bool:
     """labeling -> done once every pair is labeled and aggregated: stores the win rate and the
-    reward-hacking flag. The comparison is with the previous round's policy, or for the first
-    round with this round's first PPO step (the starting policy under this reward model)."""
+    reward-hacking flag."""
     if training_round.state != State.LABELING or not _labeled_and_aggregated(training_round):
         return False
     rate, pairs = win_rate(training_round)
     policy = training_round.policy
-    assert policy is not None and policy.parent is not None
-    previous = policy.parent.metrics if policy.parent.version > 0 else {}
-    if "score" not in previous:
-        first = _first_step_metrics(policy)
-        previous = {"score": first.get("objective/score"), "response_length": first.get("policy/response_length")}
+    assert policy is not None
+    # The baseline is this round's first PPO step: the previous policy, sampled as PPO samples and
+    # scored by this round's reward model. Another round's scores come from another reward model,
+    # whose offset and scale are its own.
+    first = _first_step_metrics(policy)
     reason = ""
-    if previous.get("score") is not None and previous.get("response_length") is not None:
+    if first.get("objective/score") is not None and first.get("policy/response_length") is not None:
         reason = hacking_reason(
-            score=policy.metrics["score"], previous_score=previous["score"], win_rate=rate,
-            length=policy.metrics["response_length"], previous_length=previous["response_length"],
+            score=policy.metrics["score"], previous_score=first["objective/score"], win_rate=rate,
+            length=policy.metrics["response_length"], previous_length=first["policy/response_length"],
             length_factor=training_settings(training_round.project).hacking_length_factor,
         )  # fmt: skip
     try:
@@ -462,8 +468,10 @@ def round_complete(*, training_round: TrainingRound) -> bool:
 
 def rounds_check() -> dict[str, list[int]]:
     """Beat, every few minutes: start rounds where labels suffice (unless the last one failed),
-    close labeled ones, re-enqueue rounds whose worker stopped renewing its lease."""
-    done: dict[str, list[int]] = {"started": [], "promoted": [], "completed": [], "reclaimed": []}
+    close labeled ones, re-enqueue worker rounds that nobody holds (a worker died, or the task
+    message was lost), and fail a round whose workers died MAX_ATTEMPTS times. One project's
+    trouble is logged and does not stop the others."""
+    done: dict[str, list[int]] = {"started": [], "promoted": [], "completed": [], "reclaimed": [], "failed": []}
     worker = worker_name()
     active = {
         training_round.project_id: training_round
@@ -472,25 +480,56 @@ def rounds_check() -> dict[str, list[int]]:
         )
     }
     for project in Project.objects.all():
-        training_round = active.get(project.pk)
-        if training_round is None:
-            # After a failure an admin starts the next round, once the cause is fixed: no retry loop.
-            latest = TrainingRound.objects.filter(project=project).order_by("-number").values_list("state").first()
-            if (
-                latest != (State.FAILED,)
-                and new_aggregated_count(project) >= training_settings(project).min_new_comparisons
-            ):
-                try:
-                    done["started"].append(round_start(project=project).pk)
-                except RoundBusy:
-                    pass
-        elif training_round.state == State.WAITING_FOR_LABELS:
-            if _promote_if_ready(training_round, worker=worker):
-                done["promoted"].append(training_round.pk)
-        elif training_round.state == State.LABELING:
-            if round_complete(training_round=training_round):
-                done["completed"].append(training_round.pk)
-        elif training_round.lease_expires_at is not None and not training_round.lease_live():
+        try:
+            _check_project(project, active.get(project.pk), worker, done)
+        except Exception:  # noqa: BLE001 - logged; the next check tries again
+            logger.exception("rounds check failed for project %s", project.slug)
+    return done
+
+
+def _check_project(
+    project: Project, training_round: TrainingRound | None, worker: str, done: dict[str, list[int]]
+) -> None:
+    if training_round is None:
+        # After a failure an admin starts the next round, once the cause is fixed: no retry loop.
+        latest = TrainingRound.objects.filter(project=project).order_by("-number").values_list("state").first()
+        enough = new_aggregated_count(project) >= training_settings(project).min_new_comparisons
+        if latest != (State.FAILED,) and enough:
+            try:
+                done["started"].append(round_start(project=project).pk)
+            except RoundBusy:
+                pass
+    elif training_round.state == State.WAITING_FOR_LABELS:
+        if _promote_if_ready(training_round, worker=worker):
+            done["promoted"].append(training_round.pk)
+    elif training_round.state == State.LABELING:
+        if round_complete(training_round=training_round):
+            done["completed"].append(training_round.pk)
+    elif _abandoned_by_workers(training_round):
+        # A process that dies (out of memory, a CUDA fault) never reaches its own error handling.
+        if training_round.attempts >= MAX_ATTEMPTS:
+            round_abandon(training_round=training_round, note=f"{training_round.attempts} workers died on it")
+            done["failed"].append(training_round.pk)
+        else:
             _enqueue(training_round)
             done["reclaimed"].append(training_round.pk)
-    return done
+
+
+def _abandoned_by_workers(training_round: TrainingRound) -> bool:
+    """In a worker state with nobody on it: the lease ran out, or no worker claimed the round for
+    a whole lease period (its task message was lost)."""
+    if training_round.lease_expires_at is not None:
+        return not training_round.lease_live()
+    return training_round.state_since < timezone.now() - LEASE
+
+
+def round_abandon(*, training_round: TrainingRound, note: str, worker: str = "") -> None:
+    """Fail a round that is not over, whatever its state: an admin giving up on pairs nobody will
+    label, or beat giving up on a round that kills its workers. A worker still on it loses its
+    lease and stops at its next heartbeat."""
+    if training_round.state in TrainingRound.TERMINAL_STATES:
+        raise RoundBusy(f"round {training_round.number} is already {training_round.state}")
+    _transition(
+        training_round, State.FAILED, worker=worker, owned=False, note=note[:500], error=note,
+        finished_at=timezone.now(), lease_owner="", lease_expires_at=None,
+    )  # fmt: skip

@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from annotation.export import PreferenceFilters, encode_jsonl, preference_rows
 from annotation.models import Project
-from training.leases import Heartbeat, LeaseLost, lease_claim, worker_name
+from training.leases import Heartbeat, LeaseLost, kept_alive, lease_claim, worker_name
 from training.models import RewardModel
 
 
@@ -75,7 +75,9 @@ def reward_model_run(
         pairs = reward.load_pairs(data_file)
         RewardModel.objects.filter(pk=model.pk).update(data={"pairs": len(pairs), "file": str(data_file)})
         config = reward.RewardConfig(**model.config)
-        summary = reward.train(pairs, config, out, progress=Heartbeat(model, worker, also=also), stop_after=stop_after)
+        heartbeat = Heartbeat(model, worker, also=also)
+        with kept_alive(heartbeat):
+            summary = reward.train(pairs, config, out, progress=heartbeat, stop_after=stop_after)
         if "stopped_at" in summary:
             return
         RewardModel.objects.filter(pk=model.pk, lease_owner=worker).update(

@@ -106,6 +106,21 @@ def round_start(request: AdminRequest, slug: str) -> HttpResponse:
     return redirect("rounds", slug=slug)
 
 
+@require_POST
+@login_required
+def round_abandon(request: AdminRequest, slug: str, number: int) -> HttpResponse:
+    """Give up on a round that cannot finish (pairs nobody will label), so the next one can start."""
+    selectors.admin_required(request.user)
+    training_round = get_object_or_404(TrainingRound, project__slug=slug, number=number)
+    admin = str(request.user)
+    try:
+        rounds.round_abandon(training_round=training_round, note=f"abandoned by {admin}", worker=admin)
+        messages.info(request, f"Round {number} abandoned.")
+    except (rounds.RoundBusy, rounds.LeaseLost) as error:  # over already, or it moved on meanwhile
+        messages.error(request, str(error))
+    return redirect("round", slug=slug, number=number)
+
+
 @require_GET
 @login_required
 def round_detail(request: AdminRequest, slug: str, number: int) -> HttpResponse:

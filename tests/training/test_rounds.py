@@ -4,6 +4,7 @@ back to the labelers exactly once, the humans' win rate, the reward-hacking flag
 
 import json
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from tests.conftest import PASSWORD, make_project
 from tests.test_quality import label_all
 from tests.training.test_reward_runs import TINY, voted_project
 from training import rounds
-from training.leases import LeaseLost
+from training.leases import Heartbeat, LeaseLost, kept_alive
 from training.models import PolicyVersion, RewardModel, RoundTransition, TrainingRound, TrainingSettings
 
 State = TrainingRound.State
@@ -126,7 +127,7 @@ def test_a_round_runs_resumes_after_a_killed_worker_and_closes_on_the_human_verd
     no_queue.clear()
     rounds.round_run(round_id=training_round.pk, worker="redelivered")
     assert round_samples(training_round).count() == len(samples)
-    assert rounds.rounds_check() == {"started": [], "promoted": [], "completed": [], "reclaimed": []}
+    assert rounds.rounds_check() == {"started": [], "promoted": [], "completed": [], "reclaimed": [], "failed": []}
 
     # The humans vote: it closes once every pair is labeled and aggregated.
     labelers = [labeler_create(username=f"judge{i}", password=PASSWORD) for i in range(2)]
@@ -392,3 +393,61 @@ def test_the_start_button_opens_a_round_once(admin_user, no_queue):
     again = client.post(f"/projects/{project.slug}/rounds/start/", HTTP_HX_REQUEST="true").content.decode()
     assert "already has a round in progress" in again
     assert TrainingRound.objects.filter(project=project).count() == 1
+
+
+@pytest.mark.django_db
+def test_beat_requeues_a_round_nobody_holds_and_fails_one_that_kills_its_workers(no_queue):
+    project = make_project(pairs=2)
+    TrainingSettings.objects.create(project=project, min_new_comparisons=0)
+    training_round = rounds.round_start(project=project)
+    # Its task message was lost: nobody ever claimed it. Within a lease period that is normal...
+    assert training_round.state == State.TRAINING_REWARD_MODEL and training_round.lease_expires_at is None
+    assert rounds.rounds_check()["reclaimed"] == []
+    # ...after one, beat sends it again.
+    TrainingRound.objects.filter(pk=training_round.pk).update(state_since=timezone.now() - timedelta(minutes=3))
+    assert rounds.rounds_check()["reclaimed"] == [training_round.pk]
+    # Workers that die before their error handling (out of memory) leave only expired leases behind.
+    TrainingRound.objects.filter(pk=training_round.pk).update(attempts=rounds.MAX_ATTEMPTS)
+    expire_lease(training_round)
+    assert rounds.rounds_check()["failed"] == [training_round.pk]
+    training_round.refresh_from_db()
+    assert training_round.state == State.FAILED and "5 workers died on it" in training_round.error
+    assert training_round.transitions.last().to_state == State.FAILED
+
+
+@pytest.mark.django_db
+def test_an_admin_abandons_a_round_nobody_will_finish_labeling(admin_user, alice, no_queue):
+    project = make_project(pairs=0, overlap=1)
+    training_round = labeling_round(project)
+    url = f"/projects/{project.slug}/rounds/1/abandon/"
+    labeler = Client()
+    labeler.force_login(alice)
+    assert labeler.post(url).status_code == 403
+    client = Client()
+    client.force_login(admin_user)
+    assert "Abandon this round" in client.get(f"/projects/{project.slug}/rounds/1/").content.decode()
+    response = client.post(url, follow=True)
+    training_round.refresh_from_db()
+    assert training_round.state == State.FAILED and training_round.error == "abandoned by admin"
+    page = response.content.decode()
+    assert "Round 1 abandoned." in page and "Abandon this round" not in page
+    assert "already failed" in client.post(url, follow=True).content.decode()
+    assert rounds.round_start(project=project).number == 2  # the project is free again
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_lease_is_kept_alive_between_steps_and_a_stolen_one_stops_the_worker(no_queue):
+    project = make_project(pairs=2)
+    TrainingSettings.objects.create(project=project, min_new_comparisons=0)
+    training_round = rounds.round_claim(round_id=rounds.round_start(project=project).pk, worker="loader")
+    lease = Heartbeat(training_round, "loader")
+    claimed_until = training_round.lease_expires_at
+    with kept_alive(lease, every=0.05):
+        time.sleep(0.3)  # loading four models: no training step to beat on
+        training_round.refresh_from_db()
+        assert training_round.lease_expires_at > claimed_until and not lease.lost
+        TrainingRound.objects.filter(pk=training_round.pk).update(lease_owner="thief")
+        time.sleep(0.3)
+    assert lease.lost
+    with pytest.raises(LeaseLost):
+        lease(1, 10, {})
