@@ -424,7 +424,7 @@ def train(
     (out / "ppo_config.json").write_text(config.to_json())
     roles = load_roles(config, device)
     trainable = [p for p in (*roles.policy.parameters(), *roles.critic.parameters()) if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, eps=1e-5)
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, eps=1e-5, weight_decay=0.0)
     encoded = [prompt_ids(roles.tokenizer, p, config.max_prompt_length) for p in prompts]
     sampler = random.Random(config.seed)
     beta, start = config.beta, 0

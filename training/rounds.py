@@ -44,7 +44,6 @@ from training.services import TrainingBusy, reward_model_run, reward_model_start
 State = TrainingRound.State
 logger = logging.getLogger(__name__)
 MAX_ATTEMPTS = 5  # workers that may die on one round before it is failed
-SAMPLE_CHUNK = 16  # prompts per generate call while sampling: the lease is renewed between chunks
 # Fields of PPOConfig a round sets itself; the project's overrides may not change them.
 ROUND_OWNED_FIELDS = {"policy", "reward_model", "reference"}
 
@@ -333,22 +332,26 @@ def samples_insert(*, training_round: TrainingRound, records: Sequence[PairRecor
         )
 
 
-def _sample(training_round: TrainingRound, worker: str, lease: Heartbeat) -> None:
+def _sample(training_round: TrainingRound, worker: str) -> None:
+    """Both policies answer the held-out prompts (kept_alive holds the lease meanwhile)."""
     from training import ppo
 
     assert training_round.policy is not None and training_round.policy.parent is not None
     by_id = Prompt.objects.in_bulk(training_round.held_out_prompt_ids)
     prompts = [by_id[pk] for pk in training_round.held_out_prompt_ids if pk in by_id]
     config = training_round.policy.config  # both policies answer as PPO sampled
-    answers: dict[str, list[str]] = {"new": [], "old": []}
-    for start in range(0, len(prompts), SAMPLE_CHUNK):
-        chunk = [prompt.content for prompt in prompts[start : start + SAMPLE_CHUNK]]
-        for key, policy in (("new", training_round.policy), ("old", training_round.policy.parent)):
-            lease.renew()
-            answers[key] += ppo.generate(
-                policy.artifact_path, chunk, max_new_tokens=config["max_new_tokens"],
-                temperature=config["temperature"], top_p=config["top_p"], seed=training_round.number,
-            )  # fmt: skip
+    answers = {
+        key: ppo.generate(
+            policy.artifact_path,
+            [prompt.content for prompt in prompts],
+            max_new_tokens=config["max_new_tokens"],
+            temperature=config["temperature"],
+            top_p=config["top_p"],
+            seed=training_round.number,
+            max_prompt_length=config["max_prompt_length"],
+        )  # fmt: skip
+        for key, policy in (("new", training_round.policy), ("old", training_round.policy.parent))
+    }
     records = sample_records(training_round, prompts, answers["new"], answers["old"])
     # The pairs and the move to labeling commit together: a worker that dies before adds nothing,
     # and a redelivered task finds the round labeling and samples nothing again.
@@ -384,7 +387,7 @@ def round_run(*, round_id: int, worker: str | None = None, stop_after: int | Non
             if training_round.state == State.RUNNING_PPO and not _run_ppo(training_round, worker, lease, stop_after):
                 return
             if training_round.state == State.SAMPLING:
-                _sample(training_round, worker, lease)
+                _sample(training_round, worker)
     except LeaseLost:
         return
     except Exception as error:  # noqa: BLE001 - a failed round is recorded, never left running
