@@ -49,6 +49,9 @@ import psycopg
 from psycopg import sql as pgsql
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.common import app_commit  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results" / "export_agreement.json"
 SECRET_KEY = "bench-only-secret-key-" + "x" * 40
 ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -520,13 +523,6 @@ def print_report(r: dict[str, Any]) -> None:
     for c in r["latency"]["calls"]:
         print(f"  {c['name']:<34} status {c['status']}  p50 {c['p50_ms']:>8} ms  max {c['max_ms']:>8} ms  "
               f"{c['queries']} queries, slowest {c['slowest_query_ms']} ms{'  SLOW' if c['slow'] else ''}")  # fmt: skip
-
-
-def app_commit() -> str:
-    git = ["git", "-C", str(ROOT)]
-    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run([*git, "status", "--porcelain", "annotation", "config"], capture_output=True, text=True)
-    return head + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def main(argv: list[str] | None = None) -> int:

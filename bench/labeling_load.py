@@ -63,6 +63,7 @@ from psycopg import sql as pgsql
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from annotation import sql  # noqa: E402  (imports no Django)
+from bench.common import app_commit  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "labeling_load.json"
 ACCEPTABLE = frozenset({200, 201, 204, 409})
@@ -1009,23 +1010,6 @@ def parse_args(argv: list[str] | None = None) -> Config:
         timeout=timeout,
         app_root=args.app_root.resolve(),
     )
-
-
-def app_commit(root: Path) -> str | None:
-    try:
-        done = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
-        )
-    except OSError:
-        return None
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--", "annotation", "config"],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=10,
-    )
-    return (done.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")) if done.returncode == 0 else None
 
 
 def log(message: str) -> None:

@@ -34,7 +34,6 @@ import argparse
 import dataclasses
 import json
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -49,7 +48,7 @@ import tokenizers  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from bench.reward_real_data import machine  # noqa: E402
+from bench.common import peak_memory_mib, training_machine  # noqa: E402
 from training import ppo, reward  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -101,12 +100,6 @@ class Setup:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def peak_memory_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
 def real_tokens(response: torch.Tensor, eos_token_id: int) -> int:
@@ -174,7 +167,7 @@ def run_generate(setup: Setup, prompts: list[str], device: torch.device) -> dict
             query, query_mask = query.to(device), query_mask.to(device)
             synchronize(device)
             began = time.perf_counter()
-            with torch.no_grad(), reward._autocast(device):
+            with torch.no_grad(), reward.autocast_for(device):
                 out = model.generate(
                     input_ids=query, attention_mask=query_mask, do_sample=True, temperature=TEMPERATURE, top_k=0,
                     top_p=1.0, max_new_tokens=setup.new_tokens, eos_token_id=tokenizer.eos_token_id,
@@ -209,7 +202,7 @@ def run_trl(setup: Setup, prompts: list[str], device: torch.device, lora: bool) 
     reward_model = ppo.RewardModel(Path(setup.reward_model), device, max_length=512)
 
     def reward_model_score(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
-        with reward._autocast(device):  # as our PPO scores: bf16 autocast on CUDA
+        with reward.autocast_for(device):  # as our PPO scores: bf16 autocast on CUDA
             return reward_model(prompts, [c.strip() for c in completions]).tolist()
 
     class StepTimes(transformers.TrainerCallback):
@@ -409,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             if name in sides:
                 comparison[f"{name}_generation_efficiency"] = ratio(sides[name]["generated_tokens_per_second"], ceiling)
     results = {
-        "machine": {**machine(), "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"},
+        "machine": {**training_machine(), "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"},
         "parameters": {
             **{k: v for k, v in dataclasses.asdict(setup).items() if k not in ("policy", "reward_model")},
             "model_shape": {**preset.shape, "vocab_size": preset.vocab_size},

@@ -23,12 +23,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
 import gzip
 import json
-import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +38,7 @@ import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from annotation.importing import parse_pair_lines  # noqa: E402
+from bench.common import training_machine  # noqa: E402
 from training import backbones  # noqa: E402
 from training.reward import Pair, RewardConfig, encode, evaluate, split_by_prompt, train  # noqa: E402
 
@@ -95,19 +92,6 @@ def run_backbone(config: RewardConfig, train_pairs: list[Pair], held_out: list[P
     }
 
 
-def machine() -> dict[str, Any]:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return {
-        "nproc": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "app_commit": commit.stdout.strip(),
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-    }
-
-
 CONFIGS = {
     "minilm-l6": RewardConfig(backbone="minilm-l6", learning_rate=5e-5, batch_size=16, max_length=256),
     "smollm2-135m": RewardConfig(backbone="smollm2-135m", learning_rate=1e-5, batch_size=16, max_length=256),
@@ -127,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     pairs, errors = hh_pairs(args.data)
     train_pairs, held_out = split_by_prompt(pairs, RewardConfig.eval_fraction)
     results: dict[str, Any] = {
-        "machine": machine(),
+        "machine": training_machine(),
         "data": {"file": args.data.name, "pairs": len(pairs), "unusable_lines": len(errors), "held_out": len(held_out)},
         "trl_reference": {"minilm-l6_accuracy": 0.64, "note": "TRL RewardTrainer, pairs over max_length dropped"},
         "backbones": {},

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -45,7 +44,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-from bench.reward_real_data import DATA, hh_pairs, machine  # noqa: E402
+from bench.common import peak_memory_mib, training_machine  # noqa: E402
+from bench.reward_real_data import DATA, hh_pairs  # noqa: E402
 from training import backbones  # noqa: E402
 from training.reward import Encoded, Pair, RewardConfig, encode, metrics, pair_rewards, split_by_prompt  # noqa: E402
 
@@ -82,12 +82,6 @@ class Setup:
 
 
 # --- one side, in its own process -------------------------------------------------------------
-
-
-def peak_memory_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
 class Clock:
@@ -269,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     model_config = json.loads((Path(backbones.resolve("smollm2-135m")) / "config.json").read_text())
     model_config.update(preset.shape)
     results = {
-        "machine": {**machine(), "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"},
+        "machine": {**training_machine(), "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"},
         "parameters": {
             **{k: v for k, v in dataclasses.asdict(setup).items() if k != "model_dir"},
             "model_shape": {

@@ -34,7 +34,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from training import backbones, reward
+from training import backbones, cli, reward
 
 Messages = list[dict[str, str]]
 Prompt = str | Messages
@@ -155,7 +155,7 @@ class RewardModel:
         sequences = [reward.encode(self.tokenizer, prompt, answer, self.max_length) for prompt, answer in pairs]
         ids, mask = reward.pad(sequences, self.tokenizer.pad_token_id, self.tokenizer.padding_side)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        with reward._autocast(self.device):
+        with reward.autocast_for(self.device):
             return torch.stack([reward.scores(m, ids, mask).float() for m in self.members]).mean(0)
 
 
@@ -394,7 +394,7 @@ def load_roles(config: PPOConfig, device: torch.device) -> Roles:
 
 
 def _rng_state(sampler: random.Random) -> dict[str, Any]:
-    return {**reward._rng_state(), "sampler": sampler.getstate()}
+    return {**reward.rng_state(), "sampler": sampler.getstate()}
 
 
 def train(
@@ -434,7 +434,7 @@ def train(
         roles.policy.load_state_dict(state["policy"])
         roles.critic.load_state_dict(state["critic"])
         optimizer.load_state_dict(state["optimizer"])
-        reward._set_rng_state(state["rng"])
+        reward.set_rng_state(state["rng"])
         sampler.setstate(state["rng"]["sampler"])
         beta, start = state["beta"], state["step"]
     else:
@@ -442,7 +442,7 @@ def train(
     # Rows written after the checkpoint belong to steps that will run again.
     rows = metrics_file.read_text().splitlines()[:start] if metrics_file.exists() else []
     metrics_file.write_text("".join(row + "\n" for row in rows))
-    autocast = reward._autocast(device)
+    autocast = reward.autocast_for(device)
 
     for step in range(start, config.steps):
         if stop_after is not None and step >= stop_after:
@@ -574,34 +574,19 @@ def summarize(rows: Sequence[dict[str, float]], last: int = 5) -> dict[str, Any]
 
 
 def _progress_bar(step: int, total: int, row: dict[str, float]) -> None:
-    width = 30
-    filled = int(width * step / max(total, 1))
-    sys.stderr.write(
-        f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{total} "
-        f"score {row['objective/score']:.3f} kl {row['objective/kl']:.3f} len {row['policy/response_length']:.1f}"
-    )
-    if step == total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
+    score, kl, length = row["objective/score"], row["objective/kl"], row["policy/response_length"]
+    cli.progress_bar(step, total, f"score {score:.3f} kl {kl:.3f} len {length:.1f}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.ppo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=Path, required=True, help="JSON Lines with a 'prompt' per line.")
     parser.add_argument("--out", type=Path, required=True, help="Directory for the policy, config and metrics.")
-    for spec in dataclasses.fields(PPOConfig):
-        flag = "--" + spec.name.replace("_", "-")
-        if spec.type is bool:
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=spec.default, help=spec.metadata["help"]
-            )
-        else:
-            kind = spec.type if spec.type in (int, float) else str
-            parser.add_argument(flag, type=kind, default=spec.default, help=spec.metadata["help"])
+    cli.add_config_flags(parser, PPOConfig)
     args = parser.parse_args(argv)
     if not args.reward_model:
         parser.error("--reward-model is required")
-    config = PPOConfig(**{spec.name: getattr(args, spec.name) for spec in dataclasses.fields(PPOConfig)})
+    config = cli.config_from_flags(PPOConfig, args)
     print(json.dumps(train(config, load_prompts(args.prompts), args.out, progress=_progress_bar)))
     return 0
 

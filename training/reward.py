@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from training import backbones
+from training import backbones, cli
 
 Messages = list[dict[str, str]]
 
@@ -237,20 +237,20 @@ def load_model(config: RewardConfig, device: torch.device) -> tuple[PreTrainedMo
     return model.to(device), tokenizer
 
 
-def _autocast(device: torch.device) -> Any:
+def autocast_for(device: torch.device) -> Any:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast(device.type, enabled=False)
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():  # sampling on a GPU draws from the CUDA generators
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -298,7 +298,7 @@ def train_member(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         start, losses = state["step"], state["losses"]
 
     model.train()
@@ -307,7 +307,7 @@ def train_member(
             break
         # Forward: chosen and rejected in one pass; Bradley-Terry loss on the score gap.
         ids, mask, margins = data.batch(batches[step], device)
-        with _autocast(device):
+        with autocast_for(device):
             rewards = scores(model, ids, mask)
         half = len(batches[step])
         loss = bradley_terry_loss(
@@ -326,7 +326,7 @@ def train_member(
         if checkpoint is not None and (step + 1) % config.checkpoint_every == 0:
             state = {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                "rng": _rng_state(), "step": step + 1, "losses": losses,
+                "rng": rng_state(), "step": step + 1, "losses": losses,
             }  # fmt: skip
             torch.save(state, checkpoint.with_suffix(".tmp"))
             checkpoint.with_suffix(".tmp").replace(checkpoint)
@@ -341,7 +341,7 @@ def pair_rewards(model: PreTrainedModel, data: Encoded, device: torch.device, ba
     for start in range(0, len(data.pairs), batch_size):
         indices = list(range(start, min(start + batch_size, len(data.pairs))))
         ids, mask, _ = data.batch(indices, device)
-        with _autocast(device):
+        with autocast_for(device):
             rewards = scores(model, ids, mask).float().cpu().numpy()
         out.append(np.stack([rewards[: len(indices)], rewards[len(indices) :]], axis=1))
     return np.concatenate(out) if out else np.zeros((0, 2))
@@ -462,12 +462,7 @@ def evaluate(model_dir: Path, pairs: Sequence[Pair], *, device: torch.device | N
 
 
 def _progress_bar(step: int, total: int, loss: float) -> None:
-    width = 30
-    filled = int(width * step / max(total, 1))
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{total} loss {loss:.4f}")
-    if step == total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
+    cli.progress_bar(step, total, f"loss {loss:.4f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -475,15 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, required=True, help="Export file: JSON Lines or Parquet.")
     parser.add_argument("--out", type=Path, help="Directory for the trained model, config and metrics.")
     parser.add_argument("--evaluate", type=Path, metavar="DIR", help="Score --data with the model in DIR.")
-    for spec in dataclasses.fields(RewardConfig):
-        flag = "--" + spec.name.replace("_", "-")
-        if spec.type is bool:
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=spec.default, help=spec.metadata["help"]
-            )
-        else:
-            kind = spec.type if spec.type in (int, float) else str
-            parser.add_argument(flag, type=kind, default=spec.default, help=spec.metadata["help"])
+    cli.add_config_flags(parser, RewardConfig)
     args = parser.parse_args(argv)
     pairs = load_pairs(args.data)
     if args.evaluate:
@@ -491,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.out is None:
         parser.error("--out is required when training")
-    config = RewardConfig(**{spec.name: getattr(args, spec.name) for spec in dataclasses.fields(RewardConfig)})
+    config = cli.config_from_flags(RewardConfig, args)
     print(json.dumps(train(pairs, config, args.out, progress=_progress_bar)))
     return 0
 

@@ -12,7 +12,7 @@ from training.reward import (
     Encoded,
     Pair,
     RewardConfig,
-    _autocast,
+    autocast_for,
     bradley_terry_loss,
     load_model,
     pair_rewards,
@@ -89,7 +89,7 @@ def test_gradient_checkpointing_leaves_the_loss_trajectory_unchanged(tiny_backbo
 
 
 def test_autocast_is_off_on_cpu_and_bf16_autocast_runs_through_scoring(tiny_backbone):
-    with _autocast(CPU):
+    with autocast_for(CPU):
         assert not torch.is_autocast_enabled("cpu")
 
     config = tiny_config(tiny_backbone)
