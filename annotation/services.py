@@ -112,8 +112,9 @@ def pairs_import_file(
     return project, ImportResult(result.created, result.duplicates, tuple(errors))
 
 
-def pairs_import(*, project: Project, records: list[PairRecord]) -> ImportResult:
-    """Write parsed pairs in one transaction; pairs already present (either order) are skipped."""
+def pairs_import(*, project: Project, records: list[PairRecord], round_number: int | None = None) -> ImportResult:
+    """Write parsed pairs in one transaction; pairs already present (either order) are skipped.
+    With `round_number`, the pairs are a training round's samples (new policy against previous)."""
     with transaction.atomic():
         existing = set(Comparison.objects.filter(project=project).values_list("content_hash", flat=True))
         prompt_ids = dict(Prompt.objects.filter(project=project).values_list("content_hash", "id"))
@@ -152,7 +153,8 @@ def pairs_import(*, project: Project, records: list[PairRecord]) -> ImportResult
                     response_a=responses[2 * index],
                     response_b=responses[2 * index + 1],
                     meta=record.meta,
-                    origin=Comparison.Origin.GOLD if record.gold_choice else Comparison.Origin.IMPORTED,
+                    origin=_origin(record, round_number),
+                    round=round_number,
                     gold_choice=record.gold_choice,
                     content_hash=pair_hash,
                 )
@@ -161,6 +163,12 @@ def pairs_import(*, project: Project, records: list[PairRecord]) -> ImportResult
             batch_size=1000,
         )
     return ImportResult(created=len(fresh), duplicates=len(records) - len(fresh))
+
+
+def _origin(record: PairRecord, round_number: int | None) -> str:
+    if round_number is not None:
+        return Comparison.Origin.ROUND_SAMPLE
+    return Comparison.Origin.GOLD if record.gold_choice else Comparison.Origin.IMPORTED
 
 
 # Claim and vote run on every labeling request, so they are a few hand-written statements

@@ -320,16 +320,8 @@ def sample_records(
 def samples_insert(*, training_round: TrainingRound, records: Sequence[PairRecord]) -> int:
     """Add the round's pairs to the labeling queue as round samples; pairs already there (by content
     hash) are left alone, so inserting twice adds nothing. Returns how many were new."""
-    project = training_round.project
-    hashes = {content_hash(record.prompt, sorted([record.response_a, record.response_b])) for record in records}
-    with transaction.atomic():
-        present = set(
-            Comparison.objects.filter(project=project, content_hash__in=hashes).values_list("content_hash", flat=True)
-        )
-        pairs_import(project=project, records=list(records))
-        return Comparison.objects.filter(project=project, content_hash__in=hashes - present).update(
-            origin=Comparison.Origin.ROUND_SAMPLE, round=training_round.number
-        )
+    imported = pairs_import(project=training_round.project, records=list(records), round_number=training_round.number)
+    return imported.created
 
 
 def _sample(training_round: TrainingRound, worker: str) -> None:
