@@ -51,15 +51,13 @@ class Heartbeat:
     `every` seconds (and at the last step); raises LeaseLost when another worker took it over.
 
     The reward model calls it as (step, total, loss), PPO as (step, total, metrics): only step and
-    total are stored, the losses and metrics go to the run's own files. `also` is a lease renewed
-    with this one: a round keeps its own lease alive while its reward model trains.
+    total are stored, the losses and metrics go to the run's own files.
     """
 
-    def __init__(self, row: models.Model, worker: str, *, also: "Heartbeat | None" = None, every: float = 2.0) -> None:
+    def __init__(self, row: models.Model, worker: str, *, every: float = 2.0) -> None:
         self.model = type(row)
         self.pk = row.pk
         self.worker = worker
-        self.also = also
         self.every = every
         self.last = 0.0
         self.lost = False  # set by kept_alive's thread
@@ -79,8 +77,6 @@ class Heartbeat:
         )
         if not renewed:
             raise LeaseLost(f"{self.worker} lost the lease on {self.model.__name__} {self.pk}")
-        if self.also is not None:
-            self.also.renew()
 
 
 @contextmanager

@@ -210,7 +210,7 @@ def _train_reward_model(training_round: TrainingRound, worker: str, lease: Heart
             raise RoundFailed(f"{error}; the round needs its own") from None
         training_round.reward_model = model
     while True:
-        reward_model_run(reward_model_id=model.pk, worker=worker, also=lease)
+        reward_model_run(reward_model_id=model.pk, worker=worker)  # the round's kept_alive renews its lease
         model.refresh_from_db()
         if model.status == RewardModel.Status.SUCCEEDED:
             break

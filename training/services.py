@@ -50,12 +50,9 @@ def reward_model_claim(*, reward_model_id: int, worker: str) -> RewardModel | No
     return lease_claim(claimable, worker=worker, status=RewardModel.Status.RUNNING)
 
 
-def reward_model_run(
-    *, reward_model_id: int, worker: str | None = None, stop_after: int | None = None, also: Heartbeat | None = None
-) -> None:
+def reward_model_run(*, reward_model_id: int, worker: str | None = None, stop_after: int | None = None) -> None:
     """Train a queued version (or take over one whose worker died). `stop_after` ends the run after
-    that many steps without finishing it, as a killed worker would. `also` is a lease the heartbeat
-    renews with this one (the round that waits for this model)."""
+    that many steps without finishing it, as a killed worker would."""
     from training import reward
 
     worker = worker or worker_name()
@@ -75,7 +72,7 @@ def reward_model_run(
         pairs = reward.load_pairs(data_file)
         RewardModel.objects.filter(pk=model.pk).update(data={"pairs": len(pairs), "file": str(data_file)})
         config = reward.RewardConfig(**model.config)
-        heartbeat = Heartbeat(model, worker, also=also)
+        heartbeat = Heartbeat(model, worker)
         with kept_alive(heartbeat):
             summary = reward.train(pairs, config, out, progress=heartbeat, stop_after=stop_after)
         if "stopped_at" in summary:
