@@ -6,19 +6,16 @@ from typing import Any
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.db.models import Q
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
-from django.utils.cache import patch_vary_headers
 from django.views.decorators.http import require_GET, require_POST
-from django_htmx.middleware import HtmxDetails
 
 from annotation import quality, selectors, services
 from annotation.agreement import CHOICES
-from annotation.charts import line_chart
 from annotation.models import AggregatedLabel, AgreementSnapshot, Comparison, Project
 from annotation.tasks import agreement_refresh_task
-from training import services as training_services
-from training.models import RewardModel
+from web.charts import line_chart
+from web.pages import HtmxRequest, render_page
 
 REVIEW_PAGE = 25
 LABELER_COLUMNS = [
@@ -34,19 +31,9 @@ LABELER_COLUMNS = [
 ]
 
 
-class AdminRequest(HttpRequest):
-    htmx: HtmxDetails
-
-
-def _render(request: AdminRequest, template: str, partial: str, context: dict[str, Any]) -> HttpResponse:
-    response = render(request, f"{template}#{partial}" if request.htmx else template, context)
-    patch_vary_headers(response, ["HX-Request"])
-    return response
-
-
 @require_GET
 @login_required
-def dashboard(request: AdminRequest, slug: str) -> HttpResponse:
+def dashboard(request: HtmxRequest, slug: str) -> HttpResponse:
     selectors.admin_required(request.user)
     project = get_object_or_404(Project, slug=slug)
     snapshot = quality.snapshot_for_page(project=project)
@@ -72,39 +59,8 @@ def dashboard(request: AdminRequest, slug: str) -> HttpResponse:
         else [],
         # Counted when the snapshot was computed: counting here would scan every aggregate.
         "review_count": snapshot.figures.get("split_pairs", 0) if snapshot else 0,
-        "reward_models": _reward_models(project),
     }
-    return _render(request, "annotation/dashboard.html", "labelers", context)
-
-
-def _reward_models(project: Project) -> Any:
-    return RewardModel.objects.filter(project=project).order_by("-version")[:10]
-
-
-@require_GET
-@login_required
-def reward_models(request: AdminRequest, slug: str) -> HttpResponse:
-    """The reward model table alone: htmx polls it while a version trains."""
-    selectors.admin_required(request.user)
-    project = get_object_or_404(Project, slug=slug)
-    context = {
-        "project": project,
-        "reward_models": RewardModel.objects.filter(project=project).order_by("-version")[:10],
-    }
-    return _render(request, "annotation/dashboard.html", "reward-models", context)
-
-
-@require_POST
-@login_required
-def reward_model_train(request: AdminRequest, slug: str) -> HttpResponse:
-    selectors.admin_required(request.user)
-    project = get_object_or_404(Project, slug=slug)
-    try:
-        model = training_services.reward_model_start(project=project)
-        messages.info(request, f"Reward model v{model.version} queued.")
-    except training_services.TrainingBusy as error:
-        messages.error(request, str(error))
-    return redirect("dashboard", slug=slug)
+    return render_page(request, "annotation/dashboard.html", context, partial="labelers")
 
 
 def _history_chart(project: Project) -> Any:
@@ -150,7 +106,7 @@ def _review_queryset(project: Project) -> Any:
 
 @require_GET
 @login_required
-def review(request: AdminRequest, slug: str) -> HttpResponse:
+def review(request: HtmxRequest, slug: str) -> HttpResponse:
     selectors.admin_required(request.user)
     project = get_object_or_404(Project, slug=slug)
     after = request.GET.get("after", "")
@@ -171,7 +127,7 @@ def review(request: AdminRequest, slug: str) -> HttpResponse:
 
 @require_POST
 @login_required
-def adjudicate(request: AdminRequest, comparison_id: int) -> HttpResponse:
+def adjudicate(request: HtmxRequest, comparison_id: int) -> HttpResponse:
     admin = selectors.admin_required(request.user)
     comparison = get_object_or_404(Comparison.objects.select_related("project"), pk=comparison_id)
     choice = request.POST.get("choice", "")
@@ -186,7 +142,7 @@ def adjudicate(request: AdminRequest, comparison_id: int) -> HttpResponse:
 
 @require_POST
 @login_required
-def import_upload(request: AdminRequest, slug: str) -> HttpResponse:
+def import_upload(request: HtmxRequest, slug: str) -> HttpResponse:
     selectors.admin_required(request.user)
     project = get_object_or_404(Project, slug=slug)
     upload = request.FILES.get("file")
@@ -216,7 +172,7 @@ def import_upload(request: AdminRequest, slug: str) -> HttpResponse:
 
 @require_POST
 @login_required
-def refresh(request: AdminRequest, slug: str) -> HttpResponse:
+def refresh(request: HtmxRequest, slug: str) -> HttpResponse:
     selectors.admin_required(request.user)
     project = get_object_or_404(Project, slug=slug)
     agreement_refresh_task.delay(project.pk)

@@ -5,26 +5,21 @@ import uuid
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
-from django.utils.cache import patch_vary_headers
 from django.views.decorators.http import require_GET, require_POST
-from django_htmx.middleware import HtmxDetails
 
 from annotation import selectors, services
 from annotation.models import Assignment, Project, Vote
+from web.pages import HtmxRequest, render_page
 
 
-class LabelerRequest(HttpRequest):
-    htmx: HtmxDetails
-
-
-def _project_for_labeler(request: LabelerRequest, slug: str) -> Project:
+def _project_for_labeler(request: HtmxRequest, slug: str) -> Project:
     selectors.labeler_required(request.user)
     return get_object_or_404(Project, slug=slug)
 
 
-def _assignment_for_labeler(request: LabelerRequest, assignment_id: int) -> Assignment:
+def _assignment_for_labeler(request: HtmxRequest, assignment_id: int) -> Assignment:
     labeler = selectors.labeler_required(request.user)
     try:
         assignment = selectors.assignment_for_display(assignment_id=assignment_id)
@@ -35,7 +30,7 @@ def _assignment_for_labeler(request: LabelerRequest, assignment_id: int) -> Assi
     return assignment
 
 
-def _pair_context(request: LabelerRequest, project: Project, assignment: Assignment | None, **extra: object) -> dict:
+def _pair_context(request: HtmxRequest, project: Project, assignment: Assignment | None, **extra: object) -> dict:
     return {
         "project": project,
         "progress": selectors.labeler_progress(project=project, labeler=selectors.labeler_required(request.user)),
@@ -47,17 +42,16 @@ def _pair_context(request: LabelerRequest, project: Project, assignment: Assignm
     }
 
 
-def _render_pair(request: LabelerRequest, context: dict, status: int = 200) -> HttpResponse:
-    template = "annotation/label.html#pair" if request.htmx else "annotation/label.html"
+def _render_pair(request: HtmxRequest, context: dict, status: int = 200) -> HttpResponse:
     # An htmx swap of an error keeps status 200 so the message replaces the pair in place.
-    response = render(request, template, context, status=200 if request.htmx else status)
-    patch_vary_headers(response, ["HX-Request"])
-    return response
+    return render_page(
+        request, "annotation/label.html", context, partial="pair", status=200 if request.htmx else status
+    )
 
 
 @require_GET
 @login_required
-def home(request: LabelerRequest) -> HttpResponse:
+def home(request: HtmxRequest) -> HttpResponse:
     can_label = selectors.user_can_label(request.user)
     projects = selectors.projects_for_labeler() if can_label else Project.objects.none()
     is_admin = selectors.admin_or_none(request.user) is not None
@@ -66,7 +60,7 @@ def home(request: LabelerRequest) -> HttpResponse:
 
 @require_GET
 @login_required
-def label(request: LabelerRequest, slug: str) -> HttpResponse:
+def label(request: HtmxRequest, slug: str) -> HttpResponse:
     project = _project_for_labeler(request, slug)
     assignment = services.assignment_claim(project=project, labeler=selectors.labeler_required(request.user))
     if assignment is not None:
@@ -76,7 +70,7 @@ def label(request: LabelerRequest, slug: str) -> HttpResponse:
 
 @require_POST
 @login_required
-def vote(request: LabelerRequest, assignment_id: int) -> HttpResponse:
+def vote(request: HtmxRequest, assignment_id: int) -> HttpResponse:
     assignment = _assignment_for_labeler(request, assignment_id)
     project = assignment.comparison.project
     try:
@@ -100,13 +94,13 @@ def vote(request: LabelerRequest, assignment_id: int) -> HttpResponse:
 
 @require_POST
 @login_required
-def skip(request: LabelerRequest, assignment_id: int) -> HttpResponse:
+def skip(request: HtmxRequest, assignment_id: int) -> HttpResponse:
     assignment = _assignment_for_labeler(request, assignment_id)
     services.assignment_skip(assignment=assignment)
     return _next_pair(request, assignment.comparison.project, notice="Skipped.")
 
 
-def _next_pair(request: LabelerRequest, project: Project, *, notice: str, status: int = 200) -> HttpResponse:
+def _next_pair(request: HtmxRequest, project: Project, *, notice: str, status: int = 200) -> HttpResponse:
     if not request.htmx:
         messages.info(request, notice)
         return redirect("label", slug=project.slug)

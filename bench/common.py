@@ -17,7 +17,7 @@ def app_commit(root: Path = ROOT) -> str | None:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "annotation", "config", "training"],
+            ["git", "status", "--porcelain", "--", "annotation", "config", "rounds", "training", "web"],
             cwd=root, capture_output=True, text=True,
         )  # fmt: skip
     except OSError:

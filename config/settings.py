@@ -39,7 +39,7 @@ INSTALLED_APPS = [
     "django_htmx",
     "template_partials",
     "annotation",
-    "training",
+    "rounds",
 ]
 
 MIDDLEWARE = [
@@ -158,13 +158,13 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "default"
 # GPU work goes to its own queue, consumed by `celery -A config worker --queues gpu --pool solo`.
 CELERY_TASK_ROUTES = {
-    "training.tasks.reward_model_train_task": {"queue": "gpu"},
-    "training.tasks.round_run_task": {"queue": "gpu"},
+    "rounds.tasks.reward_model_train_task": {"queue": "gpu"},
+    "rounds.tasks.round_run_task": {"queue": "gpu"},
 }
 CELERY_BEAT_SCHEDULE = {
-    "reward-models-reclaim": {"task": "training.tasks.reward_models_reclaim_task", "schedule": 60.0},
+    "reward-models-reclaim": {"task": "rounds.tasks.reward_models_reclaim_task", "schedule": 60.0},
     # Starts rounds that have enough new labels, finishes labeled ones, re-enqueues stale ones.
-    "rounds-check": {"task": "training.tasks.rounds_check_task", "schedule": 120.0},
+    "rounds-check": {"task": "rounds.tasks.rounds_check_task", "schedule": 120.0},
 }
 
 CACHES = {

@@ -10,5 +10,5 @@ urlpatterns = [
     path("api/v1/auth/token/", api.TokenAPI.as_view(), name="api-token"),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("", include("annotation.urls")),
-    path("", include("training.urls")),
+    path("", include("rounds.urls")),
 ]

@@ -1,28 +1,15 @@
-"""Shared fixtures: named users (alice and bob label, admin administers, charlie is an outsider)
-and small projects built through the same services the product uses."""
+"""Shared fixtures: named users (alice and bob label, admin administers, charlie is an outsider),
+small projects built through the same services the product uses, and tiny saved models (built on
+first use, once per session)."""
 
-import itertools
-import os
-import subprocess
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
+import random
 
 import pytest
-import redis
 from django.contrib.auth import get_user_model
 from django.db import connection
-from rest_framework.authtoken.models import Token
-from rest_framework.test import APIClient
 
-from annotation.importing import PairRecord
-from annotation.models import Project
-from annotation.services import labeler_create, pairs_import, project_get_or_create
-
-PASSWORD = "correct-horse-battery"
-_slugs = itertools.count()
+from annotation.services import labeler_create
+from tests.factories import PASSWORD, make_project
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -65,80 +52,59 @@ def charlie(db):
     return user
 
 
-def make_records(count: int, *, tag: str = "") -> list[PairRecord]:
-    return [
-        PairRecord(
-            line=index + 1,
-            prompt=f"Question {tag}{index}: how do I boil an egg?",
-            response_a=f"Answer A{tag}{index}: put it in boiling water for 8 minutes.",
-            response_b=f"Answer B{tag}{index}: eggs cannot be boiled.",
-            source_a="model-a",
-            source_b="model-b",
-        )
-        for index in range(count)
-    ]
-
-
-def make_project(*, pairs: int = 5, overlap: int = 3, lease_seconds: int = 600) -> Project:
-    project = project_get_or_create(slug=f"project-{next(_slugs)}", overlap=overlap)
-    project.lease_seconds = lease_seconds
-    project.save(update_fields=["lease_seconds"])
-    pairs_import(project=project, records=make_records(pairs, tag=project.slug))
-    return project
-
-
 @pytest.fixture
 def project(db):
     return make_project()
 
 
-def api_client_for(user) -> APIClient:
-    client = APIClient()
-    token, _ = Token.objects.get_or_create(user=user)
-    client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
-    return client
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory) -> str:
+    """A saved tiny decoder + tokenizer: what --backbone takes as a local path."""
+    from tests.tiny_models import make_model, make_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-backbone")
+    tokenizer = make_tokenizer()
+    make_model(len(tokenizer), tokenizer.pad_token_id).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
 
 
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+@pytest.fixture(scope="session")
+def tiny_policy(tmp_path_factory) -> str:
+    """A saved tiny causal LM + tokenizer: what --policy takes as a local path."""
+    import transformers
 
+    from tests.tiny_models import make_policy_tokenizer
 
-@dataclass
-class Worker:
-    process: subprocess.Popen
-    output: str = field(default="")
-
-
-def _switch_broker(app, **conf: object) -> None:
-    """Celery builds its connection pool once, from the broker URL of that moment: a test that
-    switches brokers needs a new pool, or its tasks go to the old broker."""
-    app.conf.update(**conf)
-    app._pool = None  # dropped, not closed: kombu's producer registry may still hold the old one
-    app.amqp._producer_pool = None
-
-
-@contextmanager
-def celery_worker(queues: str, **env: str) -> Iterator[Worker]:
-    """A real Celery worker in its own process, consuming `queues` from Redis and writing to the
-    test database; while it runs, this process enqueues to the same Redis. Its log is in `output`
-    once the block ends."""
-    redis.Redis.from_url(REDIS_URL).flushdb()
-    database = connection.settings_dict
-    url = f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/{database['NAME']}"
-    from config.celery import app
-
-    process = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "config", "worker", "--pool", "solo", "--queues", queues,
-         "--without-mingle", "--without-gossip", "--loglevel", "INFO"],
-        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings_test", "DATABASE_URL": url,
-             "REDIS_URL": REDIS_URL, **env},
+    path = tmp_path_factory.mktemp("tiny-policy")
+    tokenizer = make_policy_tokenizer()
+    transformers.set_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
     )  # fmt: skip
-    previous = {"broker_url": app.conf.broker_url, "task_always_eager": app.conf.task_always_eager}
-    _switch_broker(app, broker_url=REDIS_URL, task_always_eager=False)
-    worker = Worker(process)
-    try:
-        yield worker
-    finally:
-        _switch_broker(app, **previous)
-        process.terminate()
-        worker.output, _ = process.communicate(timeout=30)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def banana_reward_model(tmp_path_factory, tiny_backbone) -> str:
+    """A deliberately exploitable reward model: trained on pairs where the answer with more
+    bananas (0 to 8) won, so more is always better to it, spam included."""
+    from tests.tiny_models import banana_answer
+    from training import reward
+
+    rng = random.Random(0)
+    pairs = []
+    for index in range(800):
+        low, high = sorted(rng.sample(range(9), 2))
+        pairs.append(
+            reward.Pair(prompt=f"question w{index % 20}", chosen=banana_answer(rng, high),
+                        rejected=banana_answer(rng, low))
+        )  # fmt: skip
+    out = tmp_path_factory.mktemp("banana-rm")
+    config = reward.RewardConfig(backbone=tiny_backbone, max_length=32, learning_rate=3e-3, epochs=2, batch_size=16)
+    assert reward.train(pairs, config, out)["accuracy"] > 0.9
+    return str(out)

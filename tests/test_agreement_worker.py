@@ -8,7 +8,8 @@ from django.test import override_settings
 
 from annotation.models import AgreementSnapshot
 from annotation.services import assignment_claim, labeler_create, vote_submit
-from tests.conftest import PASSWORD, celery_worker, make_project
+from tests.factories import PASSWORD, make_project
+from tests.workers import celery_worker
 
 
 @pytest.fixture

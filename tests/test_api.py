@@ -9,7 +9,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from annotation.models import Assignment, Vote
-from tests.conftest import PASSWORD, api_client_for, make_project
+from tests.factories import PASSWORD, api_client_for, make_project
 
 pytestmark = pytest.mark.django_db
 

@@ -9,7 +9,7 @@ from playwright.sync_api import Page, expect, sync_playwright
 from annotation.importing import PairRecord
 from annotation.models import Vote
 from annotation.services import labeler_create, pairs_import, project_get_or_create
-from tests.conftest import PASSWORD, make_project
+from tests.factories import PASSWORD, make_project
 from tests.xss_payloads import PAYLOADS
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]

@@ -16,7 +16,7 @@ from annotation.services import (
     labeler_create,
     vote_submit,
 )
-from tests.conftest import PASSWORD, make_project
+from tests.factories import PASSWORD, make_project
 
 pytestmark = pytest.mark.django_db
 

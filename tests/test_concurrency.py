@@ -12,7 +12,7 @@ from django.db.models import Count
 
 from annotation.models import Assignment, Comparison, Vote
 from annotation.services import LabelingError, assignment_claim, labeler_create, vote_submit
-from tests.conftest import PASSWORD, make_project
+from tests.factories import PASSWORD, make_project
 
 THREADS = 50
 TIME_CAP_SECONDS = 120

@@ -9,8 +9,7 @@ from django.test import Client
 from annotation.models import AggregatedLabel, Comparison
 from annotation.quality import agreement_refresh
 from annotation.services import labeler_create
-from tests.conftest import PASSWORD, make_project
-from tests.test_quality import label_all
+from tests.factories import PASSWORD, label_all, make_project
 
 pytestmark = pytest.mark.django_db
 

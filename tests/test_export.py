@@ -13,7 +13,7 @@ from annotation.importing import PairRecord
 from annotation.models import Comparison, Vote
 from annotation.quality import agreement_refresh, comparison_adjudicate
 from annotation.services import assignment_claim, labeler_create, pairs_import, vote_submit
-from tests.conftest import PASSWORD, api_client_for, make_project
+from tests.factories import PASSWORD, api_client_for, make_project
 
 pytestmark = pytest.mark.django_db
 

@@ -6,8 +6,7 @@ from django.core.management import call_command
 from annotation.importing import PairRecord
 from annotation.quality import agreement_refresh
 from annotation.services import labeler_create, pairs_import
-from tests.conftest import PASSWORD, make_project
-from tests.test_quality import label_all
+from tests.factories import PASSWORD, label_all, make_project
 
 datasets = pytest.importorskip("datasets")
 trl = pytest.importorskip("trl")

@@ -9,10 +9,10 @@ from django.core.management import CommandError, call_command
 from django.test import override_settings
 
 from annotation.models import Comparison, Project, Prompt, Response
+from tests.factories import SHARED_DATA
 
 pytestmark = pytest.mark.django_db
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-dev.jsonl.gz"
 GOOD = {"prompt": "Say hi", "response_a": "Hi!", "response_b": "Hello there."}
 
 

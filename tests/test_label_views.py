@@ -6,7 +6,7 @@ import pytest
 from django.test import Client
 
 from annotation.models import Assignment, Vote
-from tests.conftest import make_project
+from tests.factories import make_project
 
 pytestmark = pytest.mark.django_db
 

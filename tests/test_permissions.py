@@ -5,7 +5,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.core.management import call_command
 from rest_framework.test import APIClient
 
-from tests.conftest import api_client_for
+from tests.factories import api_client_for, label_all, make_project
 
 pytestmark = pytest.mark.django_db
 
@@ -49,9 +49,6 @@ def test_the_openapi_schema_is_valid_and_complete(tmp_path):
 
 
 def test_votes_api_pages_by_vote_id(admin_user, alice):
-    from tests.conftest import make_project
-    from tests.test_quality import label_all
-
     project = make_project(pairs=5, overlap=1)
     label_all(project, [alice], lambda labeler, comparison: "a")
     client = api_client_for(admin_user)

@@ -8,32 +8,12 @@ from django.test import override_settings
 from annotation.importing import PairRecord
 from annotation.models import AggregatedLabel, AgreementSnapshot, Comparison, Vote
 from annotation.quality import agreement_refresh, comparison_adjudicate, snapshot_for_page
-from annotation.services import assignment_claim, labeler_create, pairs_import, vote_submit
-from tests.conftest import PASSWORD, make_project
+from annotation.services import labeler_create, pairs_import
+from tests.factories import PASSWORD, label_all, make_project
 
 pytestmark = pytest.mark.django_db
 
 NOMINAL = {"a": 0, "b": 1, "tie": 2, "both_bad": 3}
-
-
-def label_all(project, labelers, decide) -> None:
-    """Labelers take turns claiming until nothing is left; decide(labeler, comparison) -> canonical choice."""
-    busy = True
-    while busy:
-        busy = False
-        for labeler in labelers:
-            assignment = assignment_claim(project=project, labeler=labeler)
-            if assignment is None:
-                continue
-            busy = True
-            canonical = decide(labeler, assignment.comparison)
-            screen = {"a": "left", "b": "right"} if assignment.left_is_a else {"a": "right", "b": "left"}
-            vote_submit(
-                assignment_id=assignment.pk,
-                labeler=labeler,
-                choice=screen.get(canonical, canonical),
-                strength=1 + assignment.comparison.pk % 3,
-            )
 
 
 def test_snapshot_figures_equal_the_reference_on_the_stored_votes():

@@ -10,8 +10,7 @@ from django.core.management import call_command
 from annotation.models import Comparison
 from annotation.quality import agreement_refresh
 from annotation.services import labeler_create
-from tests.conftest import PASSWORD, api_client_for
-from tests.test_import_pairs import SHARED_DATA
+from tests.factories import PASSWORD, SHARED_DATA, api_client_for
 
 pytestmark = [
     pytest.mark.django_db,

@@ -11,8 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from training import ppo
+from training.hacking import hacking_reason
 from training.ppo import PPOConfig, gae, policy_loss, shaped_rewards, value_loss, whiten
-from training.rounds import hacking_reason
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = [f"question w{i}" for i in range(20)]

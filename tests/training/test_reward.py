@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.training.conftest import WORDS, make_model, make_tokenizer, marker_pairs
+from tests.tiny_models import WORDS, make_model, make_tokenizer, marker_pairs
 from training.reward import (
     Encoded,
     Pair,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from tests.training.conftest import marker_pairs
+from tests.tiny_models import marker_pairs
 from training.reward import (
     Encoded,
     Pair,

@@ -17,12 +17,11 @@ from annotation.importing import PairRecord
 from annotation.models import Comparison, Prompt, content_hash
 from annotation.quality import agreement_refresh
 from annotation.services import labeler_create, pairs_import
-from tests.conftest import PASSWORD, make_project
-from tests.test_quality import label_all
-from tests.training.test_reward_runs import TINY, voted_project
-from training import rounds
-from training.leases import Heartbeat, LeaseLost, kept_alive
-from training.models import PolicyVersion, RewardModel, RoundTransition, TrainingRound, TrainingSettings
+from rounds import services
+from rounds.leases import Heartbeat, LeaseLost, kept_alive
+from rounds.models import PolicyVersion, RewardModel, RoundTransition, TrainingRound, TrainingSettings
+from tests.factories import PASSWORD, TINY, label_all, make_project, voted_project
+from training.hacking import hacking_reason
 
 State = TrainingRound.State
 # A high learning rate so that three steps change what the tiny policy says.
@@ -40,8 +39,8 @@ def artifacts(tmp_path, settings):
 def no_queue(monkeypatch):
     """Tasks are recorded, not run: the tests drive round_run themselves, as workers would."""
     queued: list[int] = []
-    monkeypatch.setattr("training.tasks.round_run_task.delay", queued.append)
-    monkeypatch.setattr("training.tasks.reward_model_train_task.delay", lambda pk: None)
+    monkeypatch.setattr("rounds.tasks.round_run_task.delay", queued.append)
+    monkeypatch.setattr("rounds.tasks.reward_model_train_task.delay", lambda pk: None)
     return queued
 
 
@@ -74,25 +73,25 @@ def test_a_round_runs_resumes_after_a_killed_worker_and_closes_on_the_human_verd
 ):
     project = loop_project(tiny_backbone, tiny_policy)
     with django_capture_on_commit_callbacks(execute=True):
-        training_round = rounds.round_start(project=project)
+        training_round = services.round_start(project=project)
     assert training_round.state == State.TRAINING_REWARD_MODEL and no_queue == [training_round.pk]
     assert training_round.aggregated_at_start == 60
 
-    rounds.round_run(round_id=training_round.pk, worker="doomed", stop_after=1)  # dies after PPO step 1
+    services.round_run(round_id=training_round.pk, worker="doomed", stop_after=1)  # dies after PPO step 1
     training_round.refresh_from_db()
     assert (training_round.state, training_round.lease_owner, training_round.step) == (State.RUNNING_PPO, "doomed", 1)
     assert training_round.reward_model.status == RewardModel.Status.SUCCEEDED
     policy_dir = Path(artifacts) / project.slug / "rounds" / "1" / "policy"
     assert (policy_dir / "checkpoint.pt").exists()
-    rounds.round_run(round_id=training_round.pk, worker="eager")  # the lease is live: nothing happens
+    services.round_run(round_id=training_round.pk, worker="eager")  # the lease is live: nothing happens
     training_round.refresh_from_db()
     assert training_round.lease_owner == "doomed"
 
     expire_lease(training_round)
     with django_capture_on_commit_callbacks(execute=True):
-        assert rounds.rounds_check()["reclaimed"] == [training_round.pk]
+        assert services.rounds_check()["reclaimed"] == [training_round.pk]
     assert no_queue == [training_round.pk, training_round.pk]
-    rounds.round_run(round_id=training_round.pk, worker="rescuer")
+    services.round_run(round_id=training_round.pk, worker="rescuer")
     training_round.refresh_from_db()
     assert training_round.state == State.LABELING, training_round.error
     assert states(training_round) == [
@@ -125,16 +124,16 @@ def test_a_round_runs_resumes_after_a_killed_worker_and_closes_on_the_human_verd
 
     # A redelivered task adds nothing.
     no_queue.clear()
-    rounds.round_run(round_id=training_round.pk, worker="redelivered")
+    services.round_run(round_id=training_round.pk, worker="redelivered")
     assert round_samples(training_round).count() == len(samples)
-    assert rounds.rounds_check() == {"started": [], "promoted": [], "completed": [], "reclaimed": [], "failed": []}
+    assert services.rounds_check() == {"started": [], "promoted": [], "completed": [], "reclaimed": [], "failed": []}
 
     # The humans vote: it closes once every pair is labeled and aggregated.
     labelers = [labeler_create(username=f"judge{i}", password=PASSWORD) for i in range(2)]
     label_all(project, labelers, lambda labeler, comparison: comparison.meta["new_side"])
-    assert rounds.rounds_check()["completed"] == []  # voted, not yet aggregated
+    assert services.rounds_check()["completed"] == []  # voted, not yet aggregated
     agreement_refresh(project_id=project.pk)
-    assert rounds.rounds_check()["completed"] == [training_round.pk]
+    assert services.rounds_check()["completed"] == [training_round.pk]
     training_round.refresh_from_db()
     assert (training_round.state, training_round.win_rate) == (State.DONE, 1.0)
     assert training_round.transitions.last().note.startswith("human win rate 1.000")
@@ -143,25 +142,25 @@ def test_a_round_runs_resumes_after_a_killed_worker_and_closes_on_the_human_verd
 @pytest.mark.django_db
 def test_a_round_whose_ppo_step_raises_is_marked_failed_with_its_error(tiny_backbone, tiny_policy, artifacts, no_queue):
     project = loop_project(tiny_backbone, tiny_policy, batch_size=3)  # not a multiple of 2 minibatches
-    training_round = rounds.round_start(project=project)
-    rounds.round_run(round_id=training_round.pk, worker="w1")
+    training_round = services.round_start(project=project)
+    services.round_run(round_id=training_round.pk, worker="w1")
     training_round.refresh_from_db()
     assert training_round.state == State.FAILED
     assert "batch_size 3 is not a multiple of minibatches 2" in training_round.error
     assert (training_round.lease_owner, training_round.lease_expires_at) == ("", None)
     assert training_round.finished_at is not None and training_round.policy is None
     assert states(training_round)[-1] == (State.RUNNING_PPO, State.FAILED)
-    assert rounds.rounds_check()["started"] == []  # no retry loop on a broken configuration
+    assert services.rounds_check()["started"] == []  # no retry loop on a broken configuration
     TrainingSettings.objects.filter(project=project).update(ppo_overrides={**TINY_PPO, "batch_size": 4})
-    retry = rounds.round_start(project=project)  # the admin, once it is fixed: the labels still count
+    retry = services.round_start(project=project)  # the admin, once it is fixed: the labels still count
     assert (retry.number, retry.state) == (2, State.TRAINING_REWARD_MODEL)
 
 
 @pytest.mark.django_db
 def test_unknown_ppo_settings_fail_the_round_naming_the_setting(tiny_backbone, tiny_policy, artifacts, no_queue):
     project = loop_project(tiny_backbone, tiny_policy, speed=11)
-    training_round = rounds.round_start(project=project)
-    rounds.round_run(round_id=training_round.pk, worker="w1")
+    training_round = services.round_start(project=project)
+    services.round_run(round_id=training_round.pk, worker="w1")
     training_round.refresh_from_db()
     assert training_round.state == State.FAILED
     assert training_round.error.startswith("ValueError: unknown PPO setting 'speed'")
@@ -173,18 +172,18 @@ def test_unknown_ppo_settings_fail_the_round_naming_the_setting(tiny_backbone, t
 def test_a_round_waits_for_enough_new_labels(no_queue, django_capture_on_commit_callbacks):
     project = make_project(pairs=6, overlap=1)
     TrainingSettings.objects.create(project=project, min_new_comparisons=4)
-    training_round = rounds.round_start(project=project)
+    training_round = services.round_start(project=project)
     assert training_round.state == State.WAITING_FOR_LABELS and no_queue == []
-    assert rounds.rounds_check()["promoted"] == []
+    assert services.rounds_check()["promoted"] == []
     label_all(project, [labeler_create(username="solo", password=PASSWORD)], lambda labeler, comparison: "a")
     agreement_refresh(project_id=project.pk)
-    assert rounds.new_aggregated_count(project) == 6
+    assert services.new_aggregated_count(project) == 6
     with django_capture_on_commit_callbacks(execute=True):
-        assert rounds.rounds_check()["promoted"] == [training_round.pk]
+        assert services.rounds_check()["promoted"] == [training_round.pk]
     training_round.refresh_from_db()
     assert training_round.state == State.TRAINING_REWARD_MODEL and no_queue == [training_round.pk]
     assert training_round.aggregated_at_start == 6
-    assert rounds.new_aggregated_count(project) == 0  # counted from this round's reward model on
+    assert services.new_aggregated_count(project) == 0  # counted from this round's reward model on
 
 
 @pytest.mark.django_db(transaction=True)
@@ -197,8 +196,8 @@ def test_one_round_per_project_even_when_two_workers_race(no_queue):
     def start() -> None:
         barrier.wait()
         try:
-            outcomes.append(f"round {rounds.round_start(project=project).number}")
-        except rounds.RoundBusy:
+            outcomes.append(f"round {services.round_start(project=project).number}")
+        except services.RoundBusy:
             outcomes.append("busy")
         finally:
             connection.close()
@@ -219,7 +218,7 @@ def test_one_round_per_project_even_when_two_workers_race(no_queue):
 
     def claim(worker: str) -> None:
         barrier.wait()
-        if rounds.round_claim(round_id=training_round.pk, worker=worker) is not None:
+        if services.round_claim(round_id=training_round.pk, worker=worker) is not None:
             claims.append(worker)
         connection.close()
 
@@ -235,14 +234,14 @@ def test_one_round_per_project_even_when_two_workers_race(no_queue):
 
 def test_the_hacking_rule_on_hand_values():
     rule = dict(previous_score=1.0, previous_length=20.0, length_factor=1.5)
-    assert rounds.hacking_reason(score=2.0, win_rate=0.6, length=25.0, **rule) == ""  # reward up, humans agree
-    assert rounds.hacking_reason(score=0.5, win_rate=0.3, length=25.0, **rule) == ""  # worse, but not hacking
-    assert rounds.hacking_reason(score=2.0, win_rate=None, length=30.0, **rule) == ""  # exactly 1.5x: allowed
-    reason = rounds.hacking_reason(score=2.0, win_rate=0.4, length=25.0, **rule)
+    assert hacking_reason(score=2.0, win_rate=0.6, length=25.0, **rule) == ""  # reward up, humans agree
+    assert hacking_reason(score=0.5, win_rate=0.3, length=25.0, **rule) == ""  # worse, but not hacking
+    assert hacking_reason(score=2.0, win_rate=None, length=30.0, **rule) == ""  # exactly 1.5x: allowed
+    reason = hacking_reason(score=2.0, win_rate=0.4, length=25.0, **rule)
     assert reason == "proxy reward rose from 1.000 to 2.000 while the human win rate is 40%"
-    reason = rounds.hacking_reason(score=0.9, win_rate=0.7, length=30.5, **rule)
+    reason = hacking_reason(score=0.9, win_rate=0.7, length=30.5, **rule)
     assert reason == "mean response length grew from 20.0 to 30.5 tokens (over 1.5 times)"
-    assert "; " in rounds.hacking_reason(score=2.0, win_rate=0.2, length=50.0, **rule)
+    assert "; " in hacking_reason(score=2.0, win_rate=0.2, length=50.0, **rule)
 
 
 def make_prompt(project, text: str) -> Prompt:
@@ -268,13 +267,13 @@ def test_sampling_back_is_idempotent_with_randomized_sides():
     prompts = [make_prompt(project, f"q{i}") for i in range(20)]
     new = [f"new answer {i}" for i in range(20)]
     old = [f"old answer {i}" if i else "new answer 0" for i in range(20)]  # prompt 0: identical, no pair
-    records = rounds.sample_records(training_round, prompts, new, old)
+    records = services.sample_records(training_round, prompts, new, old)
     assert len(records) == 19
-    assert rounds.samples_insert(training_round=training_round, records=records) == 19
+    assert services.samples_insert(training_round=training_round, records=records) == 19
     first = sorted(round_samples(training_round).values_list("pk", "content_hash"))
-    assert rounds.samples_insert(training_round=training_round, records=records) == 0
-    again = rounds.sample_records(training_round, prompts, new, old)  # a redelivery draws the same sides
-    assert rounds.samples_insert(training_round=training_round, records=again) == 0
+    assert services.samples_insert(training_round=training_round, records=records) == 0
+    again = services.sample_records(training_round, prompts, new, old)  # a redelivery draws the same sides
+    assert services.samples_insert(training_round=training_round, records=again) == 0
     assert sorted(round_samples(training_round).values_list("pk", "content_hash")) == first
     sides = [comparison.meta["new_side"] for comparison in round_samples(training_round)]
     assert 4 <= sides.count("a") <= 15  # both sides used
@@ -293,8 +292,8 @@ def test_win_rate_comes_from_the_aggregated_labels_and_sets_the_flag(tmp_path, n
         project, new_metrics={"score": 2.0, "kl": 0.5, "response_length": 12.0, "metrics_file": str(metrics_file)}
     )
     prompts = [make_prompt(project, f"q{i}") for i in range(8)]
-    records = rounds.sample_records(training_round, prompts, [f"n{i}" for i in range(8)], [f"o{i}" for i in range(8)])
-    rounds.samples_insert(training_round=training_round, records=records)
+    records = services.sample_records(training_round, prompts, [f"n{i}" for i in range(8)], [f"o{i}" for i in range(8)])
+    services.samples_insert(training_round=training_round, records=records)
     pairs_import(project=project, records=[PairRecord(line=1, prompt="other", response_a="x", response_b="y")])
     # New wins 2, loses 4, one tie and one both-bad (half each): (2 + 1) / 8.
     verdicts = {
@@ -310,10 +309,10 @@ def test_win_rate_comes_from_the_aggregated_labels_and_sets_the_flag(tmp_path, n
         return {"new": comparison.meta["new_side"], "old": other}.get(verdict, verdict)
 
     label_all(project, [labeler_create(username="judge", password=PASSWORD)], decide)
-    assert rounds.win_rate(training_round) == (None, 0)  # nothing aggregated yet
+    assert services.win_rate(training_round) == (None, 0)  # nothing aggregated yet
     agreement_refresh(project_id=project.pk)
-    assert rounds.win_rate(training_round) == (3 / 8, 8)
-    assert rounds.round_complete(training_round=training_round)
+    assert services.win_rate(training_round) == (3 / 8, 8)
+    assert services.round_complete(training_round=training_round)
     training_round.refresh_from_db()
     assert training_round.state == State.DONE and training_round.win_rate == 3 / 8
     assert training_round.flagged
@@ -324,11 +323,11 @@ def test_win_rate_comes_from_the_aggregated_labels_and_sets_the_flag(tmp_path, n
 def test_a_worker_that_lost_its_lease_cannot_move_the_round():
     project = make_project(pairs=0)
     training_round = TrainingRound.objects.create(project=project, number=1, state=State.RUNNING_PPO)
-    assert rounds.round_claim(round_id=training_round.pk, worker="first") is not None
+    assert services.round_claim(round_id=training_round.pk, worker="first") is not None
     expire_lease(training_round)
-    assert rounds.round_claim(round_id=training_round.pk, worker="second") is not None
+    assert services.round_claim(round_id=training_round.pk, worker="second") is not None
     with pytest.raises(LeaseLost):
-        rounds._transition(training_round, State.SAMPLING, worker="first")
+        services._transition(training_round, State.SAMPLING, worker="first")
     training_round.refresh_from_db()
     assert training_round.state == State.RUNNING_PPO and not RoundTransition.objects.exists()
 
@@ -350,8 +349,8 @@ def test_round_pages_for_admins_only_with_plots_transitions_and_escaped_output(
     )
     RoundTransition.objects.create(training_round=training_round, from_state="sampling", to_state="labeling")
     prompt = make_prompt(project, "say hi")
-    records = rounds.sample_records(training_round, [prompt], ["<script>alert(1)</script>"], ["hello"])
-    rounds.samples_insert(training_round=training_round, records=records)
+    records = services.sample_records(training_round, [prompt], ["<script>alert(1)</script>"], ["hello"])
+    services.samples_insert(training_round=training_round, records=records)
 
     client = Client()
     client.force_login(admin_user)
@@ -399,17 +398,17 @@ def test_the_start_button_opens_a_round_once(admin_user, no_queue):
 def test_beat_requeues_a_round_nobody_holds_and_fails_one_that_kills_its_workers(no_queue):
     project = make_project(pairs=2)
     TrainingSettings.objects.create(project=project, min_new_comparisons=0)
-    training_round = rounds.round_start(project=project)
+    training_round = services.round_start(project=project)
     # Its task message was lost: nobody ever claimed it. Within a lease period that is normal...
     assert training_round.state == State.TRAINING_REWARD_MODEL and training_round.lease_expires_at is None
-    assert rounds.rounds_check()["reclaimed"] == []
+    assert services.rounds_check()["reclaimed"] == []
     # ...after one, beat sends it again.
     TrainingRound.objects.filter(pk=training_round.pk).update(state_since=timezone.now() - timedelta(minutes=3))
-    assert rounds.rounds_check()["reclaimed"] == [training_round.pk]
+    assert services.rounds_check()["reclaimed"] == [training_round.pk]
     # Workers that die before their error handling (out of memory) leave only expired leases behind.
-    TrainingRound.objects.filter(pk=training_round.pk).update(attempts=rounds.MAX_ATTEMPTS)
+    TrainingRound.objects.filter(pk=training_round.pk).update(attempts=services.MAX_ATTEMPTS)
     expire_lease(training_round)
-    assert rounds.rounds_check()["failed"] == [training_round.pk]
+    assert services.rounds_check()["failed"] == [training_round.pk]
     training_round.refresh_from_db()
     assert training_round.state == State.FAILED and "5 workers died on it" in training_round.error
     assert training_round.transitions.last().to_state == State.FAILED
@@ -432,14 +431,14 @@ def test_an_admin_abandons_a_round_nobody_will_finish_labeling(admin_user, alice
     page = response.content.decode()
     assert "Round 1 abandoned." in page and "Abandon this round" not in page
     assert "already failed" in client.post(url, follow=True).content.decode()
-    assert rounds.round_start(project=project).number == 2  # the project is free again
+    assert services.round_start(project=project).number == 2  # the project is free again
 
 
 @pytest.mark.django_db(transaction=True)
 def test_the_lease_is_kept_alive_between_steps_and_a_stolen_one_stops_the_worker(no_queue):
     project = make_project(pairs=2)
     TrainingSettings.objects.create(project=project, min_new_comparisons=0)
-    training_round = rounds.round_claim(round_id=rounds.round_start(project=project).pk, worker="loader")
+    training_round = services.round_claim(round_id=services.round_start(project=project).pk, worker="loader")
     lease = Heartbeat(training_round, "loader")
     claimed_until = training_round.lease_expires_at
     with kept_alive(lease, every=0.05):

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from django.db import connection, models, transaction
 from django.utils import timezone
 
-from training.models import LEASE
+from rounds.models import LEASE
 
 Row = TypeVar("Row", bound=models.Model)
 

@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from training.models import TrainingSettings
+from rounds.models import TrainingSettings
 
 
 @admin.register(TrainingSettings)

@@ -10,32 +10,12 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.utils import timezone
 
-from annotation.importing import PairRecord
-from annotation.quality import agreement_refresh
-from annotation.services import labeler_create, pairs_import
-from tests.conftest import PASSWORD, celery_worker, make_project
-from tests.test_quality import label_all
-from tests.training.conftest import marker_pairs
-from training.models import RewardModel
-from training.services import TrainingBusy, reward_model_run, reward_model_start
+from rounds.models import RewardModel
+from rounds.reward_models import TrainingBusy, reward_model_run, reward_model_start
+from tests.factories import TINY, make_project, voted_project
+from tests.workers import celery_worker
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = {"max_length": 32, "learning_rate": 3e-3, "epochs": 2, "batch_size": 16, "checkpoint_every": 2}
-
-
-def voted_project(pairs: int = 120):
-    """Pairs voted on by two simulated labelers who always prefer the answer with the marker."""
-    project = make_project(pairs=0, overlap=2)
-    rows = marker_pairs(pairs)
-    pairs_import(
-        project=project,
-        records=[PairRecord(line=i, prompt=r["prompt"], response_a=r["chosen"], response_b=r["rejected"])
-                 for i, r in enumerate(rows)],
-    )  # fmt: skip
-    labelers = [labeler_create(username=f"bot{i}", password=PASSWORD) for i in range(2)]
-    label_all(project, labelers, lambda labeler, comparison: "a")
-    agreement_refresh(project_id=project.pk)
-    return project
 
 
 @pytest.fixture
@@ -59,7 +39,7 @@ def test_a_version_trains_from_the_votes_and_records_its_metrics(tiny_backbone, 
 
 @pytest.mark.django_db
 def test_one_training_per_project_at_a_time(tiny_backbone, artifacts, monkeypatch):
-    monkeypatch.setattr("training.tasks.reward_model_train_task.delay", lambda pk: None)  # nobody consumes
+    monkeypatch.setattr("rounds.tasks.reward_model_train_task.delay", lambda pk: None)  # nobody consumes
     project = make_project(pairs=1)
     reward_model_start(project=project, overrides={"backbone": tiny_backbone})
     with pytest.raises(TrainingBusy):
@@ -81,7 +61,7 @@ def test_a_failed_run_is_marked_failed_with_its_error(artifacts):
 
 @pytest.mark.django_db
 def test_a_killed_worker_is_taken_over_from_its_checkpoint(tiny_backbone, artifacts, monkeypatch):
-    monkeypatch.setattr("training.tasks.reward_model_train_task.delay", lambda pk: None)
+    monkeypatch.setattr("rounds.tasks.reward_model_train_task.delay", lambda pk: None)
     project = voted_project()
     model = reward_model_start(project=project, overrides={"backbone": tiny_backbone, **TINY})
     reward_model_run(reward_model_id=model.pk, worker="doomed", stop_after=4)  # dies after step 4

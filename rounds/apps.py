@@ -1,6 +1,6 @@
 from django.apps import AppConfig
 
 
-class TrainingConfig(AppConfig):
-    name = "training"
+class RoundsConfig(AppConfig):
+    name = "rounds"
     default_auto_field = "django.db.models.BigAutoField"

@@ -6,17 +6,16 @@ from typing import Any
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import HttpRequest, HttpResponse
-from django.shortcuts import get_object_or_404, redirect, render
-from django.utils.cache import patch_vary_headers
+from django.http import HttpResponse
+from django.shortcuts import get_object_or_404, redirect
 from django.views.decorators.http import require_GET, require_POST
-from django_htmx.middleware import HtmxDetails
 
 from annotation import selectors
-from annotation.charts import LineChart, line_chart
 from annotation.models import Comparison, Project
-from training import rounds
-from training.models import PolicyVersion, TrainingRound
+from rounds import reward_models, services
+from rounds.models import PolicyVersion, RewardModel, TrainingRound
+from web.charts import LineChart, line_chart
+from web.pages import HtmxRequest, render_page
 
 STEP_CHARTS = [
     ("objective/score", "Reward-model score per PPO step"),
@@ -25,10 +24,6 @@ STEP_CHARTS = [
     ("objective/entropy", "Entropy per PPO step"),
 ]
 SHOWN_SAMPLES = 10
-
-
-class AdminRequest(HttpRequest):
-    htmx: HtmxDetails
 
 
 def _chart(labels: list[str], series: dict[str, list[float | None]], **bounds: float) -> LineChart:
@@ -74,32 +69,29 @@ def _list_context(project: Project) -> dict[str, Any]:
     }
 
 
-def _render_list(request: AdminRequest, project: Project) -> HttpResponse:
+def _render_list(request: HtmxRequest, project: Project) -> HttpResponse:
     context = _list_context(project)
-    if request.htmx:
-        response = render(request, "training/rounds.html#round-table", context)
-    else:
-        response = render(request, "training/rounds.html", {**context, "charts": _across_rounds(project)})
-    patch_vary_headers(response, ["HX-Request"])
-    return response
+    if not request.htmx:  # the charts change only when a round ends: the polled table leaves them out
+        context["charts"] = _across_rounds(project)
+    return render_page(request, "rounds/rounds.html", context, partial="round-table")
 
 
 @require_GET
 @login_required
-def round_list(request: AdminRequest, slug: str) -> HttpResponse:
+def round_list(request: HtmxRequest, slug: str) -> HttpResponse:
     selectors.admin_required(request.user)
     return _render_list(request, get_object_or_404(Project, slug=slug))
 
 
 @require_POST
 @login_required
-def round_start(request: AdminRequest, slug: str) -> HttpResponse:
+def round_start(request: HtmxRequest, slug: str) -> HttpResponse:
     selectors.admin_required(request.user)
     project = get_object_or_404(Project, slug=slug)
     try:
-        started = rounds.round_start(project=project)
+        started = services.round_start(project=project)
         messages.info(request, f"Round {started.number} opened.")
-    except rounds.RoundBusy as error:
+    except services.RoundBusy as error:
         messages.error(request, str(error))
     if request.htmx:
         return _render_list(request, project)
@@ -108,22 +100,22 @@ def round_start(request: AdminRequest, slug: str) -> HttpResponse:
 
 @require_POST
 @login_required
-def round_abandon(request: AdminRequest, slug: str, number: int) -> HttpResponse:
+def round_abandon(request: HtmxRequest, slug: str, number: int) -> HttpResponse:
     """Give up on a round that cannot finish (pairs nobody will label), so the next one can start."""
     selectors.admin_required(request.user)
     training_round = get_object_or_404(TrainingRound, project__slug=slug, number=number)
     admin = str(request.user)
     try:
-        rounds.round_abandon(training_round=training_round, note=f"abandoned by {admin}", worker=admin)
+        services.round_abandon(training_round=training_round, note=f"abandoned by {admin}", worker=admin)
         messages.info(request, f"Round {number} abandoned.")
-    except (rounds.RoundBusy, rounds.LeaseLost) as error:  # over already, or it moved on meanwhile
+    except (services.RoundBusy, services.LeaseLost) as error:  # over already, or it moved on meanwhile
         messages.error(request, str(error))
     return redirect("round", slug=slug, number=number)
 
 
 @require_GET
 @login_required
-def round_detail(request: AdminRequest, slug: str, number: int) -> HttpResponse:
+def round_detail(request: HtmxRequest, slug: str, number: int) -> HttpResponse:
     selectors.admin_required(request.user)
     training_round = get_object_or_404(
         TrainingRound.objects.select_related("project", "reward_model", "policy__parent"),
@@ -149,8 +141,32 @@ def round_detail(request: AdminRequest, slug: str, number: int) -> HttpResponse:
         "transitions": training_round.transitions.all(),
         "samples": samples,
         # While labeling, the verdict so far: (win rate, pairs aggregated).
-        "so_far": rounds.win_rate(training_round) if training_round.state == TrainingRound.State.LABELING else None,
+        "so_far": services.win_rate(training_round) if training_round.state == TrainingRound.State.LABELING else None,
     }
-    response = render(request, "training/round.html", context)
-    patch_vary_headers(response, ["HX-Request"])
-    return response
+    return render_page(request, "rounds/round.html", context)
+
+
+@require_GET
+@login_required
+def reward_model_list(request: HtmxRequest, slug: str) -> HttpResponse:
+    """The project's latest reward models: the dashboard loads this table, and it polls itself
+    while a version trains."""
+    selectors.admin_required(request.user)
+    project = get_object_or_404(Project, slug=slug)
+    listed = RewardModel.objects.filter(project=project).order_by("-version")[:10]
+    return render_page(
+        request, "rounds/reward_models.html", {"project": project, "reward_models": listed}, partial="table"
+    )
+
+
+@require_POST
+@login_required
+def reward_model_train(request: HtmxRequest, slug: str) -> HttpResponse:
+    selectors.admin_required(request.user)
+    project = get_object_or_404(Project, slug=slug)
+    try:
+        model = reward_models.reward_model_start(project=project)
+        messages.info(request, f"Reward model v{model.version} queued.")
+    except reward_models.TrainingBusy as error:
+        messages.error(request, str(error))
+    return redirect("dashboard", slug=slug)

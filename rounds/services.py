@@ -37,9 +37,10 @@ from annotation.importing import PairRecord
 from annotation.models import AggregatedLabel, Comparison, Project, Prompt, Vote, content_hash
 from annotation.quality import latest_snapshot
 from annotation.services import pairs_import
-from training.leases import Heartbeat, LeaseLost, kept_alive, lease_claim, worker_name
-from training.models import LEASE, PolicyVersion, RewardModel, RoundTransition, TrainingRound, TrainingSettings
-from training.services import TrainingBusy, reward_model_run, reward_model_start
+from rounds.leases import Heartbeat, LeaseLost, kept_alive, lease_claim, worker_name
+from rounds.models import LEASE, PolicyVersion, RewardModel, RoundTransition, TrainingRound, TrainingSettings
+from rounds.reward_models import TrainingBusy, reward_model_run, reward_model_start
+from training.hacking import hacking_reason
 
 State = TrainingRound.State
 logger = logging.getLogger(__name__)
@@ -58,26 +59,6 @@ class RoundFailed(Exception):
 
 def training_settings(project: Project) -> TrainingSettings:
     return TrainingSettings.objects.get_or_create(project=project)[0]
-
-
-def hacking_reason(
-    *, score: float, previous_score: float, win_rate: float | None, length: float, previous_length: float,
-    length_factor: float,
-) -> str:  # fmt: skip
-    """Why a round looks like reward hacking, or "" when it does not: the proxy reward rose while
-    the humans preferred the new policy less than half the time, or answers grew by more than
-    `length_factor`."""
-    reasons = []
-    if score > previous_score and win_rate is not None and win_rate < 0.5:
-        reasons.append(
-            f"proxy reward rose from {previous_score:.3f} to {score:.3f} while the human win rate is {win_rate:.0%}"
-        )
-    if previous_length > 0 and length > length_factor * previous_length:
-        reasons.append(
-            f"mean response length grew from {previous_length:.1f} to {length:.1f} tokens "
-            f"(over {length_factor:g} times)"
-        )
-    return "; ".join(reasons)
 
 
 def aggregated_count(project: Project) -> int:
@@ -124,7 +105,7 @@ def _transition(
 
 
 def _enqueue(training_round: TrainingRound) -> None:
-    from training.tasks import round_run_task
+    from rounds.tasks import round_run_task
 
     transaction.on_commit(lambda: round_run_task.delay(training_round.pk))
 

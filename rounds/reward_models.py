@@ -13,8 +13,8 @@ from django.utils import timezone
 
 from annotation.export import PreferenceFilters, encode_jsonl, preference_rows
 from annotation.models import Project
-from training.leases import Heartbeat, LeaseLost, kept_alive, lease_claim, worker_name
-from training.models import RewardModel
+from rounds.leases import Heartbeat, LeaseLost, kept_alive, lease_claim, worker_name
+from rounds.models import RewardModel
 
 
 class TrainingBusy(Exception):
@@ -23,8 +23,8 @@ class TrainingBusy(Exception):
 
 def reward_model_start(*, project: Project, overrides: dict[str, Any] | None = None) -> RewardModel:
     """Queue a new reward model version; the `gpu` queue's worker trains it."""
+    from rounds.tasks import reward_model_train_task
     from training import reward  # torch is imported where training runs, never in web processes
-    from training.tasks import reward_model_train_task
 
     fields = {spec.name for spec in dataclasses.fields(reward.RewardConfig)}
     unknown = sorted(set(overrides or {}) - fields)
@@ -93,7 +93,7 @@ def reward_model_run(*, reward_model_id: int, worker: str | None = None, stop_af
 
 def reward_models_reclaim() -> list[int]:
     """Re-enqueue runs whose worker stopped renewing its lease (beat calls this every minute)."""
-    from training.tasks import reward_model_train_task
+    from rounds.tasks import reward_model_train_task
 
     stale = list(
         RewardModel.objects.filter(status=RewardModel.Status.RUNNING, lease_expires_at__lt=timezone.now()).values_list(

@@ -3,8 +3,8 @@ import dataclasses
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from annotation.models import Project
-from training.models import RewardModel
-from training.services import TrainingBusy, reward_model_start
+from rounds.models import RewardModel
+from rounds.reward_models import TrainingBusy, reward_model_start
 
 
 class Command(BaseCommand):

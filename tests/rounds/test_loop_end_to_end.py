@@ -18,11 +18,12 @@ from annotation.models import Comparison
 from annotation.quality import agreement_refresh
 from annotation.services import pairs_import, project_get_or_create
 from annotation.simulation import preference
-from tests.conftest import Worker, celery_worker
-from tests.training.conftest import banana_answer
-from tests.training.test_reward_runs import TINY
-from training import ppo, rounds
-from training.models import TrainingRound, TrainingSettings
+from rounds import services
+from rounds.models import TrainingRound, TrainingSettings
+from tests.factories import TINY
+from tests.tiny_models import banana_answer
+from tests.workers import Worker, celery_worker
+from training import ppo
 
 ROOT = Path(__file__).resolve().parents[2]
 State = TrainingRound.State
@@ -80,7 +81,7 @@ def test_two_rounds_driven_by_simulated_labelers_improve_the_policy(
         agreement_refresh(project_id=project.pk)
         for number in (1, 2):
             # Beat's check starts the round once enough labels are in; the worker takes it from there.
-            assert rounds.rounds_check()["started"], f"round {number} did not start"
+            assert services.rounds_check()["started"], f"round {number} did not start"
             training_round = TrainingRound.objects.get(project=project, number=number)
             wait_for(training_round, {State.LABELING, State.FAILED}, worker)
             assert training_round.state == State.LABELING, training_round.error
@@ -88,7 +89,7 @@ def test_two_rounds_driven_by_simulated_labelers_improve_the_policy(
             assert samples.count() == training_round.samples > 0
             label(live_server, project.slug)
             agreement_refresh(project_id=project.pk)
-            assert rounds.rounds_check()["completed"] == [training_round.pk]
+            assert services.rounds_check()["completed"] == [training_round.pk]
             training_round.refresh_from_db()
             assert training_round.state == State.DONE and training_round.win_rate is not None
     assert "round_run_task" in worker.output
@@ -126,7 +127,7 @@ def test_a_round_whose_worker_is_killed_mid_ppo_resumes_on_another_worker(
     with celery_worker("gpu", **environment) as doomed:
         label(live_server, project.slug)
         agreement_refresh(project_id=project.pk)
-        training_round = TrainingRound.objects.get(pk=rounds.rounds_check()["started"][0])
+        training_round = TrainingRound.objects.get(pk=services.rounds_check()["started"][0])
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and training_round.step < 5:
             time.sleep(0.2)
@@ -140,7 +141,7 @@ def test_a_round_whose_worker_is_killed_mid_ppo_resumes_on_another_worker(
     assert training_round.state == State.RUNNING_PPO and training_round.lease_live()  # stuck until the lease runs out
     TrainingRound.objects.filter(pk=training_round.pk).update(lease_expires_at=timezone.now())  # two minutes later
     with celery_worker("gpu", **environment) as rescuer:
-        assert rounds.rounds_check()["reclaimed"] == [training_round.pk]
+        assert services.rounds_check()["reclaimed"] == [training_round.pk]
         wait_for(training_round, {State.LABELING, State.FAILED}, rescuer)
     assert training_round.state == State.LABELING, training_round.error
     assert training_round.attempts == 2 and training_round.lease_owner == ""

@@ -1,0 +1,1 @@
+"""What the apps' pages share: the htmx-aware request and renderer (`pages`) and SVG charts (`charts`)."""
