@@ -2,6 +2,7 @@
 small projects built through the same services the product uses, and tiny saved models (built on
 first use, once per session)."""
 
+import os
 import random
 
 import pytest
@@ -10,6 +11,53 @@ from django.db import connection
 
 from annotation.services import labeler_create
 from tests.factories import PASSWORD, make_project
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("statistical tests", "check the margins of the statistical tests on other seeds")
+    group.addoption("--seed-offset", type=int, default=0, help="Add N to every seed of the statistical tests (CI: 0).")
+    group.addoption("--torch-threads", type=int, default=0, help="torch.set_num_threads(N), workers included.")
+
+
+def pytest_configure(config):
+    threads = config.getoption("--torch-threads")
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # the subprocesses: CLIs and Celery workers
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def seed_offset(pytestconfig) -> int:
+    """Added to the seeds of statistical tests and of the data and models they learn from; CI runs
+    them at 0, and `--seed-offset N` shows how they fare elsewhere."""
+    return pytestconfig.getoption("--seed-offset")
+
+
+@pytest.fixture(scope="session")
+def figures(pytestconfig):
+    """record(name, value): a statistical test's measured figure, printed at the end of the run
+    next to the seed offset, to read its margin from."""
+    recorded = pytestconfig.stash.setdefault(_FIGURES, [])
+
+    def record(name: str, value: float) -> float:
+        recorded.append((name, value))
+        return value
+
+    return record
+
+
+_FIGURES = pytest.StashKey[list]()
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    recorded = config.stash.get(_FIGURES, [])
+    if recorded:
+        offset, threads = config.getoption("--seed-offset"), config.getoption("--torch-threads") or "default"
+        terminalreporter.section(f"statistical figures (seed offset {offset}, torch threads {threads})")
+        for name, value in recorded:
+            terminalreporter.write_line(f"FIGURE {offset} {threads} {name} {value:.4f}")
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -58,19 +106,19 @@ def project(db):
 
 
 @pytest.fixture(scope="session")
-def tiny_backbone(tmp_path_factory) -> str:
+def tiny_backbone(tmp_path_factory, seed_offset) -> str:
     """A saved tiny decoder + tokenizer: what --backbone takes as a local path."""
     from tests.tiny_models import make_model, make_tokenizer
 
     path = tmp_path_factory.mktemp("tiny-backbone")
     tokenizer = make_tokenizer()
-    make_model(len(tokenizer), tokenizer.pad_token_id).save_pretrained(path)
+    make_model(len(tokenizer), tokenizer.pad_token_id, seed=seed_offset).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
 
 
 @pytest.fixture(scope="session")
-def tiny_policy(tmp_path_factory) -> str:
+def tiny_policy(tmp_path_factory, seed_offset) -> str:
     """A saved tiny causal LM + tokenizer: what --policy takes as a local path."""
     import transformers
 
@@ -78,7 +126,7 @@ def tiny_policy(tmp_path_factory) -> str:
 
     path = tmp_path_factory.mktemp("tiny-policy")
     tokenizer = make_policy_tokenizer()
-    transformers.set_seed(0)
+    transformers.set_seed(seed_offset)
     config = transformers.LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=2, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
@@ -90,13 +138,13 @@ def tiny_policy(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def banana_reward_model(tmp_path_factory, tiny_backbone) -> str:
+def banana_reward_model(tmp_path_factory, tiny_backbone, seed_offset, figures) -> str:
     """A deliberately exploitable reward model: trained on pairs where the answer with more
     bananas (0 to 8) won, so more is always better to it, spam included."""
     from tests.tiny_models import banana_answer
     from training import reward
 
-    rng = random.Random(0)
+    rng = random.Random(seed_offset)
     pairs = []
     for index in range(800):
         low, high = sorted(rng.sample(range(9), 2))
@@ -105,6 +153,9 @@ def banana_reward_model(tmp_path_factory, tiny_backbone) -> str:
                         rejected=banana_answer(rng, low))
         )  # fmt: skip
     out = tmp_path_factory.mktemp("banana-rm")
-    config = reward.RewardConfig(backbone=tiny_backbone, max_length=32, learning_rate=3e-3, epochs=2, batch_size=16)
-    assert reward.train(pairs, config, out)["accuracy"] > 0.9
+    config = reward.RewardConfig(
+        backbone=tiny_backbone, max_length=32, learning_rate=3e-3, epochs=2, batch_size=16, seed=42 + seed_offset
+    )
+    # Seen 0.96-0.98 on seed offsets 0-4 with 1 and 2 threads.
+    assert figures("banana_rm.held_out_accuracy", reward.train(pairs, config, out)["accuracy"]) > 0.9
     return str(out)

@@ -32,10 +32,10 @@ PPO = {"steps": 10, "learning_rate": 5e-3, "batch_size": 16, "minibatches": 4, "
 GOLD = preference("marker:banana")
 
 
-def label(live_server, slug: str) -> None:
+def label(live_server, slug: str, seed: int = 1) -> None:
     """Three bots label whatever is in the queue, through the HTTP API, by the hidden preference."""
     call_command("simulate_labelers", slug, "--url", live_server.url, "--labelers", "3",
-                 "--preference", "marker:banana", "--noise", "0.2", "--seed", "1")  # fmt: skip
+                 "--preference", "marker:banana", "--noise", "0.2", "--seed", str(seed))  # fmt: skip
 
 
 def wait_for(training_round: TrainingRound, states: set[str], worker: Worker, seconds: int = 400) -> None:
@@ -57,15 +57,16 @@ def mean_gold(policy: str, prompts: list[str]) -> float:
     return sum(map(GOLD, answers)) / len(answers)
 
 
+@pytest.mark.statistical
 @pytest.mark.django_db(transaction=True)
 def test_two_rounds_driven_by_simulated_labelers_improve_the_policy(
-    live_server, tiny_backbone, tiny_policy, tmp_path, settings
+    live_server, tiny_backbone, tiny_policy, tmp_path, settings, seed_offset, figures
 ):
     settings.ARTIFACTS_DIR = tmp_path / "artifacts"
     # 120 prompts, each with a pair of answers that mention the marker word a different number of
     # times (0 to 8), at lengths that say nothing of the count.
     project = project_get_or_create(slug="loop", overlap=2)
-    rng = random.Random(0)
+    rng = random.Random(seed_offset)
     records = [
         PairRecord(line=index + 1, prompt=f"question w{index % 20} w{index // 20}",
                    response_a=banana_answer(rng, a), response_b=banana_answer(rng, b))
@@ -74,10 +75,11 @@ def test_two_rounds_driven_by_simulated_labelers_improve_the_policy(
     pairs_import(project=project, records=records)
     TrainingSettings.objects.create(
         project=project, min_new_comparisons=10, policy=tiny_policy, held_out_prompts=16,
-        reward_overrides={"backbone": tiny_backbone, **TINY, "epochs": 4}, ppo_overrides=PPO,
+        reward_overrides={"backbone": tiny_backbone, **TINY, "epochs": 4, "seed": 42 + seed_offset},
+        ppo_overrides={**PPO, "seed": 42 + seed_offset},
     )  # fmt: skip
     with celery_worker("gpu,default", ARTIFACTS_DIR=str(settings.ARTIFACTS_DIR)) as worker:
-        label(live_server, project.slug)
+        label(live_server, project.slug, seed=1 + seed_offset)
         agreement_refresh(project_id=project.pk)
         for number in (1, 2):
             # Beat's check starts the round once enough labels are in; the worker takes it from there.
@@ -87,7 +89,7 @@ def test_two_rounds_driven_by_simulated_labelers_improve_the_policy(
             assert training_round.state == State.LABELING, training_round.error
             samples = Comparison.objects.filter(project=project, origin=Comparison.Origin.ROUND_SAMPLE, round=number)
             assert samples.count() == training_round.samples > 0
-            label(live_server, project.slug)
+            label(live_server, project.slug, seed=1 + seed_offset)
             agreement_refresh(project_id=project.pk)
             assert services.rounds_check()["completed"] == [training_round.pk]
             training_round.refresh_from_db()
@@ -98,10 +100,13 @@ def test_two_rounds_driven_by_simulated_labelers_improve_the_policy(
     held_out = [f"question w{i} w{j}" for i in range(20) for j in (5, 9)]
     golds = [mean_gold(policy, held_out) for policy in (tiny_policy, first.policy.artifact_path,
                                                        second.policy.artifact_path)]  # fmt: skip
-    print(f"win rates {first.win_rate:.2f} {second.win_rate:.2f}; gold start/round 1/round 2 {golds}")
-    # The labelers preferred each new policy over its predecessor...
+    for number, win_rate in enumerate((first.win_rate, second.win_rate), start=1):
+        figures(f"loop.round{number}.win_rate", win_rate)
+    for number, (old, new) in enumerate(zip(golds, golds[1:], strict=False), start=1):
+        figures(f"loop.round{number}.gold_gain", new - old)
+    # The labelers preferred each new policy over its predecessor... Seen WINRATES on seed offsets 0-4.
     assert first.win_rate > 0.5 and second.win_rate > 0.5, (first.win_rate, second.win_rate)
-    # ...and on the hidden gold score, round 2's policy beats round 1's, which beats the start.
+    # ...and on the hidden gold score, round 2's policy beats round 1's, which beats the start. Seen GOLDGAINS.
     assert golds[0] < golds[1] < golds[2], golds
 
 

@@ -197,24 +197,46 @@ def gold_win_rate(new: list[str], old: list[str]) -> float:
     return sum(wins) / len(wins)
 
 
-@pytest.mark.parametrize("beta, hacked", [(0.0, True), (0.3, False)])
-def test_without_a_kl_leash_the_policy_games_the_reward_model(tiny_policy, banana_reward_model, tmp_path, beta, hacked):
-    config = PPOConfig(policy=tiny_policy, reward_model=banana_reward_model, steps=20, beta=beta, **TINY)
-    summary = ppo.train(config, PROMPTS, tmp_path / "out")
-    rows = _rows(tmp_path / "out")
-    assert summary["score"] > rows[0]["objective/score"] + 2  # the proxy reward rose either way
+SEEDS = 4  # PPO runs per setting: the claims below are about their pooled figures, not one lucky run
+
+
+@pytest.mark.statistical
+@pytest.mark.parametrize("beta", [0.0, 0.3])
+def test_without_a_kl_leash_the_policy_games_the_reward_model(
+    tiny_policy, banana_reward_model, tmp_path, seed_offset, figures, beta
+):
+    """Over several PPO seeds: without a KL leash the proxy reward rises while the hidden gold
+    score falls, and the hacking rule fires; with beta 0.3 the proxy rises and gold improves."""
     held_out = [f"question w{i} w{i + 1}" for i in range(20)] * 3
     before = ppo.generate(tiny_policy, held_out, max_new_tokens=12, temperature=1.0, seed=1)
-    after = ppo.generate(str(tmp_path / "out"), held_out, max_new_tokens=12, temperature=1.0, seed=1)
-    gold_before, gold_after = (sum(map(gold, answers)) / len(answers) for answers in (before, after))
-    win_rate = gold_win_rate(after, before)
+    gold_before = sum(map(gold, before)) / len(before)
+    first_scores, scores, first_lengths, lengths, gold_after, wins = [], [], [], [], [], []
+    for seed in range(100 * seed_offset, 100 * seed_offset + SEEDS):
+        config = PPOConfig(policy=tiny_policy, reward_model=banana_reward_model, steps=20, beta=beta, seed=seed, **TINY)
+        summary = ppo.train(config, PROMPTS, tmp_path / f"seed-{seed}")
+        first = _rows(tmp_path / f"seed-{seed}")[0]
+        first_scores.append(first["objective/score"])
+        scores.append(summary["score"])
+        first_lengths.append(first["policy/response_length"])
+        lengths.append(summary["response_length"])
+        after = ppo.generate(str(tmp_path / f"seed-{seed}"), held_out, max_new_tokens=12, temperature=1.0, seed=1)
+        gold_after.append(sum(map(gold, after)) / len(after))
+        wins.append(gold_win_rate(after, before))
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    rise = figures(f"ppo.beta{beta}.proxy_rise", mean(scores) - mean(first_scores))
+    gold_change = figures(f"ppo.beta{beta}.gold_change", mean(gold_after) - gold_before)
+    win_rate = figures(f"ppo.beta{beta}.gold_win_rate", mean(wins))
     flag = hacking_reason(
-        score=summary["score"], previous_score=rows[0]["objective/score"], win_rate=win_rate,
-        length=summary["response_length"], previous_length=rows[0]["policy/response_length"], length_factor=1.5,
+        score=mean(scores), previous_score=mean(first_scores), win_rate=win_rate,
+        length=mean(lengths), previous_length=mean(first_lengths), length_factor=1.5,
     )  # fmt: skip
-    if hacked:
-        assert gold_after < gold_before and win_rate < 0.5
+    if beta == 0.0:
+        # Seen over 4 seeds, seed offsets 0-4, 1 and 2 threads: rise RISE0, gold GOLD0, win rate WIN0.
+        assert rise > 3
+        assert gold_change < -0.5 and win_rate < 0.35
         assert "proxy reward rose" in flag
     else:
-        assert gold_after > gold_before and win_rate > 0.5
+        # Seen likewise: rise RISE3, gold GOLD3, win rate WIN3.
+        assert rise > 0.5
+        assert gold_change > 0.1 and win_rate > 0.55
         assert flag == ""

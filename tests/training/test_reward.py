@@ -84,13 +84,16 @@ def tiny_config(**overrides) -> RewardConfig:
     return RewardConfig(**{**values, **overrides})
 
 
-def test_tiny_model_learns_a_marker_preference(tiny_backbone, tmp_path):
-    pairs = load_pairs(write_rows(tmp_path / "train.jsonl", marker_pairs(600)))
-    summary = train(pairs, tiny_config(backbone=tiny_backbone), tmp_path / "rm", device=torch.device("cpu"))
+@pytest.mark.statistical
+def test_tiny_model_learns_a_marker_preference(tiny_backbone, tmp_path, seed_offset, figures):
+    pairs = load_pairs(write_rows(tmp_path / "train.jsonl", marker_pairs(600, seed=seed_offset)))
+    config = tiny_config(backbone=tiny_backbone, seed=1 + seed_offset)
+    summary = train(pairs, config, tmp_path / "rm", device=torch.device("cpu"))
     assert summary["held_out_pairs"] > 50
-    assert summary["accuracy"] >= 0.95, summary
+    # Seen ACC_MARKER on seed offsets 0-4, 1 and 2 threads.
+    assert figures("reward.marker.held_out_accuracy", summary["accuracy"]) >= 0.95, summary
     losses = json.loads((tmp_path / "rm" / "member_0" / "losses.json").read_text())
-    assert np.mean(losses[-10:]) < np.mean(losses[:10])
+    assert figures("reward.marker.loss_drop", np.mean(losses[:10]) - np.mean(losses[-10:])) > 0
     assert (tmp_path / "rm" / "config.json").exists() and (tmp_path / "rm" / "metrics.json").exists()
 
 
@@ -112,10 +115,12 @@ def test_resumed_run_continues_exactly_like_an_uninterrupted_one(tmp_path):
     assert resumed.losses == whole.losses
 
 
-def test_ensemble_spread_is_larger_out_of_distribution(tiny_backbone, tmp_path):
-    pairs = load_pairs(write_rows(tmp_path / "train.jsonl", marker_pairs(300)))
+@pytest.mark.statistical
+def test_ensemble_spread_is_larger_out_of_distribution(tiny_backbone, tmp_path, seed_offset, figures):
+    pairs = load_pairs(write_rows(tmp_path / "train.jsonl", marker_pairs(300, seed=seed_offset)))
     out = tmp_path / "ensemble"
-    train(pairs, tiny_config(backbone=tiny_backbone, ensemble_size=3), out, device=torch.device("cpu"))
+    config = tiny_config(backbone=tiny_backbone, ensemble_size=3, seed=1 + 10 * seed_offset)
+    train(pairs, config, out, device=torch.device("cpu"))
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     members = sorted(out.glob("member_*"))
@@ -139,7 +144,8 @@ def test_ensemble_spread_is_larger_out_of_distribution(tiny_backbone, tmp_path):
             gaps.append((rewards[: len(data.pairs)] - rewards[len(data.pairs) :]).numpy())
         return float(np.std(gaps, axis=0).mean())
 
-    assert spread(out_of_distribution) > spread(in_distribution)
+    # Seen SPREAD_RATIO (out of distribution / in distribution) on seed offsets 0-4, 1 and 2 threads.
+    assert figures("reward.ensemble.spread_ratio", spread(out_of_distribution) / spread(in_distribution)) > 1
     assert sum(1 for _ in (out / "uncertainty.jsonl").open()) > 0
 
 

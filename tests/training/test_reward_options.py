@@ -74,18 +74,20 @@ def _held_out(config: RewardConfig) -> list[Pair]:
     return split_by_prompt(pairs(), config.eval_fraction)[1]
 
 
-def test_gradient_checkpointing_leaves_the_loss_trajectory_unchanged(tiny_backbone):
+@pytest.mark.statistical
+def test_gradient_checkpointing_leaves_the_loss_trajectory_unchanged(tiny_backbone, seed_offset, figures):
     trajectories = []
     for checkpointing in (False, True):
         config = tiny_config(tiny_backbone, gradient_checkpointing=checkpointing, epochs=2)
-        torch.manual_seed(0)
+        torch.manual_seed(seed_offset)
         model, tokenizer = load_model(config, CPU)
         assert model.is_activation_checkpointing == checkpointing
-        result = train_member(model, Encoded(pairs(32), tokenizer, config), config, seed=0, device=CPU)
+        result = train_member(model, Encoded(pairs(32), tokenizer, config), config, seed=seed_offset, device=CPU)
         trajectories.append(result.losses)
     assert len(trajectories[0]) == 4
     assert trajectories[1] == pytest.approx(trajectories[0], rel=1e-4, abs=1e-5)
-    assert trajectories[0][-1] < trajectories[0][0]  # it did learn something on the way
+    # It did learn something on the way. Seen CKPT_DROP over 4 steps on seed offsets 0-4, 1 and 2 threads.
+    assert figures("reward.checkpointing.loss_drop", trajectories[0][0] - trajectories[0][-1]) > 0
 
 
 def test_autocast_is_off_on_cpu_and_bf16_autocast_runs_through_scoring(tiny_backbone):
