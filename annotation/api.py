@@ -13,7 +13,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from annotation import export, quality, selectors, services
+from annotation import export, selectors, services
 from annotation.models import Assignment, Project, Vote
 
 
@@ -137,9 +137,9 @@ class AgreementAPI(APIView):
         query.is_valid(raise_exception=True)
         round_number = query.validated_data.get("round")
         snapshot = (
-            quality.snapshot_for_page(project=project)
+            services.snapshot_for_page(project=project)
             if round_number is None
-            else quality.latest_snapshot(project=project, round_number=round_number)
+            else selectors.latest_snapshot(project=project, round_number=round_number)
         )
         if snapshot is None:
             return Response({"computed_at": None, "figures": None, "labelers": [], "labeler_pairs": []})
@@ -269,11 +269,7 @@ class VotesAPI(APIView):
         if username != user.username and selectors.admin_or_none(user) is None:
             raise PermissionDenied("Labelers can only see their own votes.")
         labeler = get_object_or_404(User, username=username)
-        # Keyset pages: no COUNT over a labeler's votes, which is slow on big projects.
-        limit, after = query.validated_data["limit"], query.validated_data["after"]
-        votes = list(
-            Vote.objects.filter(comparison__project=project, labeler=labeler, pk__gt=after).order_by("pk")[: limit + 1]
+        page = selectors.votes_for_labeler(
+            project=project, labeler=labeler, after=query.validated_data["after"], limit=query.validated_data["limit"]
         )
-        page = votes[:limit]
-        more = len(votes) > limit
-        return Response({"results": self.OutputSerializer(page, many=True).data, "next": page[-1].pk if more else None})
+        return Response({"results": self.OutputSerializer(page.votes, many=True).data, "next": page.next_after})

@@ -10,9 +10,10 @@ from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
-from annotation import quality, selectors, services
+from annotation import selectors, services
 from annotation.agreement import CHOICES
 from annotation.models import AggregatedLabel, AgreementSnapshot, Comparison, Project
+from annotation.quality import REVIEW_BELOW_SHARE
 from annotation.tasks import agreement_refresh_task
 from web.charts import line_chart
 from web.pages import HtmxRequest, render_page
@@ -36,7 +37,7 @@ LABELER_COLUMNS = [
 def dashboard(request: HtmxRequest, slug: str) -> HttpResponse:
     selectors.admin_required(request.user)
     project = get_object_or_404(Project, slug=slug)
-    snapshot = quality.snapshot_for_page(project=project)
+    snapshot = services.snapshot_for_page(project=project)
     sort = request.GET.get("sort", "votes")
     if sort not in dict(LABELER_COLUMNS):
         sort = "votes"
@@ -100,7 +101,7 @@ def _rounds_chart(project: Project) -> Any:
 
 def _review_queryset(project: Project) -> Any:
     return AggregatedLabel.objects.filter(comparison__project=project, adjudicated_choice="").filter(
-        Q(majority_choice="") | Q(majority_share__lt=quality.REVIEW_BELOW_SHARE)
+        Q(majority_choice="") | Q(majority_share__lt=REVIEW_BELOW_SHARE)
     )
 
 
@@ -133,7 +134,7 @@ def adjudicate(request: HtmxRequest, comparison_id: int) -> HttpResponse:
     choice = request.POST.get("choice", "")
     if choice not in CHOICES:
         return HttpResponse(f"choice must be one of {', '.join(CHOICES)}", status=400)
-    aggregate = quality.comparison_adjudicate(comparison=comparison, choice=choice, admin=admin)
+    aggregate = services.comparison_adjudicate(comparison=comparison, choice=choice, admin=admin)
     if request.htmx:
         return render(request, "annotation/review.html#adjudicated", {"aggregate": aggregate})
     messages.info(request, f"Comparison {comparison_id} adjudicated: {choice}.")

@@ -20,7 +20,7 @@ from django.db import connection, transaction
 
 from annotation.agreement import CHOICES
 from annotation.models import Project, Prompt
-from annotation.quality import latest_snapshot
+from annotation.selectors import latest_snapshot
 
 Format = Literal["jsonl", "parquet"]
 FORMATS = ("jsonl", "parquet")

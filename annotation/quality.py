@@ -1,50 +1,52 @@
-"""Agreement snapshots, aggregated labels and adjudication: the database side of annotation.agreement
-and annotation.aggregation."""
+"""A project's quality from its votes: the agreement figures (whole project and per round), the
+labeler table with gold accuracy and trust, Cohen's kappa per labeler pair, and every voted
+comparison's aggregated label. Pure numpy over annotation.agreement and annotation.aggregation;
+services.agreement_refresh reads the votes and stores what this returns."""
 
-from datetime import datetime
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from django.conf import settings
-from django.contrib.auth.models import User
-from django.core.cache import cache
-from django.db import connection, transaction
-from django.utils import timezone
+import numpy.typing as npt
 
 from annotation.aggregation import dawid_skene
 from annotation.agreement import CHOICES, Votes, labeler_table, majority, pairwise_cohen, project_figures, value_counts
-from annotation.models import AggregatedLabel, AgreementSnapshot, Comparison, Project, Vote
 
 # A comparison goes to the review queue when no choice has a majority or under this share agrees.
 REVIEW_BELOW_SHARE = 0.67
 
-_VOTES_SQL = """
-SELECT v.comparison_id, v.labeler_id, v.choice, v.strength, v.winner_id, v.shown_left_id, v.time_spent_ms,
-       c.gold_choice, c.round
-FROM annotation_vote v JOIN annotation_comparison c ON c.id = v.comparison_id
-WHERE c.project_id = %s
-ORDER BY v.id
-"""
+# The order of an aggregated label's values in QualityReport.aggregates, as AggregatedLabel names them.
+AGGREGATE_COLUMNS = (
+    "comparison_id", "votes_a", "votes_b", "votes_tie", "votes_both_bad", "mean_strength", "majority_choice",
+    "majority_share", "ds_choice", "ds_confidence",
+)  # fmt: skip
 
 
-class _LoadedVotes:
-    """The project's votes as arrays, with the dense indices mapped back to database ids."""
+@dataclass(frozen=True)
+class ProjectVotes:
+    """A project's votes as arrays, with the dense indices mapped back to database ids."""
 
-    def __init__(self, project_id: int) -> None:
-        with connection.cursor() as cursor:
-            cursor.execute(_VOTES_SQL, [project_id])
-            rows = cursor.fetchall()
+    votes: Votes
+    comparison_ids: npt.NDArray[np.int64]  # item index -> comparison id
+    labeler_ids: npt.NDArray[np.int64]  # labeler index -> user id
+    strength: npt.NDArray[np.int64]
+    rounds: npt.NDArray[np.int64]  # per vote: its comparison's round, -1 outside rounds
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[tuple[Any, ...]]) -> "ProjectVotes":
+        """From rows of (comparison id, labeler id, choice, strength, winner id, shown-left id,
+        time spent ms, gold choice, round), as selectors.project_vote_rows reads them."""
         columns = list(zip(*rows, strict=True)) if rows else [()] * 9
         comparison, labeler, choice, strength, winner, shown_left, time_ms, gold, rounds = columns
-        self.comparison_ids, item = np.unique(np.array(comparison, dtype=np.int64), return_inverse=True)
-        self.labeler_ids, labeler_index = np.unique(np.array(labeler, dtype=np.int64), return_inverse=True)
+        comparison_ids, item = np.unique(np.array(comparison, dtype=np.int64), return_inverse=True)
+        labeler_ids, labeler_index = np.unique(np.array(labeler, dtype=np.int64), return_inverse=True)
         choice_index = np.array([CHOICES.index(c) for c in choice], dtype=np.int64)
         strength_array = np.array(strength, dtype=np.int64)
         sign = np.select([choice_index == 0, choice_index == 1], [1, -1], 0)
         has_winner = np.array([w is not None for w in winner], dtype=bool)
         gold_choice = np.array([CHOICES.index(g) if g else -1 for g in gold], dtype=np.int64)
-        self.rounds = np.array([-1 if r is None else r for r in rounds], dtype=np.int64)
-        self.votes = Votes(
+        votes = Votes(
             item=item.astype(np.int64),
             labeler=labeler_index.astype(np.int64),
             choice=choice_index,
@@ -54,22 +56,45 @@ class _LoadedVotes:
             seconds=np.array(time_ms, dtype=np.float64) / 1000,
             gold_correct=np.where(gold_choice < 0, -1, (gold_choice == choice_index).astype(np.int8)).astype(np.int8),
         )
-        self.strength = strength_array
+        return cls(
+            votes=votes,
+            comparison_ids=comparison_ids,
+            labeler_ids=labeler_ids,
+            strength=strength_array,
+            rounds=np.array([-1 if r is None else r for r in rounds], dtype=np.int64),
+        )
 
-    def subset(self, mask: np.ndarray) -> Votes:
+    def subset(self, mask: npt.NDArray[np.bool_]) -> Votes:
         return Votes(**{name: getattr(self.votes, name)[mask] for name in Votes.__dataclass_fields__})
 
 
-def agreement_refresh(*, project_id: int, now: datetime | None = None) -> AgreementSnapshot:
-    """Recompute the project's agreement (whole project and per round) and its aggregated labels."""
-    now = now or timezone.now()
-    project = Project.objects.get(pk=project_id)
-    loaded = _LoadedVotes(project_id)
+@dataclass(frozen=True)
+class RoundQuality:
+    round: int
+    figures: dict[str, Any]
+    labelers: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class QualityReport:
+    figures: dict[str, Any]
+    labelers: list[dict[str, Any]]
+    labeler_pairs: list[dict[str, Any]]
+    rounds: list[RoundQuality]
+    # One row per voted comparison, in AGGREGATE_COLUMNS order; empty when no vote counts (all are
+    # gold or from excluded labelers), and then every aggregate of the project is back to no votes.
+    aggregates: list[tuple[Any, ...]]
+
+
+def quality_report(
+    loaded: ProjectVotes, *, usernames: dict[int, str], gold_min_accuracy: float | None
+) -> QualityReport:
+    """Gold votes count only for gold accuracy; labelers under `gold_min_accuracy` on gold are kept
+    out of the aggregated labels (not out of the agreement figures)."""
     votes = loaded.votes
-    usernames = dict(User.objects.filter(pk__in=loaded.labeler_ids.tolist()).values_list("pk", "username"))
     not_gold = votes.gold_correct < 0
 
-    def named(rows: list[dict]) -> list[dict]:
+    def named(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for row in rows:
             row["labeler_index"] = index = int(row["labeler"])
             row["labeler"] = int(loaded.labeler_ids[index])
@@ -80,12 +105,12 @@ def agreement_refresh(*, project_id: int, now: datetime | None = None) -> Agreem
     excluded = {
         row["labeler"]
         for row in table
-        if project.gold_min_accuracy is not None
+        if gold_min_accuracy is not None
         and row["gold_accuracy"] is not None
-        and row["gold_accuracy"] < project.gold_min_accuracy
+        and row["gold_accuracy"] < gold_min_accuracy
     }
     counted = not_gold & ~np.isin(votes.labeler, list(excluded))
-    trust, split = _aggregate(project, loaded, counted)
+    aggregates, trust, split = _aggregate(loaded, counted)
     for row in named(table):
         row["trust"] = trust.get(row["labeler_index"])
         row["excluded"] = row["labeler_index"] in excluded
@@ -93,37 +118,27 @@ def agreement_refresh(*, project_id: int, now: datetime | None = None) -> Agreem
     for pair in pairs:
         pair["first"] = usernames.get(int(loaded.labeler_ids[int(pair["first"])]), "?")
         pair["second"] = usernames.get(int(loaded.labeler_ids[int(pair["second"])]), "?")
-
-    with transaction.atomic():
-        snapshot = AgreementSnapshot.objects.create(
-            project=project,
-            computed_at=now,
-            figures={**project_figures(loaded.subset(not_gold)), "split_pairs": split},
-            labelers=table,
-            labeler_pairs=pairs,
-        )
-        for round_number in sorted(set(loaded.rounds[loaded.rounds >= 0].tolist())):
-            in_round = not_gold & (loaded.rounds == round_number)
-            AgreementSnapshot.objects.create(
-                project=project,
-                round=round_number,
-                computed_at=now,
-                figures=project_figures(loaded.subset(in_round)),
-                labelers=named(labeler_table(loaded.subset(in_round))),
-            )
-    return snapshot
+    rounds = []
+    for round_number in sorted(set(loaded.rounds[loaded.rounds >= 0].tolist())):
+        in_round = loaded.subset(not_gold & (loaded.rounds == round_number))
+        rounds.append(RoundQuality(round_number, project_figures(in_round), named(labeler_table(in_round))))
+    return QualityReport(
+        figures={**project_figures(loaded.subset(not_gold)), "split_pairs": split},
+        labelers=table,
+        labeler_pairs=pairs,
+        rounds=rounds,
+        aggregates=aggregates,
+    )
 
 
-def _aggregate(project: Project, loaded: _LoadedVotes, counted: np.ndarray) -> tuple[dict[int, float], int]:
-    """Majority and Dawid-Skene labels for every voted comparison; returns trust per labeler index
+def _aggregate(
+    loaded: ProjectVotes, counted: npt.NDArray[np.bool_]
+) -> tuple[list[tuple[Any, ...]], dict[int, float], int]:
+    """Majority and Dawid-Skene labels for every voted comparison; also trust per labeler index
     and how many comparisons are split (no majority, or under REVIEW_BELOW_SHARE agreeing)."""
     votes = loaded.votes
     if not counted.any():
-        AggregatedLabel.objects.filter(comparison__project=project).update(
-            votes_a=0, votes_b=0, votes_tie=0, votes_both_bad=0, mean_strength=None, majority_choice="",
-            majority_share=0.0, ds_choice="", ds_confidence=None,
-        )  # fmt: skip
-        return {}, 0
+        return [], {}, 0
     items, labelers, choices = votes.item[counted], votes.labeler[counted], votes.choice[counted]
     counts = value_counts(items, choices, len(CHOICES))
     counts = np.vstack([counts, np.zeros((len(loaded.comparison_ids) - len(counts), len(CHOICES)), dtype=counts.dtype)])
@@ -145,85 +160,6 @@ def _aggregate(project: Project, loaded: _LoadedVotes, counted: np.ndarray) -> t
         np.where(voted, choice_names[posterior.argmax(axis=1)], "").tolist(),
         [value if ok else None for value, ok in zip(posterior.max(axis=1).tolist(), voted.tolist(), strict=True)],
     ]
-    _store_aggregates(list(zip(*columns, strict=True)))
     split = int((voted & ((label < 0) | (share < REVIEW_BELOW_SHARE))).sum())
     present = np.unique(labelers)
-    return {int(index): float(result.trust[index]) for index in present}, split
-
-
-_AGGREGATE_COLUMNS = [
-    "comparison_id", "votes_a", "votes_b", "votes_tie", "votes_both_bad", "mean_strength", "majority_choice",
-    "majority_share", "ds_choice", "ds_confidence",
-]  # fmt: skip
-
-
-def _store_aggregates(rows: list[tuple[Any, ...]]) -> None:
-    """Upsert aggregated labels, keeping adjudications. On PostgreSQL through COPY into a temporary
-    table and one INSERT ... ON CONFLICT: a million rows in seconds, not minutes of ORM."""
-    updates = ", ".join(f"{name} = excluded.{name}" for name in _AGGREGATE_COLUMNS[1:])
-    if connection.vendor != "postgresql":
-        objects = [AggregatedLabel(**dict(zip(_AGGREGATE_COLUMNS, row, strict=True))) for row in rows]
-        AggregatedLabel.objects.bulk_create(
-            objects, batch_size=2000, update_conflicts=True, unique_fields=["comparison"],
-            update_fields=[*_AGGREGATE_COLUMNS[1:], "updated_at"],
-        )  # fmt: skip
-        return
-    names = ", ".join(_AGGREGATE_COLUMNS)
-    with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute("DROP TABLE IF EXISTS aggregate_load")
-        cursor.execute(
-            "CREATE TEMPORARY TABLE aggregate_load (comparison_id bigint, votes_a int, votes_b int, votes_tie int, "
-            "votes_both_bad int, mean_strength float8, majority_choice text, majority_share float8, ds_choice text, "
-            "ds_confidence float8) ON COMMIT DROP"
-        )
-        with cursor.cursor.copy(f"COPY aggregate_load ({names}) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(row)
-        cursor.execute(
-            f"INSERT INTO annotation_aggregatedlabel ({names}, adjudicated_choice, updated_at) "
-            f"SELECT {names}, '', now() FROM aggregate_load "
-            f"ON CONFLICT (comparison_id) DO UPDATE SET {updates}, updated_at = excluded.updated_at"
-        )
-
-
-def agreement_schedule(*, project_id: int) -> None:
-    """After a vote: recompute agreement once per burst of votes, not once per vote.
-
-    With a broker, the first vote of a burst schedules one task `AGREEMENT_DEBOUNCE_SECONDS` later;
-    later votes in that window ride along. Without one (the embedded default) nothing is queued:
-    pages refresh stale figures when they are opened.
-    """
-    if settings.CELERY_TASK_ALWAYS_EAGER:
-        return
-    from annotation.tasks import agreement_refresh_task
-
-    delay = settings.FLYWHEEL_AGREEMENT_DEBOUNCE_SECONDS
-    if cache.add(f"agreement-pending:{project_id}", 1, timeout=delay):
-        agreement_refresh_task.apply_async((project_id,), countdown=delay)
-
-
-def latest_snapshot(*, project: Project, round_number: int | None = None) -> AgreementSnapshot | None:
-    return AgreementSnapshot.objects.filter(project=project, round=round_number).order_by("-computed_at", "-id").first()
-
-
-def snapshot_for_page(*, project: Project) -> AgreementSnapshot | None:
-    """The latest snapshot. On the embedded default (no workers) a stale one is recomputed first;
-    with workers, pages never compute: the debounced task keeps snapshots current."""
-    snapshot = latest_snapshot(project=project)
-    if not settings.CELERY_TASK_ALWAYS_EAGER:
-        return snapshot
-    last_vote = Vote.objects.filter(comparison__project=project).order_by("-created_at").values("created_at").first()
-    if snapshot is None or (last_vote is not None and last_vote["created_at"] > snapshot.computed_at):
-        snapshot = agreement_refresh(project_id=project.pk)
-    return snapshot
-
-
-def comparison_adjudicate(*, comparison: Comparison, choice: str, admin: User) -> AggregatedLabel:
-    """An admin's final label; export uses it over the votes."""
-    if choice not in CHOICES:
-        raise ValueError(f"choice must be one of {', '.join(CHOICES)}")
-    aggregate, _ = AggregatedLabel.objects.update_or_create(
-        comparison=comparison,
-        defaults={"adjudicated_choice": choice, "adjudicated_by": admin, "adjudicated_at": timezone.now()},
-    )
-    return aggregate
+    return list(zip(*columns, strict=True)), {int(index): float(result.trust[index]) for index in present}, split

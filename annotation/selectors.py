@@ -1,13 +1,15 @@
-"""Reads for pages and the API."""
+"""Reads for pages, the API and the services."""
 
 from dataclasses import dataclass
+from typing import Any
 
 from django.contrib.auth.models import AnonymousUser, User
 from django.core.exceptions import PermissionDenied
+from django.db import connection
 from django.db.models import Exists, OuterRef, QuerySet
 from django.utils import timezone
 
-from annotation.models import ADMINS_GROUP, LABELERS_GROUP, Assignment, Comparison, Project, Vote
+from annotation.models import ADMINS_GROUP, LABELERS_GROUP, AgreementSnapshot, Assignment, Comparison, Project, Vote
 
 
 def _roles(user: User) -> set[str]:
@@ -82,3 +84,52 @@ def assignment_for_display(*, assignment_id: int) -> Assignment:
     return Assignment.objects.select_related(
         "comparison__prompt", "comparison__response_a", "comparison__response_b", "comparison__project"
     ).get(pk=assignment_id)
+
+
+@dataclass(frozen=True)
+class VotePage:
+    votes: list[Vote]
+    next_after: int | None  # the `after` of the next page; None on the last one
+
+
+def votes_for_labeler(*, project: Project, labeler: User, after: int, limit: int) -> VotePage:
+    """The labeler's votes in the project with ids above `after`, oldest first. Keyset pages: no
+    COUNT over a labeler's votes, which is slow on big projects."""
+    votes = list(
+        Vote.objects.filter(comparison__project=project, labeler=labeler, pk__gt=after).order_by("pk")[: limit + 1]
+    )
+    page = votes[:limit]
+    return VotePage(votes=page, next_after=page[-1].pk if len(votes) > limit else None)
+
+
+def latest_snapshot(*, project: Project, round_number: int | None = None) -> AgreementSnapshot | None:
+    return AgreementSnapshot.objects.filter(project=project, round=round_number).order_by("-computed_at", "-id").first()
+
+
+def snapshot_is_stale(*, project: Project, snapshot: AgreementSnapshot | None) -> bool:
+    """True when there is no snapshot or a vote came in after it was computed."""
+    if snapshot is None:
+        return True
+    last_vote = Vote.objects.filter(comparison__project=project).order_by("-created_at").values("created_at").first()
+    return last_vote is not None and last_vote["created_at"] > snapshot.computed_at
+
+
+_PROJECT_VOTES_SQL = """
+SELECT v.comparison_id, v.labeler_id, v.choice, v.strength, v.winner_id, v.shown_left_id, v.time_spent_ms,
+       c.gold_choice, c.round
+FROM annotation_vote v JOIN annotation_comparison c ON c.id = v.comparison_id
+WHERE c.project_id = %(project)s
+ORDER BY v.id
+"""
+
+
+def project_vote_rows(*, project_id: int) -> list[tuple[Any, ...]]:
+    """Every vote of the project, as the rows quality.ProjectVotes.from_rows takes. Plain tuples
+    rather than model instances: a big project has millions of votes."""
+    with connection.cursor() as cursor:
+        cursor.execute(_PROJECT_VOTES_SQL, {"project": project_id})
+        return cursor.fetchall()
+
+
+def usernames_by_id(*, user_ids: list[int]) -> dict[int, str]:
+    return dict(User.objects.filter(pk__in=user_ids).values_list("pk", "username"))

@@ -1,4 +1,5 @@
-"""Every write of the labeling product. Views, the API, commands and tasks all call these."""
+"""Every write of the labeling product, the Django admin and API tokens aside. Views, the API,
+commands and tasks all call these."""
 
 import json
 import random
@@ -6,16 +7,21 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from celery import current_app
 from django.conf import settings
 from django.contrib.auth.models import Group, Permission, User
+from django.core.cache import cache
 from django.db import connection, transaction
 from django.utils import timezone
 
 from annotation import selectors, sql
+from annotation.agreement import CHOICES
 from annotation.importing import PairRecord, parse_pair_lines, summarize_errors
 from annotation.models import (
     ADMINS_GROUP,
     LABELERS_GROUP,
+    AggregatedLabel,
+    AgreementSnapshot,
     Assignment,
     Comparison,
     Project,
@@ -24,7 +30,7 @@ from annotation.models import (
     Vote,
     content_hash,
 )
-from annotation.quality import agreement_schedule
+from annotation.quality import AGGREGATE_COLUMNS, ProjectVotes, quality_report
 
 MAX_TIME_SPENT_MS = 24 * 3600 * 1000
 SCREEN_CHOICES = ("left", "right", "tie", "both_bad")
@@ -76,6 +82,13 @@ def project_get_or_create(*, slug: str, name: str = "", overlap: int | None = No
     if not created and overlap is not None and project.overlap != overlap:
         project.overlap = overlap
         project.save(update_fields=["overlap"])
+    return project
+
+
+def project_update(*, project: Project, name: str, guidelines: str) -> Project:
+    """Rename the project and set the guidelines labelers read beside every pair."""
+    project.name, project.guidelines = name, guidelines
+    project.save(update_fields=["name", "guidelines"])
     return project
 
 
@@ -357,3 +370,110 @@ def vote_submit(
 
 def _elapsed_ms(start: datetime, end: datetime) -> int:
     return max(0, min(MAX_TIME_SPENT_MS, int((end - start).total_seconds() * 1000)))
+
+
+# Agreement and aggregated labels: computed by annotation.quality from every vote of the project,
+# stored here as snapshots (history for the dashboard) and one AggregatedLabel per comparison.
+
+# By name, so that this module need not import annotation.tasks, which imports it.
+AGREEMENT_REFRESH_TASK = "annotation.tasks.agreement_refresh_task"
+
+
+def agreement_refresh(*, project_id: int, now: datetime | None = None) -> AgreementSnapshot:
+    """Recompute the project's agreement (whole project and per round) and its aggregated labels."""
+    now = now or timezone.now()
+    project = Project.objects.get(pk=project_id)
+    loaded = ProjectVotes.from_rows(selectors.project_vote_rows(project_id=project_id))
+    report = quality_report(
+        loaded,
+        usernames=selectors.usernames_by_id(user_ids=loaded.labeler_ids.tolist()),
+        gold_min_accuracy=project.gold_min_accuracy,
+    )
+    if report.aggregates:
+        _store_aggregates(report.aggregates)
+    else:
+        AggregatedLabel.objects.filter(comparison__project=project).update(
+            votes_a=0, votes_b=0, votes_tie=0, votes_both_bad=0, mean_strength=None, majority_choice="",
+            majority_share=0.0, ds_choice="", ds_confidence=None,
+        )  # fmt: skip
+    with transaction.atomic():
+        snapshot = AgreementSnapshot.objects.create(
+            project=project,
+            computed_at=now,
+            figures=report.figures,
+            labelers=report.labelers,
+            labeler_pairs=report.labeler_pairs,
+        )
+        for in_round in report.rounds:
+            AgreementSnapshot.objects.create(
+                project=project,
+                round=in_round.round,
+                computed_at=now,
+                figures=in_round.figures,
+                labelers=in_round.labelers,
+            )
+    return snapshot
+
+
+def _store_aggregates(rows: list[tuple[Any, ...]]) -> None:
+    """Upsert aggregated labels, keeping adjudications. On PostgreSQL through COPY into a temporary
+    table and one INSERT ... ON CONFLICT: a million rows in seconds, not minutes of ORM."""
+    updates = ", ".join(f"{name} = excluded.{name}" for name in AGGREGATE_COLUMNS[1:])
+    if connection.vendor != "postgresql":
+        objects = [AggregatedLabel(**dict(zip(AGGREGATE_COLUMNS, row, strict=True))) for row in rows]
+        AggregatedLabel.objects.bulk_create(
+            objects, batch_size=2000, update_conflicts=True, unique_fields=["comparison"],
+            update_fields=[*AGGREGATE_COLUMNS[1:], "updated_at"],
+        )  # fmt: skip
+        return
+    names = ", ".join(AGGREGATE_COLUMNS)
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("DROP TABLE IF EXISTS aggregate_load")
+        cursor.execute(
+            "CREATE TEMPORARY TABLE aggregate_load (comparison_id bigint, votes_a int, votes_b int, votes_tie int, "
+            "votes_both_bad int, mean_strength float8, majority_choice text, majority_share float8, ds_choice text, "
+            "ds_confidence float8) ON COMMIT DROP"
+        )
+        with cursor.cursor.copy(f"COPY aggregate_load ({names}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        cursor.execute(
+            f"INSERT INTO annotation_aggregatedlabel ({names}, adjudicated_choice, updated_at) "
+            f"SELECT {names}, '', now() FROM aggregate_load "
+            f"ON CONFLICT (comparison_id) DO UPDATE SET {updates}, updated_at = excluded.updated_at"
+        )
+
+
+def agreement_schedule(*, project_id: int) -> None:
+    """After a vote: recompute agreement once per burst of votes, not once per vote.
+
+    With a broker, the first vote of a burst schedules one task `AGREEMENT_DEBOUNCE_SECONDS` later;
+    later votes in that window ride along. Without one (the embedded default) nothing is queued:
+    pages refresh stale figures when they are opened (snapshot_for_page).
+    """
+    if settings.CELERY_TASK_ALWAYS_EAGER:
+        return
+    delay = settings.FLYWHEEL_AGREEMENT_DEBOUNCE_SECONDS
+    if cache.add(f"agreement-pending:{project_id}", 1, timeout=delay):
+        current_app.send_task(AGREEMENT_REFRESH_TASK, args=(project_id,), countdown=delay)
+
+
+def snapshot_for_page(*, project: Project) -> AgreementSnapshot | None:
+    """The latest snapshot. On the embedded default (no workers) a stale one is recomputed first,
+    which is why this is a service; with workers, pages never compute: the debounced task keeps
+    snapshots current."""
+    snapshot = selectors.latest_snapshot(project=project)
+    if settings.CELERY_TASK_ALWAYS_EAGER and selectors.snapshot_is_stale(project=project, snapshot=snapshot):
+        snapshot = agreement_refresh(project_id=project.pk)
+    return snapshot
+
+
+def comparison_adjudicate(*, comparison: Comparison, choice: str, admin: User) -> AggregatedLabel:
+    """An admin's final label; export uses it over the votes."""
+    if choice not in CHOICES:
+        raise ValueError(f"choice must be one of {', '.join(CHOICES)}")
+    aggregate, _ = AggregatedLabel.objects.update_or_create(
+        comparison=comparison,
+        defaults={"adjudicated_choice": choice, "adjudicated_by": admin, "adjudicated_at": timezone.now()},
+    )
+    return aggregate

@@ -1,8 +1,8 @@
 from celery import shared_task
 
-from annotation import quality
+from annotation import services
 
 
-@shared_task(acks_late=True, ignore_result=True)
+@shared_task(name=services.AGREEMENT_REFRESH_TASK, acks_late=True, ignore_result=True)
 def agreement_refresh_task(project_id: int) -> None:
-    quality.agreement_refresh(project_id=project_id)
+    services.agreement_refresh(project_id=project_id)

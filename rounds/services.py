@@ -35,7 +35,7 @@ from django.utils import timezone
 
 from annotation.importing import PairRecord
 from annotation.models import AggregatedLabel, Comparison, Project, Prompt, Vote, content_hash
-from annotation.quality import latest_snapshot
+from annotation.selectors import latest_snapshot
 from annotation.services import pairs_import
 from rounds.leases import Heartbeat, LeaseLost, kept_alive, lease_claim, worker_name
 from rounds.models import LEASE, PolicyVersion, RewardModel, RoundTransition, TrainingRound, TrainingSettings

@@ -9,8 +9,14 @@ from rest_framework.test import APIClient
 
 from annotation.importing import PairRecord
 from annotation.models import Project
-from annotation.quality import agreement_refresh
-from annotation.services import assignment_claim, labeler_create, pairs_import, project_get_or_create, vote_submit
+from annotation.services import (
+    agreement_refresh,
+    assignment_claim,
+    labeler_create,
+    pairs_import,
+    project_get_or_create,
+    vote_submit,
+)
 from tests.tiny_models import marker_pairs
 
 PASSWORD = "correct-horse-battery"

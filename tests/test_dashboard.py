@@ -7,8 +7,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 
 from annotation.models import AggregatedLabel, Comparison
-from annotation.quality import agreement_refresh
-from annotation.services import labeler_create
+from annotation.services import agreement_refresh, labeler_create
 from tests.factories import PASSWORD, label_all, make_project
 
 pytestmark = pytest.mark.django_db

@@ -11,8 +11,14 @@ from rest_framework.test import APIClient
 from annotation.export import pseudonym
 from annotation.importing import PairRecord
 from annotation.models import Comparison, Vote
-from annotation.quality import agreement_refresh, comparison_adjudicate
-from annotation.services import assignment_claim, labeler_create, pairs_import, vote_submit
+from annotation.services import (
+    agreement_refresh,
+    assignment_claim,
+    comparison_adjudicate,
+    labeler_create,
+    pairs_import,
+    vote_submit,
+)
 from tests.factories import PASSWORD, api_client_for, make_project
 
 pytestmark = pytest.mark.django_db

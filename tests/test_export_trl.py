@@ -4,8 +4,7 @@ import pytest
 from django.core.management import call_command
 
 from annotation.importing import PairRecord
-from annotation.quality import agreement_refresh
-from annotation.services import labeler_create, pairs_import
+from annotation.services import agreement_refresh, labeler_create, pairs_import
 from tests.factories import PASSWORD, label_all, make_project
 
 datasets = pytest.importorskip("datasets")

@@ -7,8 +7,13 @@ from django.test import override_settings
 
 from annotation.importing import PairRecord
 from annotation.models import AggregatedLabel, AgreementSnapshot, Comparison, Vote
-from annotation.quality import agreement_refresh, comparison_adjudicate, snapshot_for_page
-from annotation.services import labeler_create, pairs_import
+from annotation.services import (
+    agreement_refresh,
+    comparison_adjudicate,
+    labeler_create,
+    pairs_import,
+    snapshot_for_page,
+)
 from tests.factories import PASSWORD, label_all, make_project
 
 pytestmark = pytest.mark.django_db

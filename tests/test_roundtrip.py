@@ -8,8 +8,7 @@ import pytest
 from django.core.management import call_command
 
 from annotation.models import Comparison
-from annotation.quality import agreement_refresh
-from annotation.services import labeler_create
+from annotation.services import agreement_refresh, labeler_create
 from tests.factories import PASSWORD, SHARED_DATA, api_client_for
 
 pytestmark = [

@@ -15,8 +15,7 @@ from django.utils import timezone
 
 from annotation.importing import PairRecord
 from annotation.models import Comparison
-from annotation.quality import agreement_refresh
-from annotation.services import pairs_import, project_get_or_create
+from annotation.services import agreement_refresh, pairs_import, project_get_or_create
 from annotation.simulation import preference
 from rounds import services
 from rounds.models import TrainingRound, TrainingSettings

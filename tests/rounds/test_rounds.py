@@ -15,8 +15,7 @@ from django.utils import timezone
 
 from annotation.importing import PairRecord
 from annotation.models import Comparison, Prompt, content_hash
-from annotation.quality import agreement_refresh
-from annotation.services import labeler_create, pairs_import
+from annotation.services import agreement_refresh, labeler_create, pairs_import
 from rounds import services
 from rounds.leases import Heartbeat, LeaseLost, kept_alive
 from rounds.models import PolicyVersion, RewardModel, RoundTransition, TrainingRound, TrainingSettings

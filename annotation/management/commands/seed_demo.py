@@ -4,7 +4,7 @@ from pathlib import Path
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import transaction
 
-from annotation.services import ImportRejected, labeler_create, pairs_import_file
+from annotation.services import ImportRejected, labeler_create, pairs_import_file, project_update
 
 DEMO_FILE = Path(__file__).resolve().parents[2] / "demo_data.jsonl"
 DEMO_GUIDELINES = """\
@@ -35,9 +35,7 @@ class Command(BaseCommand):
                 )
             except ImportRejected as error:
                 raise CommandError(f"{DEMO_FILE} is broken: {error}") from None
-            project.name = "Demo: everyday assistant answers"
-            project.guidelines = DEMO_GUIDELINES
-            project.save(update_fields=["name", "guidelines"])
+            project_update(project=project, name="Demo: everyday assistant answers", guidelines=DEMO_GUIDELINES)
             for username, admin in [("admin", True)] + [(name, False) for name in DEMO_LABELERS]:
                 credentials[username] = password or secrets.token_urlsafe(9)
                 labeler_create(username=username, password=credentials[username], admin=admin)
