@@ -199,7 +199,7 @@ def _from_db_time(value: Any) -> datetime:
     return timezone.make_aware(datetime.fromisoformat(value), UTC)
 
 
-def _fetch_one(sql: str, params: list[Any]) -> tuple[Any, ...] | None:
+def _fetch_one(sql: str, params: dict[str, Any]) -> tuple[Any, ...] | None:
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         return cursor.fetchone()
@@ -218,23 +218,22 @@ def assignment_claim(*, project: Project, labeler: User, now: datetime | None = 
     expires_at = now + timedelta(seconds=project.lease_seconds)
     lock = "FOR UPDATE OF c SKIP LOCKED" if connection.features.has_select_for_update_skip_locked else ""
     with transaction.atomic():
-        clock = sql.POSTGRESQL_CLOCK if connection.vendor == "postgresql" else "%s"
+        clock = sql.POSTGRESQL_CLOCK if connection.vendor == "postgresql" else sql.CALLER_CLOCK
         current = _fetch_one(
-            sql.RENEW_CURRENT_LEASE.format(clock=clock), [_db_time(expires_at), labeler.pk, _db_time(now), project.pk]
+            sql.RENEW_CURRENT_LEASE.format(clock=clock),
+            {"expires_at": _db_time(expires_at), "labeler": labeler.pk, "now": _db_time(now), "project": project.pk},
         )
         if current is not None:
             return selectors.assignment_for_display(assignment_id=current[0])
         if project.gold_rate and random.random() < project.gold_rate:
-            gold = _fetch_one(sql.GOLD_CANDIDATE, [project.pk, labeler.pk])
+            gold = _fetch_one(sql.GOLD_CANDIDATE, {"project": project.pk, "labeler": labeler.pk})
             if gold is not None:
                 return _lease(gold[0], 0, 1 << 30, labeler, now, expires_at)
+        params = {"project": project.pk, "overlap": project.overlap, "now": _db_time(now), "labeler": labeler.pk}
         passed_over: list[int] = []
         while True:
-            excluded = f"AND c.id NOT IN ({', '.join(['%s'] * len(passed_over))})" if passed_over else ""
-            candidate = _fetch_one(
-                sql.CANDIDATE.format(passed_over=excluded, lock=lock),
-                [project.pk, project.overlap, *passed_over, _db_time(now), project.overlap, labeler.pk],
-            )
+            excluded, excluded_params = sql.passed_over(passed_over)
+            candidate = _fetch_one(sql.CANDIDATE.format(passed_over=excluded, lock=lock), {**params, **excluded_params})
             if candidate is None:
                 return None
             assignment = _lease(candidate[0], candidate[1], project.overlap, labeler, now, expires_at)
@@ -248,17 +247,15 @@ def _lease(
 ) -> Assignment | None:
     row = _fetch_one(
         sql.LEASE_IF_ROOM,
-        [
-            comparison_id,
-            labeler.pk,
-            random.random() < 0.5,
-            _db_time(now),
-            _db_time(expires_at),
-            vote_count,
-            comparison_id,
-            _db_time(now),
-            overlap,
-        ],  # fmt: skip
+        {
+            "comparison": comparison_id,
+            "labeler": labeler.pk,
+            "left_is_a": random.random() < 0.5,
+            "now": _db_time(now),
+            "expires_at": _db_time(expires_at),
+            "vote_count": vote_count,
+            "overlap": overlap,
+        },
     )
     return None if row is None else selectors.assignment_for_display(assignment_id=row[0])
 
@@ -300,7 +297,7 @@ def vote_submit(
     lock = "FOR UPDATE OF c" if connection.features.has_select_for_update else ""
 
     with transaction.atomic():
-        row = _fetch_one(sql.LOCK_FOR_VOTE.format(lock=lock), [assignment_id, labeler.pk])
+        row = _fetch_one(sql.LOCK_FOR_VOTE.format(lock=lock), {"assignment": assignment_id, "labeler": labeler.pk})
         if row is None:
             raise Assignment.DoesNotExist(f"no assignment {assignment_id} for this labeler")
         # The clock is read only now, holding the lock: read earlier, a lease that expired while we
@@ -319,8 +316,7 @@ def vote_submit(
         live = status == Assignment.Status.OPEN and _from_db_time(expires_at) > now
         if not live and origin != Comparison.Origin.GOLD:
             others = _fetch_one(
-                sql.LIVE_LEASES.format(comparison="%s") + " AND l.id <> %s",
-                [comparison_id, _db_time(now), assignment_id],
+                sql.OTHER_LIVE_LEASES, {"comparison": comparison_id, "now": _db_time(now), "assignment": assignment_id}
             )
             if vote_count + (others[0] if others else 0) >= overlap:
                 raise LeaseGone(
@@ -346,24 +342,24 @@ def vote_submit(
         with connection.cursor() as cursor:
             cursor.execute(
                 sql.INSERT_VOTE,
-                [
-                    comparison_id,
-                    labeler.pk,
-                    assignment_id,
-                    vote.choice,
-                    vote.winner_id,
-                    strength,
-                    left,
-                    rationale,
-                    json.dumps(vote.flags),
-                    vote.time_spent_ms,
-                    vote.idempotency_key,
-                    _db_time(now),
-                ],  # fmt: skip
+                {
+                    "comparison_id": comparison_id,
+                    "labeler_id": labeler.pk,
+                    "assignment_id": assignment_id,
+                    "choice": vote.choice,
+                    "winner_id": vote.winner_id,
+                    "strength": strength,
+                    "shown_left_id": left,
+                    "rationale": rationale,
+                    "flags": json.dumps(vote.flags),
+                    "time_spent_ms": vote.time_spent_ms,
+                    "idempotency_key": vote.idempotency_key,
+                    "created_at": _db_time(now),
+                },
             )
             vote.pk = cursor.fetchone()[0]
-            cursor.execute(sql.COUNT_VOTE, [comparison_id])
-            cursor.execute(sql.MARK_VOTED, [assignment_id])
+            cursor.execute(sql.COUNT_VOTE, {"comparison": comparison_id})
+            cursor.execute(sql.MARK_VOTED, {"assignment": assignment_id})
         transaction.on_commit(lambda: agreement_schedule(project_id=project_id))
     return vote, True
 

@@ -1,6 +1,7 @@
 """The statements behind claiming and voting. No Django here, so the load benchmark's ceiling runs
-exactly these through psycopg. Parameters are positional (%s); `{...}` fields are filled by the
-caller (row-lock clauses exist on PostgreSQL only; SQLite runs the rest as it is).
+exactly these through psycopg. Parameters are named (%(name)s, passed as a dict; psycopg and
+Django's SQLite backend both take them); `{...}` fields are filled by the caller (row-lock clauses
+exist on PostgreSQL only; SQLite runs the rest as it is).
 
 They are hand-written rather than ORM chains because they run on every labeling request, and at
 hundreds of votes a second the ORM's own CPU was the bottleneck (bench/labeling_load.py).
@@ -8,41 +9,50 @@ hundreds of votes a second the ORM's own CPU was the bottleneck (bench/labeling_
 
 LIVE_LEASES = """
     SELECT COUNT(*) FROM annotation_assignment l
-    WHERE l.comparison_id = {comparison} AND l.status = 'open' AND l.expires_at > %s
+    WHERE l.comparison_id = {comparison} AND l.status = 'open' AND l.expires_at > %(now)s
 """
 
 # Renewing takes no comparison lock, so whether the lease is still live is decided by the clock
 # at execution ({clock}: the database's own on PostgreSQL), never by a time read before: a lease
 # that expired meanwhile may already have been handed to someone else.
 RENEW_CURRENT_LEASE = """
-    UPDATE annotation_assignment SET expires_at = %s
-    WHERE labeler_id = %s AND status = 'open' AND expires_at > {clock}
-      AND comparison_id IN (SELECT id FROM annotation_comparison WHERE project_id = %s)
+    UPDATE annotation_assignment SET expires_at = %(expires_at)s
+    WHERE labeler_id = %(labeler)s AND status = 'open' AND expires_at > {clock}
+      AND comparison_id IN (SELECT id FROM annotation_comparison WHERE project_id = %(project)s)
     RETURNING id
 """
-POSTGRESQL_CLOCK = "GREATEST(%s, clock_timestamp())"
+POSTGRESQL_CLOCK = "GREATEST(%(now)s, clock_timestamp())"
+CALLER_CLOCK = "%(now)s"  # elsewhere (SQLite, one process): the time the caller read
 
 CANDIDATE = (
     """
     SELECT c.id, c.vote_count FROM annotation_comparison c
-    WHERE c.project_id = %s AND c.vote_count < %s AND c.origin <> 'gold' {passed_over}
+    WHERE c.project_id = %(project)s AND c.vote_count < %(overlap)s AND c.origin <> 'gold' {passed_over}
       AND c.vote_count + ("""
     + LIVE_LEASES.format(comparison="c.id")
-    + """) < %s
+    + """) < %(overlap)s
       AND NOT EXISTS (
         SELECT 1 FROM annotation_assignment d
-        WHERE d.comparison_id = c.id AND d.labeler_id = %s AND d.status IN ('voted', 'skipped'))
+        WHERE d.comparison_id = c.id AND d.labeler_id = %(labeler)s AND d.status IN ('voted', 'skipped'))
     ORDER BY c.vote_count DESC, c.id
     LIMIT 1 {lock}
 """
 )
 
+
+def passed_over(comparison_ids: list[int]) -> tuple[str, dict[str, int]]:
+    """CANDIDATE's `{passed_over}` clause leaving out these comparisons, and its parameters."""
+    names = [f"passed_over_{index}" for index in range(len(comparison_ids))]
+    clause = f"AND c.id NOT IN ({', '.join(f'%({name})s' for name in names)})" if names else ""
+    return clause, dict(zip(names, comparison_ids, strict=True))
+
+
 GOLD_CANDIDATE = """
     SELECT c.id FROM annotation_comparison c
-    WHERE c.project_id = %s AND c.origin = 'gold'
+    WHERE c.project_id = %(project)s AND c.origin = 'gold'
       AND NOT EXISTS (
         SELECT 1 FROM annotation_assignment d
-        WHERE d.comparison_id = c.id AND d.labeler_id = %s AND d.status IN ('voted', 'skipped'))
+        WHERE d.comparison_id = c.id AND d.labeler_id = %(labeler)s AND d.status IN ('voted', 'skipped'))
     ORDER BY RANDOM() LIMIT 1
 """
 
@@ -51,10 +61,10 @@ GOLD_CANDIDATE = """
 LEASE_IF_ROOM = (
     """
     INSERT INTO annotation_assignment (comparison_id, labeler_id, status, left_is_a, created_at, expires_at)
-    SELECT %s, %s, 'open', %s, %s, %s
-    WHERE %s + ("""
-    + LIVE_LEASES.format(comparison="%s")
-    + """) < %s
+    SELECT %(comparison)s, %(labeler)s, 'open', %(left_is_a)s, %(now)s, %(expires_at)s
+    WHERE %(vote_count)s + ("""
+    + LIVE_LEASES.format(comparison="%(comparison)s")
+    + """) < %(overlap)s
     ON CONFLICT (comparison_id, labeler_id) DO UPDATE SET
         status = 'open', left_is_a = excluded.left_is_a, created_at = excluded.created_at,
         expires_at = excluded.expires_at
@@ -68,17 +78,22 @@ LOCK_FOR_VOTE = """
     FROM annotation_assignment a
     JOIN annotation_comparison c ON c.id = a.comparison_id
     JOIN annotation_project p ON p.id = c.project_id
-    WHERE a.id = %s AND a.labeler_id = %s
+    WHERE a.id = %(assignment)s AND a.labeler_id = %(labeler)s
     {lock}
 """
 
+# The live leases on a comparison other than this assignment's own.
+OTHER_LIVE_LEASES = LIVE_LEASES.format(comparison="%(comparison)s") + " AND l.id <> %(assignment)s"
+
+# Parameters named as the columns they fill.
 INSERT_VOTE = """
     INSERT INTO annotation_vote (comparison_id, labeler_id, assignment_id, choice, winner_id, strength,
                                  shown_left_id, rationale, flags, time_spent_ms, idempotency_key, created_at)
-    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+    VALUES (%(comparison_id)s, %(labeler_id)s, %(assignment_id)s, %(choice)s, %(winner_id)s, %(strength)s,
+            %(shown_left_id)s, %(rationale)s, %(flags)s, %(time_spent_ms)s, %(idempotency_key)s, %(created_at)s)
     RETURNING id
 """
 
-COUNT_VOTE = "UPDATE annotation_comparison SET vote_count = vote_count + 1 WHERE id = %s"
+COUNT_VOTE = "UPDATE annotation_comparison SET vote_count = vote_count + 1 WHERE id = %(comparison)s"
 
-MARK_VOTED = "UPDATE annotation_assignment SET status = 'voted' WHERE id = %s"
+MARK_VOTED = "UPDATE annotation_assignment SET status = 'voted' WHERE id = %(assignment)s"
