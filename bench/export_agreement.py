@@ -28,14 +28,11 @@ JSON in bench/results/export_agreement.json (machine, parameters, app commit, fi
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import hashlib
 import itertools
 import json
 import os
-import platform
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -50,11 +47,10 @@ from psycopg import sql as pgsql
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.common import app_commit  # noqa: E402
+from bench import app  # noqa: E402
+from bench.common import BenchTimeout, app_commit, log, time_limit, write_results  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "export_agreement.json"
-SECRET_KEY = "bench-only-secret-key-" + "x" * 40
-ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 BIG, SMALL = "bench-big", "bench-quarter"
 LABELERS, OVERLAP, OPEN_COMPARISONS, RUNS, SLOW_MS = 60, 3, 1000, 5, 500.0
 PLAIN_STATIC = "django.contrib.staticfiles.storage.StaticFilesStorage"
@@ -66,26 +62,11 @@ WORDS = (
 ).split()
 
 
-class BenchTimeout(Exception):
-    pass
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
 def maxrss_mib() -> float:
     """Peak RSS of this process. VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across
     exec, so a worker would start out at the peak of the parent that spawned it."""
     status = Path("/proc/self/status").read_text()
     return round(int(status.split("VmHWM:")[1].split()[0]) / 1024, 1)
-
-
-def app_env(db_url: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "DJANGO_SETTINGS_MODULE"}}
-    env.update(DATABASE_URL=db_url, SECRET_KEY=SECRET_KEY, DEBUG="0", SECURE_SSL_REDIRECT="0", LOG_LEVEL="WARNING",
-               ALLOWED_HOSTS="127.0.0.1,localhost", DJANGO_SETTINGS_MODULE="config.settings")  # fmt: skip
-    return env
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,15 +307,15 @@ def work_krippendorff(slug: str) -> dict[str, Any]:
     from_counts = krippendorff.alpha(value_counts=counts, level_of_measurement="nominal")
     package_counts_s = time.perf_counter() - t
     t = time.perf_counter()
-    app = agreement.krippendorff_alpha(agreement.value_counts(item, choice, len(CHOICES)), "nominal")
+    app_alpha = agreement.krippendorff_alpha(agreement.value_counts(item, choice, len(CHOICES)), "nominal")
     app_s = time.perf_counter() - t
     snapshot = latest_snapshot(project=project)
     stored = snapshot.figures["alpha_nominal"] if snapshot else None
-    diffs = [abs(float(x) - package) for x in (from_counts, app, stored) if x is not None]
+    diffs = [abs(float(x) - package) for x in (from_counts, app_alpha, stored) if x is not None]
     return {"votes": int(len(choice)), "matrix_shape": list(matrix.shape), "matrix_mib": round(matrix.nbytes / 2**20),
             "load_s": round(load_s, 2), "matrix_s": round(matrix_s, 2), "package_alpha": package,
             "package_s": round(package_s, 3), "package_value_counts_s": round(package_counts_s, 4),
-            "app_alpha": app, "app_alpha_s": round(app_s, 4), "snapshot_alpha": stored,
+            "app_alpha": app_alpha, "app_alpha_s": round(app_s, 4), "snapshot_alpha": stored,
             "max_abs_diff": max(diffs), "agree_1e9": bool(stored is not None and max(diffs) <= 1e-9),
             "peak_rss_mib": maxrss_mib()}  # fmt: skip
 
@@ -473,11 +454,7 @@ def work_latency(slug: str, pages: list[str]) -> dict[str, Any]:
 
 
 def worker_main(spec: dict[str, Any]) -> None:
-    sys.path.insert(0, str(ROOT))
-    os.chdir(ROOT)
-    import django
-
-    django.setup()
+    app.django_setup()  # run_worker passed app.environment
     work: Callable[..., dict[str, Any]] = globals()[f"work_{spec.pop('task')}"]
     print("\nRESULT " + json.dumps(work(**spec), default=str), flush=True)
 
@@ -487,7 +464,7 @@ def run_worker(db_url: str, deadline: float, **spec: Any) -> dict[str, Any]:
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         raise BenchTimeout("out of time")
-    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=app_env(db_url),
+    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=app.environment(db_url),
                           capture_output=True, text=True, timeout=remaining, cwd=ROOT)  # fmt: skip
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
@@ -539,36 +516,23 @@ def main(argv: list[str] | None = None) -> int:
         worker_main(json.loads(args.worker))
         return 0
 
-    def on_alarm(signum: int, frame: Any) -> None:
-        raise BenchTimeout(f"run exceeded --timeout {args.timeout:.0f} s")
-
-    signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(int(args.timeout))
-    deadline = time.monotonic() + args.timeout
-    db_url = ADMIN_URL.rsplit("/", 1)[0] + "/" + args.database
-    try:
-        with psycopg.connect(ADMIN_URL) as conn:
-            pg = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+    db_url = app.database_url(app.ADMIN_URL, args.database)
+    with time_limit(args.timeout):
+        deadline = time.monotonic() + args.timeout
+        memory_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
         r: dict[str, Any] = {
-            "machine": {"nproc": os.cpu_count(), "memory_gib": round(os.sysconf("SC_PAGE_SIZE")
-                        * os.sysconf("SC_PHYS_PAGES") / 2**30, 1), "python": platform.python_version(),
-                        "platform": platform.platform(), "postgres": pg,
-                        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")},
+            "machine": {**app.database_machine(app.ADMIN_URL), "memory_gib": memory_gib},
             "parameters": {"comparisons": args.comparisons, "votes": args.comparisons * OVERLAP, "labelers": LABELERS,
                            "open_comparisons": OPEN_COMPARISONS, "database": args.database, "pages": args.pages,
                            "app_commit": app_commit()},
         }  # fmt: skip
-        migrate = [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"]
         if args.skip_load:
             r["load"] = dict.fromkeys(("copy_s", "fk_check_s", "vacuum_analyze_s", "fk_violations"), "skipped")
-            subprocess.run(migrate, cwd=ROOT, env=app_env(db_url), check=True, timeout=300)  # the app may have moved on
+            app.migrate(db_url)  # the app may have moved on
         else:
             log(f"resetting {args.database}, migrating, loading {args.comparisons:,} + {args.comparisons // 4:,}")
-            with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-                database = pgsql.Identifier(args.database)
-                conn.execute(pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(database))
-                conn.execute(pgsql.SQL("CREATE DATABASE {}").format(database))
-            subprocess.run(migrate, cwd=ROOT, env=app_env(db_url), check=True, timeout=300)
+            app.reset_database(app.ADMIN_URL, args.database)
+            app.migrate(db_url)
             r["load"] = load(db_url, args.comparisons)
             log(f"loaded: {r['load']}")
         r["agreement"] = {}
@@ -594,12 +558,9 @@ def main(argv: list[str] | None = None) -> int:
         r["latency"] = run_worker(db_url, deadline, task="latency", slug=BIG, pages=args.pages)
         r["slow_calls"] = [c["name"] for c in r["latency"]["calls"] if c["slow"]]
         print_report(r)
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(r, indent=2, default=str) + "\n")
+        write_results(args.output, r)
         log(f"wrote {args.output}")
         return 1 if r["slow_calls"] or not r["krippendorff"]["agree_1e9"] else 0
-    finally:
-        signal.alarm(0)
 
 
 if __name__ == "__main__":

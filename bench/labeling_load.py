@@ -42,7 +42,6 @@ import json
 import math
 import multiprocessing
 import os
-import platform
 import random
 import signal
 import socket
@@ -58,12 +57,12 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg import sql as pgsql
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from annotation import sql  # noqa: E402  (imports no Django)
-from bench.common import app_commit  # noqa: E402
+from bench import app  # noqa: E402
+from bench.common import app_commit, log, time_limit, write_results  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "labeling_load.json"
 ACCEPTABLE = frozenset({200, 201, 204, 409})
@@ -73,11 +72,6 @@ SQL_SLUG = "bench-sql"
 OVERLAP = 3
 REQUEST_TIMEOUT_S = 30.0
 LATE_TOLERANCE_MS = 10.0
-SECRET_KEY = "bench-only-secret-key-" + "x" * 40
-
-
-class BenchTimeout(Exception):
-    pass
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,50 +100,7 @@ class Config:
 
     @property
     def db_url(self) -> str:
-        base = self.admin_url.rsplit("/", 1)[0]
-        return f"{base}/{self.database}"
-
-
-def app_env(cfg: Config, port: int | None = None) -> dict[str, str]:
-    """The environment the app (migrate, gunicorn, in-process Django) runs with."""
-    env = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "DJANGO_SETTINGS_MODULE"}}
-    env.update(
-        DATABASE_URL=cfg.db_url,
-        SECRET_KEY=SECRET_KEY,
-        DEBUG="0",
-        SECURE_SSL_REDIRECT="0",
-        ALLOWED_HOSTS="127.0.0.1,localhost",
-        DJANGO_SETTINGS_MODULE="config.settings",
-        LOG_LEVEL="WARNING",
-    )
-    if port is not None:
-        env["GUNICORN_BIND"] = f"127.0.0.1:{port}"
-    return env
-
-
-def reset_database(cfg: Config) -> None:
-    with psycopg.connect(cfg.admin_url, autocommit=True) as conn:
-        conn.execute(pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(pgsql.Identifier(cfg.database)))
-        conn.execute(pgsql.SQL("CREATE DATABASE {}").format(pgsql.Identifier(cfg.database)))
-
-
-def migrate(cfg: Config) -> None:
-    subprocess.run(
-        [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"],
-        cwd=cfg.app_root,
-        env=app_env(cfg),
-        check=True,
-        timeout=300,
-    )
-
-
-def django_setup(cfg: Config) -> None:
-    os.environ.update(app_env(cfg))
-    os.chdir(cfg.app_root)  # celery's Django fixup puts the working directory first on sys.path
-    sys.path.insert(0, str(cfg.app_root))
-    import django
-
-    django.setup()
+        return app.database_url(self.admin_url, self.database)
 
 
 _WORDS = (
@@ -310,26 +261,29 @@ def start_gunicorn(cfg: Config) -> Server:
         process = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"), "config.wsgi"],
             cwd=cfg.app_root,
-            env=app_env(cfg, port),
+            env={**app.environment(cfg.db_url), "GUNICORN_BIND": f"127.0.0.1:{port}"},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: stop() signals master and workers
         )
     server = Server(process, port, log_path)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"gunicorn exited with {process.returncode}:\n{server.log_tail()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
-                sock.sendall(b"GET /api/v1/auth/token/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-                if sock.recv(64).startswith(b"HTTP/1.1 "):
-                    return server
-        except OSError:
-            pass
-        time.sleep(0.2)
-    server.stop()
-    raise RuntimeError(f"gunicorn did not answer within 60 s:\n{server.log_tail()}")
+    try:  # main() only stops a server it got back: one that --timeout interrupts here must be stopped here
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"gunicorn exited with {process.returncode}:\n{server.log_tail()}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+                    sock.sendall(b"GET /api/v1/auth/token/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                    if sock.recv(64).startswith(b"HTTP/1.1 "):
+                        return server
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"gunicorn did not answer within 60 s:\n{server.log_tail()}")
+    except BaseException:
+        server.stop()
+        raise
 
 
 def gunicorn_settings() -> dict[str, Any]:
@@ -946,18 +900,6 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"total invariant violations: {result['invariant_violations']}")
 
 
-def machine_info() -> dict[str, Any]:
-    with psycopg.connect(os.environ.get("BENCH_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")) as c:
-        pg = c.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
-    return {
-        "nproc": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "postgres": pg,
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-    }
-
-
 # --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
@@ -977,7 +919,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--ceiling-procs", type=int, default=2, help="client processes for the ceiling")
     parser.add_argument("--skip-ceiling", action="store_true")
     parser.add_argument("--database", default="flywheel_bench", help="dropped and recreated (default flywheel_bench)")
-    parser.add_argument("--admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--admin-url", default=app.ADMIN_URL)
     parser.add_argument("--text-chars", type=int, default=600, help="characters per synthetic response")
     parser.add_argument("--comparisons", type=int, help="comparisons per project (default: enough for the run)")
     parser.add_argument("--output", type=Path, default=RESULTS)
@@ -1012,80 +954,70 @@ def parse_args(argv: list[str] | None = None) -> Config:
     )
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-
-    def on_alarm(signum: int, frame: Any) -> None:
-        raise BenchTimeout(f"run exceeded --timeout {cfg.timeout:.0f} s")
-
-    signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(int(cfg.timeout))
     server: Server | None = None
     try:
-        result: dict[str, Any] = {"machine": machine_info(), "parameters": {
-            "labelers": cfg.labelers, "duration_s": cfg.duration, "warmup_s": cfg.warmup,
-            "paced_rate": cfg.paced_rate, "paced_duration_s": cfg.paced_duration, "overlap": OVERLAP,
-            "http_comparisons": cfg.http_comparisons, "sql_comparisons": cfg.sql_comparisons,
-            "text_chars": cfg.text_chars, "database": cfg.database, "app_root": str(cfg.app_root),
-            "app_commit": app_commit(cfg.app_root),
-        }}  # fmt: skip
-        result["gunicorn"] = gunicorn_settings()
-        t = time.perf_counter()
-        log(f"resetting database {cfg.database} and migrating")
-        reset_database(cfg)
-        migrate(cfg)
-        django_setup(cfg)
-        log(f"seeding {cfg.labelers} labelers, {cfg.http_comparisons} + {cfg.sql_comparisons} comparisons")
-        seed_ = seed(cfg)
-        probe = probe_queries(seed_.probe_token)
-        result["queries_per_request"] = {"claim": len(probe.claim_queries), "vote": len(probe.vote_queries)}
-        result["setup_s"] = round(time.perf_counter() - t, 1)
-        log(f"setup done in {result['setup_s']} s; starting gunicorn {result['gunicorn']}")
+        with time_limit(cfg.timeout):
+            result: dict[str, Any] = {"machine": app.database_machine(cfg.admin_url), "parameters": {
+                "labelers": cfg.labelers, "duration_s": cfg.duration, "warmup_s": cfg.warmup,
+                "paced_rate": cfg.paced_rate, "paced_duration_s": cfg.paced_duration, "overlap": OVERLAP,
+                "http_comparisons": cfg.http_comparisons, "sql_comparisons": cfg.sql_comparisons,
+                "text_chars": cfg.text_chars, "database": cfg.database, "app_root": str(cfg.app_root),
+                "app_commit": app_commit(cfg.app_root),
+            }}  # fmt: skip
+            result["gunicorn"] = gunicorn_settings()
+            t = time.perf_counter()
+            log(f"resetting database {cfg.database} and migrating")
+            app.reset_database(cfg.admin_url, cfg.database)
+            app.migrate(cfg.db_url, cfg.app_root)
+            os.environ.update(app.environment(cfg.db_url))
+            app.django_setup(cfg.app_root)
+            log(f"seeding {cfg.labelers} labelers, {cfg.http_comparisons} + {cfg.sql_comparisons} comparisons")
+            seed_ = seed(cfg)
+            probe = probe_queries(seed_.probe_token)
+            result["queries_per_request"] = {"claim": len(probe.claim_queries), "vote": len(probe.vote_queries)}
+            result["setup_s"] = round(time.perf_counter() - t, 1)
+            log(f"setup done in {result['setup_s']} s; starting gunicorn {result['gunicorn']}")
 
-        server = start_gunicorn(cfg)
-        log(f"gunicorn answering on 127.0.0.1:{server.port}; warm-up {cfg.warmup} s, flat out {cfg.duration} s")
-        phases, result["invariants"] = asyncio.run(http_phases(cfg, server, seed_))
-        result["gunicorn_log_tail"] = server.log_tail(10)
-        server.stop()
-        result["http"] = {p.name: phase_summary(p) for p in phases}
-        result["explain_claim"] = explain_claim(cfg, probe.claim_sql)
+            server = start_gunicorn(cfg)
+            log(f"gunicorn answering on 127.0.0.1:{server.port}; warm-up {cfg.warmup} s, flat out {cfg.duration} s")
+            phases, result["invariants"] = asyncio.run(http_phases(cfg, server, seed_))
+            result["gunicorn_log_tail"] = server.log_tail(10)
+            server.stop()
+            result["http"] = {p.name: phase_summary(p) for p in phases}
+            result["explain_claim"] = explain_claim(cfg, probe.claim_sql)
 
-        if not cfg.skip_ceiling:
-            acked_sql: list[int] = []
-            for name in ("ceiling",):
-                log(f"{name}: the same transactions through psycopg for {cfg.duration} s")
-                ceiling, ceiling_s, connections = run_ceiling(cfg, seed_)
-                result[name] = {
-                    "connections": connections,
-                    "processes": min(cfg.ceiling_procs, connections),
-                    "seconds": round(ceiling_s, 2),
-                    "votes": ceiling.votes,
-                    "votes_per_s": round(ceiling.votes / ceiling_s, 1),
-                    "refused": ceiling.refused,
-                    "dry": ceiling.dry,
-                    "errors": dict(ceiling.errors),
-                    "claim_plus_vote": latency(ceiling.total_ms),
-                    "cpu": cpu_per_vote(ceiling.cpu, ceiling.votes),
-                }
-                acked_sql += ceiling.vote_ids
-                result["invariants"][name] = check_invariants(cfg, seed_.sql_project_id, acked_sql)
-            result["http_to_ceiling_ratio"] = round(
-                result["http"]["flat"]["votes_per_s"] / max(result["ceiling"]["votes_per_s"], 0.1), 3
-            )
-        result["invariant_violations"] = sum(v["violations"] for v in result["invariants"].values())
-        result["probe_sql"] = {"claim": probe.claim_queries, "vote": probe.vote_queries}
-        print_table(result)
-        cfg.output.parent.mkdir(parents=True, exist_ok=True)
-        cfg.output.write_text(json.dumps(result, indent=2, default=str) + "\n")
-        log(f"wrote {cfg.output.relative_to(ROOT) if cfg.output.is_relative_to(ROOT) else cfg.output}")
-        errors = sum(result["http"][name]["errors"] for name in ("flat", "paced"))
-        return 1 if result["invariant_violations"] or errors else 0
+            if not cfg.skip_ceiling:
+                acked_sql: list[int] = []
+                for name in ("ceiling",):
+                    log(f"{name}: the same transactions through psycopg for {cfg.duration} s")
+                    ceiling, ceiling_s, connections = run_ceiling(cfg, seed_)
+                    result[name] = {
+                        "connections": connections,
+                        "processes": min(cfg.ceiling_procs, connections),
+                        "seconds": round(ceiling_s, 2),
+                        "votes": ceiling.votes,
+                        "votes_per_s": round(ceiling.votes / ceiling_s, 1),
+                        "refused": ceiling.refused,
+                        "dry": ceiling.dry,
+                        "errors": dict(ceiling.errors),
+                        "claim_plus_vote": latency(ceiling.total_ms),
+                        "cpu": cpu_per_vote(ceiling.cpu, ceiling.votes),
+                    }
+                    acked_sql += ceiling.vote_ids
+                    result["invariants"][name] = check_invariants(cfg, seed_.sql_project_id, acked_sql)
+                result["http_to_ceiling_ratio"] = round(
+                    result["http"]["flat"]["votes_per_s"] / max(result["ceiling"]["votes_per_s"], 0.1), 3
+                )
+            result["invariant_violations"] = sum(v["violations"] for v in result["invariants"].values())
+            result["probe_sql"] = {"claim": probe.claim_queries, "vote": probe.vote_queries}
+            print_table(result)
+            write_results(cfg.output, result)
+            log(f"wrote {cfg.output.relative_to(ROOT) if cfg.output.is_relative_to(ROOT) else cfg.output}")
+            errors = sum(result["http"][name]["errors"] for name in ("flat", "paced"))
+            return 1 if result["invariant_violations"] or errors else 0
     finally:
-        signal.alarm(0)
         if server is not None:
             server.stop()
             server.log_path.unlink(missing_ok=True)

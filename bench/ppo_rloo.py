@@ -34,7 +34,6 @@ import argparse
 import dataclasses
 import json
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,7 +47,7 @@ import tokenizers  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from bench.common import peak_memory_mib, training_machine  # noqa: E402
+from bench.common import parse_training_args, peak_memory_mib, run_side, training_machine, write_results  # noqa: E402
 from training import ppo, reward  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -348,15 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="Runs of each side, in alternating order; best kept.")
     parser.add_argument("--sides", default=",".join(SIDES), help="Comma-separated sides to run.")
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--side", help=argparse.SUPPRESS)
-    parser.add_argument("--setup", help=argparse.SUPPRESS)
-    parser.add_argument("--prompts", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.side:
-        print(json.dumps(side(args.side, Setup(**json.loads(args.setup)), args.prompts)))
+    args = parse_training_args(parser, argv, side, Setup, "--prompts")
+    if args is None:  # this process was one side, started by run_side
         return 0
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device here")
 
     preset = PRESETS[args.device]
     names = args.sides.split(",")
@@ -377,16 +370,10 @@ def main(argv: list[str] | None = None) -> int:
         for round_ in range(args.rounds):
             for name in names if round_ % 2 == 0 else reversed(names):
                 print(f"round {round_ + 1}: {name} ...", file=sys.stderr, flush=True)
-                command = [sys.executable, __file__, "--side", name, "--setup", json.dumps(dataclasses.asdict(setup)),
-                           "--prompts", str(prompts_file)]  # fmt: skip
-                finished = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-                if finished.returncode != 0:
-                    sys.stderr.write(finished.stderr[-4000:])
-                    raise RuntimeError(f"the {name} side failed with exit status {finished.returncode}")
-                runs[name].append(json.loads(finished.stdout.strip().splitlines()[-1]))
-        for name, results in runs.items():
+                runs[name].append(run_side(__file__, name, setup, "--prompts", prompts_file))
+        for name, side_runs in runs.items():
             speed = "generated_tokens_per_second" if name == "generate" else "episodes_per_second"
-            sides[name] = {**max(results, key=lambda r: r[speed]), f"all_runs_{speed}": [r[speed] for r in results]}
+            sides[name] = {**max(side_runs, key=lambda r: r[speed]), f"all_runs_{speed}": [r[speed] for r in side_runs]}
 
     comparison: dict[str, Any] = {}
     for ours_name, trl_name in (("ours", "trl"), ("ours_lora", "trl_lora")):
@@ -418,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         "comparison": comparison,
     }
     out = args.out or RESULTS / ("ppo_rloo.json" if args.device == "cpu" else "ppo_rloo_cuda.json")
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(out, results)
     print_table(sides, comparison)
     print(f"wrote {out}")
     return 0

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gzip
-import json
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from annotation.importing import parse_pair_lines  # noqa: E402
-from bench.common import training_machine  # noqa: E402
+from bench.common import training_machine, write_results  # noqa: E402
 from training import backbones  # noqa: E402
 from training.reward import Pair, RewardConfig, encode, evaluate, split_by_prompt, train  # noqa: E402
 
@@ -125,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"{name}: {len(subset)} training pairs, {len(held_out)} held out", file=sys.stderr, flush=True)
         results["backbones"][name] = run_backbone(config, subset, held_out)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        write_results(args.out, results)
 
     header = ("backbone", "train", "held-out", "accuracy", "acc fits", "ece", "len rho", "pairs/s")
     print(f"{header[0]:14} " + " ".join(f"{title:>9}" for title in header[1:]))

@@ -30,7 +30,6 @@ import argparse
 import dataclasses
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +43,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-from bench.common import peak_memory_mib, training_machine  # noqa: E402
+from bench.common import parse_training_args, peak_memory_mib, run_side, training_machine, write_results  # noqa: E402
 from bench.reward_real_data import DATA, hh_pairs  # noqa: E402
 from training import backbones  # noqa: E402
 from training.reward import Encoded, Pair, RewardConfig, encode, metrics, pair_rewards, split_by_prompt  # noqa: E402
@@ -210,15 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=[42, 1, 2, 3], help="Training seeds (data order); results are means."
     )
-    parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
-    parser.add_argument("--setup", help=argparse.SUPPRESS)
-    parser.add_argument("--split", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.side:
-        print(json.dumps(side(args.side, Setup(**json.loads(args.setup)), args.split)))
+    args = parse_training_args(parser, argv, side, Setup, "--split")
+    if args is None:  # this process was one side, started by run_side
         return 0
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device here")
 
     preset = PRESETS[args.device]
     limit = preset.train_pairs if args.train_pairs is None else args.train_pairs
@@ -250,13 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in runs:
                 print(f"{name}, seed {seed}: training on {len(chosen)} pairs ...", file=sys.stderr, flush=True)
                 seeded = dataclasses.replace(setup, seed=seed)
-                command = [sys.executable, __file__, "--side", name, "--setup", json.dumps(dataclasses.asdict(seeded)),
-                           "--split", str(split_file)]  # fmt: skip
-                finished = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-                if finished.returncode != 0:
-                    sys.stderr.write(finished.stderr[-4000:])
-                    raise RuntimeError(f"the {name} side failed with exit status {finished.returncode}")
-                runs[name].append({"seed": seed, **json.loads(finished.stdout.strip().splitlines()[-1])})
+                runs[name].append({"seed": seed, **run_side(__file__, name, seeded, "--split", split_file)})
         sides = {name: over_seeds(rows) for name, rows in runs.items()}
 
     ours, trl = sides["ours"], sides["trl"]
@@ -296,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     out = args.out or RESULTS / ("reward_trl.json" if args.device == "cpu" else "reward_trl_cuda.json")
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(out, results)
     print(f"{'':22} {'ours':>10} {'TRL':>10} {'ours/TRL':>9}")
     for key in ("pairs_per_second", "pairs_per_cpu_second", "tokens_per_second", "peak_memory_mib"):
         ratio = ours[key] / trl[key] if trl[key] else float("nan")
