@@ -690,23 +690,22 @@ async def _ceiling_claim(conn: psycopg.AsyncConnection[Any], project: int, label
     now = dt.datetime.now(dt.UTC)
     expires = now + dt.timedelta(seconds=600)
     async with conn.transaction():
-        current = await (
-            await conn.execute(
-                sql.RENEW_CURRENT_LEASE.format(clock=sql.POSTGRESQL_CLOCK), [expires, labeler, now, project]
-            )
-        ).fetchone()
+        renew = sql.RENEW_CURRENT_LEASE.format(clock=sql.POSTGRESQL_CLOCK)
+        renew_params = {"expires_at": expires, "labeler": labeler, "now": now, "project": project}
+        current = await (await conn.execute(renew, renew_params)).fetchone()
         if current is not None:
             return int(current[0])
+        params = {"project": project, "overlap": OVERLAP, "now": now, "labeler": labeler}
         passed_over: list[int] = []
         while True:
-            excluded = f"AND c.id NOT IN ({', '.join(['%s'] * len(passed_over))})" if passed_over else ""
+            excluded, excluded_params = sql.passed_over(passed_over)
             query = sql.CANDIDATE.format(passed_over=excluded, lock="FOR UPDATE OF c SKIP LOCKED")
-            params = [project, OVERLAP, *passed_over, now, OVERLAP, labeler]
-            candidate = await (await conn.execute(query, params)).fetchone()
+            candidate = await (await conn.execute(query, {**params, **excluded_params})).fetchone()
             if candidate is None:
                 return None
-            lease_params = [candidate[0], labeler, random.random() < 0.5, now, expires, candidate[1], candidate[0], now,
-                            OVERLAP]  # fmt: skip
+            lease_params = {"comparison": candidate[0], "vote_count": candidate[1], "labeler": labeler,
+                            "left_is_a": random.random() < 0.5, "now": now, "expires_at": expires,
+                            "overlap": OVERLAP}  # fmt: skip
             leased = await (await conn.execute(sql.LEASE_IF_ROOM, lease_params)).fetchone()
             if leased is not None:
                 return int(leased[0])
@@ -718,7 +717,7 @@ async def _ceiling_vote(conn: psycopg.AsyncConnection[Any], labeler: int, assign
     key = uuid.uuid4().hex
     async with conn.transaction():
         locked = sql.LOCK_FOR_VOTE.format(lock="FOR UPDATE OF c")
-        row = await (await conn.execute(locked, [assignment, labeler])).fetchone()
+        row = await (await conn.execute(locked, {"assignment": assignment, "labeler": labeler})).fetchone()
         assert row is not None
         _, status, expires_at, left_is_a, leased_at, comparison, response_a, response_b = row[:8]
         now = dt.datetime.now(dt.UTC)
@@ -731,13 +730,14 @@ async def _ceiling_vote(conn: psycopg.AsyncConnection[Any], labeler: int, assign
         choice = random.choice(CHOICES)
         canonical = {"left": "a" if left_is_a else "b", "right": "b" if left_is_a else "a"}
         spent = max(0, int((now - leased_at).total_seconds() * 1000))
-        vote_params = [comparison, labeler, assignment, canonical.get(choice, choice),
-                       {"left": left, "right": right}.get(choice), random.randint(1, 3), left, "", "[]", spent, key,
-                       now]  # fmt: skip
+        vote_params = {"comparison_id": comparison, "labeler_id": labeler, "assignment_id": assignment,
+                       "choice": canonical.get(choice, choice), "winner_id": {"left": left, "right": right}.get(choice),
+                       "strength": random.randint(1, 3), "shown_left_id": left, "rationale": "", "flags": "[]",
+                       "time_spent_ms": spent, "idempotency_key": key, "created_at": now}  # fmt: skip
         vote = await (await conn.execute(sql.INSERT_VOTE, vote_params)).fetchone()
         assert vote is not None
-        await conn.execute(sql.COUNT_VOTE, [comparison])
-        await conn.execute(sql.MARK_VOTED, [assignment])
+        await conn.execute(sql.COUNT_VOTE, {"comparison": comparison})
+        await conn.execute(sql.MARK_VOTED, {"assignment": assignment})
         return int(vote[0])
 
 
