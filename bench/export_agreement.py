@@ -7,7 +7,7 @@ What it measures, on a database of its own (dropped and recreated every run):
    votes) to show whether memory grows with the project. Each also gets 1,000 unvoted comparisons,
    so the labeling page has work to hand out. Labelers agree ~70% of the time. FK triggers are
    off during COPY (session_replication_role = replica); every FK is checked afterwards.
-2. Agreement: `quality.agreement_refresh` on each project, phase by phase (vote query, loading into
+2. Agreement: `services.agreement_refresh` on each project, phase by phase (vote query, loading into
    numpy, labeler table, Dawid-Skene, AggregatedLabel upsert, Cohen pairs), and peak RSS; beside
    it the `krippendorff` package's nominal alpha on the same votes (labelers x items matrix), which
    must agree with the snapshot's alpha to 1e-9.
@@ -238,37 +238,24 @@ def wrap(owner: Any, name: str, into: dict[str, float], key: str | None = None) 
 
 
 def work_agreement(slug: str) -> dict[str, Any]:
-    from django.db import connection
-
-    from annotation import quality
-    from annotation.models import AggregatedLabel, Project
+    from annotation import quality, selectors, services
+    from annotation.models import Project
 
     phases: dict[str, float] = {}
-    # The phases as far as this version of quality.py has them; the upsert is `store` either way.
-    for name in ("_LoadedVotes", "labeler_table", "dawid_skene", "_aggregate", "pairwise_cohen", "project_figures"):
+    for name in ("labeler_table", "dawid_skene", "_aggregate", "pairwise_cohen", "project_figures"):
         wrap(quality, name, phases)
-    if hasattr(quality, "_store_aggregates"):
-        wrap(quality, "_store_aggregates", phases, "store_aggregates")
-    else:
-        wrap(AggregatedLabel.objects, "bulk_create", phases, "store_aggregates")
-
-    def query_timer(execute: Callable, sql: str, params: Any, many: bool, context: Any) -> Any:
-        t = time.perf_counter()
-        try:
-            return execute(sql, params, many, context)
-        finally:
-            if sql == quality._VOTES_SQL:
-                phases["vote_query"] = time.perf_counter() - t
+    wrap(selectors, "project_vote_rows", phases, "vote_query_and_fetch")
+    wrap(quality.ProjectVotes, "from_rows", phases, "load_numpy")
+    wrap(services, "_store_aggregates", phases, "store_aggregates")
 
     project = Project.objects.get(slug=slug)
     base = maxrss_mib()
     t = time.perf_counter()
-    with connection.execute_wrapper(query_timer):
-        snapshot = quality.agreement_refresh(project_id=project.pk)
+    snapshot = services.agreement_refresh(project_id=project.pk)
     total = time.perf_counter() - t
-    phases["build_aggregate_rows"] = phases["_aggregate"] - phases["dawid_skene"] - phases["store_aggregates"]
-    phases["load_fetch_and_numpy"] = phases["_LoadedVotes"] - phases.pop("vote_query", 0.0)
-    top = ("_LoadedVotes", "labeler_table", "_aggregate", "pairwise_cohen", "project_figures")
+    phases["build_aggregate_rows"] = phases["_aggregate"] - phases["dawid_skene"]
+    top = ("vote_query_and_fetch", "load_numpy", "labeler_table", "_aggregate", "pairwise_cohen", "project_figures",
+           "store_aggregates")  # fmt: skip
     phases["other"] = total - sum(phases.get(k, 0.0) for k in top)
     return {"seconds": round(total, 2), "phases_s": {k: round(x, 2) for k, x in phases.items()},
             "figures": snapshot.figures, "rss_before_mib": base, "peak_rss_mib": maxrss_mib()}  # fmt: skip
@@ -280,7 +267,7 @@ def work_krippendorff(slug: str) -> dict[str, Any]:
 
     from annotation import agreement
     from annotation.models import Project
-    from annotation.quality import latest_snapshot
+    from annotation.selectors import latest_snapshot
 
     project = Project.objects.get(slug=slug)
     t = time.perf_counter()
