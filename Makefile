@@ -27,8 +27,11 @@ test: install
 	DATABASE_URL=$(TEST_DATABASE_URL) scripts/ensure-test-services
 	DATABASE_URL=$(TEST_DATABASE_URL) $(PY) -m pytest
 
+## Ruff (lint and format) and mypy over every package; .ci/run runs it before the tests.
 lint: install
-	$(VENV)/bin/ruff check . && $(VENV)/bin/mypy annotation config
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy annotation bench config rounds tests training web
 
 bench-labeling: install
 	$(PY) bench/labeling_load.py

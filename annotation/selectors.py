@@ -18,7 +18,7 @@ def _roles(user: User) -> set[str]:
     roles = getattr(user, "_flywheel_roles", None)
     if roles is None:
         roles = set(user.groups.filter(name__in=[LABELERS_GROUP, ADMINS_GROUP]).values_list("name", flat=True))
-        user._flywheel_roles = roles  # type: ignore[attr-defined]
+        user._flywheel_roles = roles  # type: ignore[attr-defined]  # a per-request cache on the user object
     return roles
 
 

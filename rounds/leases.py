@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 from django.db import connection, models, transaction
 from django.utils import timezone
 
-from rounds.models import LEASE
+from rounds.models import LEASE, LeasedRun
 
-Row = TypeVar("Row", bound=models.Model)
+Row = TypeVar("Row", bound=LeasedRun)
 
 
 class LeaseLost(Exception):
@@ -38,8 +38,8 @@ def lease_claim(claimable: models.QuerySet[Row], *, worker: str, **changes: Any)
         row = claimable.select_for_update(skip_locked=True, of=("self",)).first()
         if row is None:
             return None
-        fields = {"lease_owner": worker, "lease_expires_at": now + LEASE, "attempts": row.attempts + 1,  # type: ignore[attr-defined]
-                  "started_at": row.started_at or now, **changes}  # type: ignore[attr-defined]  # fmt: skip
+        fields = {"lease_owner": worker, "lease_expires_at": now + LEASE, "attempts": row.attempts + 1,
+                  "started_at": row.started_at or now, **changes}  # fmt: skip
         for name, value in fields.items():
             setattr(row, name, value)
         row.save(update_fields=list(fields))

@@ -1,6 +1,7 @@
 """Agreement statistics equal the reference packages to 1e-9, on random and edge-case data."""
 
 import math
+from typing import Literal
 
 import krippendorff
 import numpy as np
@@ -18,7 +19,7 @@ from annotation.agreement import (
 )
 
 
-def reference_alpha(matrix: np.ndarray, level: str, domain) -> float | None:
+def reference_alpha(matrix: np.ndarray, level: Literal["nominal", "ordinal"], domain) -> float | None:
     """matrix: coders x units with NaN for missing."""
     try:
         value = krippendorff.alpha(reliability_data=matrix, level_of_measurement=level, value_domain=domain)

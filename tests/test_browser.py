@@ -46,8 +46,8 @@ def page(live_server, monkeypatch):
         context = browser.new_context(viewport={"width": 1280, "height": 900})
         context.add_init_script(WATCH_VIOLATIONS)
         page = context.new_page()
-        page.dialogs = []  # type: ignore[attr-defined]
-        page.requests = []  # type: ignore[attr-defined]
+        page.dialogs = []  # type: ignore[attr-defined]  # the test's own record, kept on the page it watches
+        page.requests = []  # type: ignore[attr-defined]  # likewise
         page.on("dialog", lambda dialog: (page.dialogs.append(dialog.message), dialog.dismiss()))
         page.on("request", lambda request: page.requests.append(request.url))
         yield page
@@ -66,7 +66,9 @@ def log_in(page: Page, live_server, username: str) -> None:
 
 
 def current_assignment(page: Page) -> str:
-    return page.locator("#pair").get_attribute("data-assignment")
+    assignment = page.locator("#pair").get_attribute("data-assignment")
+    assert assignment is not None, "no pair on the page"
+    return assignment
 
 
 def test_labeler_labels_five_pairs_with_the_keyboard_alone(page, live_server):

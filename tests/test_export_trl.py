@@ -1,11 +1,16 @@
 """The exported dataset is what Hugging Face `datasets` and TRL's RewardTrainer consume directly."""
 
+from typing import TYPE_CHECKING
+
 import pytest
 from django.core.management import call_command
 
 from annotation.importing import PairRecord
 from annotation.services import agreement_refresh, labeler_create, pairs_import
 from tests.factories import PASSWORD, label_all, make_project
+
+if TYPE_CHECKING:  # imported where used: collecting the suite should not load transformers
+    import transformers
 
 datasets = pytest.importorskip("datasets")
 trl = pytest.importorskip("trl")
@@ -30,14 +35,6 @@ def tiny_tokenizer(texts: list[str]) -> "transformers.PreTrainedTokenizerFast":
         "{% if add_generation_prompt %}assistant: {% endif %}"
     )
     return fast
-
-
-def tiny_reward_model(vocab_size: int, pad_token_id: int):
-    config = transformers.LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=256, num_labels=1, pad_token_id=pad_token_id,
-    )  # fmt: skip
-    return transformers.AutoModelForSequenceClassification.from_config(config)
 
 
 @pytest.fixture(params=["standard", "conversational"])
@@ -81,7 +78,9 @@ def test_datasets_loads_the_export_and_reward_trainer_runs_two_steps(exported, f
         for row in dataset
     ]
     tokenizer = tiny_tokenizer(texts)
-    model = tiny_reward_model(len(tokenizer), tokenizer.pad_token_id)
+    from tests.tiny_models import make_model
+
+    model = make_model(len(tokenizer), tokenizer.pad_token_id, max_positions=256)
     before = [parameter.detach().clone() for parameter in model.parameters()]
     args = trl.RewardConfig(
         output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, report_to="none",

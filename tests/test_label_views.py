@@ -18,7 +18,9 @@ def logged_in(user, **kwargs) -> Client:
 
 
 def vote_url(html: str) -> str:
-    return re.search(r'action="(/assignments/\d+/vote/)"', html).group(1)
+    found = re.search(r'action="(/assignments/\d+/vote/)"', html)
+    assert found, "the page has no vote form"
+    return found.group(1)
 
 
 def test_label_page_shows_prompt_and_both_responses(alice, project):

@@ -21,12 +21,15 @@ def make_tokenizer(pad_equals_eos: bool = False) -> transformers.PreTrainedToken
     )
 
 
-def make_model(vocab_size: int, pad_token_id: int, seed: int = 0) -> transformers.PreTrainedModel:
+def make_model(
+    vocab_size: int, pad_token_id: int, seed: int = 0, max_positions: int = 128
+) -> transformers.PreTrainedModel:
     transformers.set_seed(seed)
     config = transformers.LlamaConfig(
         vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=128, num_labels=1, pad_token_id=pad_token_id,
+        num_key_value_heads=2, max_position_embeddings=max_positions, pad_token_id=pad_token_id,
     )  # fmt: skip
+    config.num_labels = 1  # a PretrainedConfig property, not a LlamaConfig argument in the stubs
     return transformers.AutoModelForSequenceClassification.from_config(config)
 
 

@@ -1,8 +1,9 @@
 from pathlib import Path
+from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from annotation.export import FORMATS, PreferenceFilters, export_stream
+from annotation.export import FORMATS, Format, PreferenceFilters, export_stream
 from annotation.models import Project
 
 
@@ -25,28 +26,28 @@ class Command(BaseCommand):
         )
         parser.add_argument("--no-pseudonymize", action="store_true", help="Raw votes with real labeler ids.")
 
-    def handle(self, *args: object, **options: object) -> None:
+    def handle(self, *args: Any, **options: Any) -> None:
         slug = str(options["project_slug"])
         project = Project.objects.filter(slug=slug).first()
         if project is None:
             raise CommandError(f"no project {slug!r}")
         out_file = Path(str(options["out_file"]))
-        file_format = options["format"] or ("parquet" if out_file.suffix == ".parquet" else "jsonl")
-        min_confidence = float(options["min_confidence"])  # type: ignore[arg-type]
+        file_format: Format = options["format"] or ("parquet" if out_file.suffix == ".parquet" else "jsonl")
+        min_confidence = float(options["min_confidence"])
         if not 0 <= min_confidence <= 1:
             raise CommandError("--min-confidence must be between 0 and 1")
         filters = PreferenceFilters(
-            round=options["round"],  # type: ignore[arg-type]
+            round=options["round"],
             min_confidence=min_confidence,
             include_ties=bool(options["include_ties"]),
-            min_gold_accuracy=options["min_gold_accuracy"],  # type: ignore[arg-type]
+            min_gold_accuracy=options["min_gold_accuracy"],
         )
         partial = out_file.with_name(out_file.name + ".partial")
         size = 0
         with partial.open("wb") as handle:
             for chunk in export_stream(
                 project,
-                file_format=file_format,  # type: ignore[arg-type]
+                file_format=file_format,
                 votes=bool(options["votes"]),
                 filters=filters,
                 pseudonymize=not options["no_pseudonymize"],
