@@ -1,7 +1,9 @@
 """The Django side of training: versioned reward models and policies, and the training rounds that
 produce them, each run under a lease with progress and metrics."""
 
+import json
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
@@ -126,6 +128,14 @@ class PolicyVersion(models.Model):
 
     def __str__(self) -> str:
         return f"{self.project_id} policy v{self.version}"
+
+    def step_metrics(self) -> list[dict[str, Any]]:
+        """The rows of its PPO run's metrics.jsonl, one per step (none for version 0)."""
+        path = Path(self.metrics.get("metrics_file", ""))
+        if not path.is_file():
+            return []
+        with path.open() as handle:
+            return [json.loads(line) for line in handle if line.strip()]
 
 
 class TrainingRound(LeasedRun):

@@ -1,29 +1,33 @@
 """Reward model versions: start one, and run it under a database lease so that exactly one worker
-trains a project's model at a time and a killed worker's run is taken over from its checkpoint."""
+trains a project's model at a time and a killed worker's run is taken over from its checkpoint.
+
+A training round's version is another matter: the round trains it itself, in its own task and
+under its own lease (rounds.services), so no task of the version's own is ever queued for it, and
+neither a stray task nor beat's reclaim touches it."""
 
 import dataclasses
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Max, Q
+from django.db.models import Exists, Max, OuterRef, Q, QuerySet
 from django.utils import timezone
 
 from annotation.export import PreferenceFilters, encode_jsonl, preference_rows
 from annotation.models import Project
 from rounds.leases import Heartbeat, LeaseLost, kept_alive, lease_claim, worker_name
-from rounds.models import RewardModel
+from rounds.models import RewardModel, TrainingRound
 
 
 class TrainingBusy(Exception):
     """The project already has a reward model queued or training."""
 
 
-def reward_model_start(*, project: Project, overrides: dict[str, Any] | None = None) -> RewardModel:
-    """Queue a new reward model version; the `gpu` queue's worker trains it."""
-    from rounds.tasks import reward_model_train_task
+def reward_model_create(*, project: Project, overrides: dict[str, Any] | None = None) -> RewardModel:
+    """The project's next version, queued; whoever creates it has it trained."""
     from training import reward  # torch is imported where training runs, never in web processes
 
     fields = {spec.name for spec in dataclasses.fields(reward.RewardConfig)}
@@ -35,70 +39,101 @@ def reward_model_start(*, project: Project, overrides: dict[str, Any] | None = N
         with transaction.atomic():
             Project.objects.select_for_update().get(pk=project.pk)
             version = (RewardModel.objects.filter(project=project).aggregate(Max("version"))["version__max"] or 0) + 1
-            model = RewardModel.objects.create(project=project, version=version, config=dataclasses.asdict(config))
-            transaction.on_commit(lambda: reward_model_train_task.delay(model.pk))
+            return RewardModel.objects.create(project=project, version=version, config=dataclasses.asdict(config))
     except IntegrityError:
         raise TrainingBusy(f"project {project.slug!r} already has a reward model in training") from None
+
+
+def reward_model_start(*, project: Project, overrides: dict[str, Any] | None = None) -> RewardModel:
+    """Queue a new reward model version; the `gpu` queue's worker trains it."""
+    from rounds.tasks import reward_model_train_task
+
+    with transaction.atomic():
+        model = reward_model_create(project=project, overrides=overrides)
+        transaction.on_commit(lambda: reward_model_train_task.delay(model.pk))
     return model
+
+
+def without_rounds(rows: QuerySet[RewardModel]) -> QuerySet[RewardModel]:
+    """The versions no training round owns: a round trains its own version."""
+    return rows.exclude(Exists(TrainingRound.objects.filter(reward_model=OuterRef("pk"))))
 
 
 def reward_model_claim(*, reward_model_id: int, worker: str) -> RewardModel | None:
     """Take the run's lease if it is queued, or running under a lease that ran out."""
-    claimable = RewardModel.objects.filter(pk=reward_model_id).filter(
+    claimable = without_rounds(RewardModel.objects.filter(pk=reward_model_id)).filter(
         Q(status=RewardModel.Status.QUEUED) | Q(status=RewardModel.Status.RUNNING, lease_expires_at__lt=timezone.now())
     )
     return lease_claim(claimable, worker=worker, status=RewardModel.Status.RUNNING)
 
 
+def artifact_dir(model: RewardModel) -> Path:
+    return Path(settings.ARTIFACTS_DIR) / model.project.slug / "reward" / f"v{model.version}"
+
+
+def reward_model_train(
+    model: RewardModel, *, progress: Callable[..., None], stop_after: int | None = None
+) -> dict[str, Any]:
+    """Train the version and return its summary (with "stopped_at" when `stop_after` ended it early).
+    The caller holds the lease that guards the run and records how it ended."""
+    from training import reward
+
+    out = artifact_dir(model)
+    out.mkdir(parents=True, exist_ok=True)
+    data_file = out / "train.jsonl"
+    if not data_file.exists():  # a taken-over run trains on the same snapshot of the data
+        partial = out / "train.jsonl.partial"
+        with partial.open("wb") as handle:
+            for chunk in encode_jsonl(preference_rows(model.project, PreferenceFilters())):
+                handle.write(chunk)
+        partial.replace(data_file)
+    pairs = reward.load_pairs(data_file)
+    RewardModel.objects.filter(pk=model.pk).update(data={"pairs": len(pairs), "file": str(data_file)})
+    return reward.train(pairs, reward.RewardConfig(**model.config), out, progress=progress, stop_after=stop_after)
+
+
+def succeeded(model: RewardModel, summary: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a version that finished training."""
+    return {"status": RewardModel.Status.SUCCEEDED, "metrics": summary, "artifact_path": str(artifact_dir(model)),
+            "finished_at": timezone.now(), "lease_owner": "", "lease_expires_at": None}  # fmt: skip
+
+
+def failed(error: str) -> dict[str, Any]:
+    """The fields of a version that failed, with the error (and its traceback)."""
+    return {"status": RewardModel.Status.FAILED, "error": error, "finished_at": timezone.now(), "lease_owner": "",
+            "lease_expires_at": None}  # fmt: skip
+
+
 def reward_model_run(*, reward_model_id: int, worker: str | None = None, stop_after: int | None = None) -> None:
     """Train a queued version (or take over one whose worker died). `stop_after` ends the run after
     that many steps without finishing it, as a killed worker would."""
-    from training import reward
-
     worker = worker or worker_name()
     model = reward_model_claim(reward_model_id=reward_model_id, worker=worker)
     if model is None:
         return
-    out = Path(settings.ARTIFACTS_DIR) / model.project.slug / "reward" / f"v{model.version}"
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        data_file = out / "train.jsonl"
-        if not data_file.exists():  # a taken-over run trains on the same snapshot of the data
-            partial = out / "train.jsonl.partial"
-            with partial.open("wb") as handle:
-                for chunk in encode_jsonl(preference_rows(model.project, PreferenceFilters())):
-                    handle.write(chunk)
-            partial.replace(data_file)
-        pairs = reward.load_pairs(data_file)
-        RewardModel.objects.filter(pk=model.pk).update(data={"pairs": len(pairs), "file": str(data_file)})
-        config = reward.RewardConfig(**model.config)
         heartbeat = Heartbeat(model, worker)
         with kept_alive(heartbeat):
-            summary = reward.train(pairs, config, out, progress=heartbeat, stop_after=stop_after)
+            summary = reward_model_train(model, progress=heartbeat, stop_after=stop_after)
         if "stopped_at" in summary:
             return
-        RewardModel.objects.filter(pk=model.pk, lease_owner=worker).update(
-            status=RewardModel.Status.SUCCEEDED, metrics=summary, artifact_path=str(out), finished_at=timezone.now(),
-            lease_owner="", lease_expires_at=None,
-        )  # fmt: skip
+        RewardModel.objects.filter(pk=model.pk, lease_owner=worker).update(**succeeded(model, summary))
     except LeaseLost:
         return
     except Exception as error:  # noqa: BLE001 - a failed run is recorded, never left "running"
-        RewardModel.objects.filter(pk=model.pk).update(
-            status=RewardModel.Status.FAILED,
-            error=f"{type(error).__name__}: {error}\n\n{traceback.format_exc()[-4000:]}",
-            finished_at=timezone.now(), lease_owner="", lease_expires_at=None,
-        )  # fmt: skip
+        message = f"{type(error).__name__}: {error}\n\n{traceback.format_exc()[-4000:]}"
+        RewardModel.objects.filter(pk=model.pk).update(**failed(message))
 
 
 def reward_models_reclaim() -> list[int]:
-    """Re-enqueue runs whose worker stopped renewing its lease (beat calls this every minute)."""
+    """Re-enqueue runs whose worker stopped renewing its lease (beat calls this every minute). A
+    round's version is left to the round: beat's rounds_check re-enqueues the round itself."""
     from rounds.tasks import reward_model_train_task
 
     stale = list(
-        RewardModel.objects.filter(status=RewardModel.Status.RUNNING, lease_expires_at__lt=timezone.now()).values_list(
-            "pk", flat=True
-        )
+        without_rounds(
+            RewardModel.objects.filter(status=RewardModel.Status.RUNNING, lease_expires_at__lt=timezone.now())
+        ).values_list("pk", flat=True)
     )
     for pk in stale:
         reward_model_train_task.delay(pk)

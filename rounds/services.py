@@ -21,7 +21,6 @@ prompts can change it for later rounds; each round stores the set it used).
 import dataclasses
 import json
 import logging
-import time
 import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -39,7 +38,7 @@ from annotation.selectors import latest_snapshot
 from annotation.services import pairs_import
 from rounds.leases import Heartbeat, LeaseLost, kept_alive, lease_claim, worker_name
 from rounds.models import LEASE, PolicyVersion, RewardModel, RoundTransition, TrainingRound, TrainingSettings
-from rounds.reward_models import TrainingBusy, reward_model_run, reward_model_start
+from rounds.reward_models import TrainingBusy, failed, reward_model_create, reward_model_train, succeeded
 from training.hacking import hacking_reason
 
 State = TrainingRound.State
@@ -172,17 +171,31 @@ def _round_dir(training_round: TrainingRound) -> Path:
     return Path(settings.ARTIFACTS_DIR) / training_round.project.slug / "rounds" / str(training_round.number)
 
 
-def _train_reward_model(training_round: TrainingRound, worker: str, lease: Heartbeat) -> None:
-    """Runs in the round's own task, synchronously: the gpu worker is busy with the round anyway,
-    and the round must wait for the model before PPO. The version's own lease still guards it, so
-    a reward model trained elsewhere (its queued task on another gpu worker) is waited for."""
+class _RewardModelHeartbeat(Heartbeat):
+    """The round's lease, renewed as its reward model trains; the steps are the version's progress
+    (for the reward models' table), the round's own progress counts PPO steps."""
+
+    def __init__(self, training_round: TrainingRound, worker: str, model: RewardModel) -> None:
+        super().__init__(training_round, worker)
+        self.reward_model_id = model.pk
+
+    def renew(self, **fields: Any) -> None:
+        super().renew()
+        RewardModel.objects.filter(pk=self.reward_model_id).update(**fields)
+
+
+def _train_reward_model(training_round: TrainingRound, worker: str) -> None:
+    """The round trains its own version, here in its own task and under its own lease: the gpu
+    worker is busy with the round anyway, and PPO must wait for the model. No task of the version's
+    own is queued and beat's reclaim leaves it alone, so the worker that takes a round over resumes
+    its reward model too, from the version's checkpoint."""
     ppo_overrides(training_round.project)
     model = training_round.reward_model
     if model is None:
         overrides = training_settings(training_round.project).reward_overrides
         try:
             with transaction.atomic():
-                model = reward_model_start(project=training_round.project, overrides=overrides)
+                model = reward_model_create(project=training_round.project, overrides=overrides)
                 if not TrainingRound.objects.filter(pk=training_round.pk, lease_owner=worker).update(
                     reward_model=model
                 ):
@@ -190,20 +203,26 @@ def _train_reward_model(training_round: TrainingRound, worker: str, lease: Heart
         except TrainingBusy as error:
             raise RoundFailed(f"{error}; the round needs its own") from None
         training_round.reward_model = model
-    while True:
-        reward_model_run(reward_model_id=model.pk, worker=worker)  # the round's kept_alive renews its lease
-        model.refresh_from_db()
-        if model.status == RewardModel.Status.SUCCEEDED:
-            break
-        if model.status == RewardModel.Status.FAILED:
-            first_line = (model.error.splitlines() or ["no error recorded"])[0]
-            raise RoundFailed(f"reward model v{model.version} failed: {first_line}")
-        lease.renew()  # another worker trains it
-        time.sleep(2)
-    _transition(
-        training_round, State.RUNNING_PPO, worker=worker,
-        note=f"reward model v{model.version}: held-out accuracy {model.metrics.get('accuracy')}",
-    )  # fmt: skip
+    summary = model.metrics
+    if model.status != RewardModel.Status.SUCCEEDED:
+        started = model.started_at or timezone.now()
+        RewardModel.objects.filter(pk=model.pk).update(
+            status=RewardModel.Status.RUNNING, attempts=model.attempts + 1, started_at=started
+        )
+        try:
+            summary = reward_model_train(model, progress=_RewardModelHeartbeat(training_round, worker, model))
+        except LeaseLost:
+            raise
+        except Exception as error:
+            raise RoundFailed(f"reward model v{model.version} failed: {type(error).__name__}: {error}") from error
+    # The version succeeds with the round's move on, both under the round's lease.
+    with transaction.atomic():
+        RewardModel.objects.filter(pk=model.pk, status=RewardModel.Status.RUNNING).update(**succeeded(model, summary))
+        _transition(
+            training_round, State.RUNNING_PPO, worker=worker,
+            note=f"reward model v{model.version}: held-out accuracy {summary.get('accuracy')}",
+        )  # fmt: skip
+    model.refresh_from_db()
 
 
 def _write_prompts(path: Path, prompts: Iterator[Prompt]) -> None:
@@ -356,7 +375,7 @@ def round_run(*, round_id: int, worker: str | None = None, stop_after: int | Non
     try:
         with kept_alive(lease):
             if training_round.state == State.TRAINING_REWARD_MODEL:
-                _train_reward_model(training_round, worker, lease)
+                _train_reward_model(training_round, worker)
             if training_round.state == State.RUNNING_PPO and not _run_ppo(training_round, worker, lease, stop_after):
                 return
             if training_round.state == State.SAMPLING:
@@ -367,10 +386,7 @@ def round_run(*, round_id: int, worker: str | None = None, stop_after: int | Non
         message = f"{type(error).__name__}: {error}"
         training_round.refresh_from_db(fields=["state"])
         try:
-            _transition(
-                training_round, State.FAILED, worker=worker, note=message[:500], finished_at=timezone.now(),
-                error=f"{message}\n\n{traceback.format_exc()[-4000:]}", lease_owner="", lease_expires_at=None,
-            )  # fmt: skip
+            _fail(training_round, worker=worker, note=message, error=f"{message}\n\n{traceback.format_exc()[-4000:]}")
         except LeaseLost:
             return
 
@@ -403,15 +419,6 @@ def _labeled_and_aggregated(training_round: TrainingRound) -> bool:
     return last_vote is None or (snapshot is not None and snapshot.computed_at >= last_vote)
 
 
-def _first_step_metrics(policy: PolicyVersion) -> dict[str, Any]:
-    path = Path(policy.metrics.get("metrics_file", ""))
-    if not path.is_file():
-        return {}
-    with path.open() as handle:
-        first = handle.readline()
-    return json.loads(first) if first.strip() else {}
-
-
 def round_complete(*, training_round: TrainingRound) -> bool:
     """labeling -> done once every pair is labeled and aggregated: stores the win rate and the
     reward-hacking flag."""
@@ -423,7 +430,7 @@ def round_complete(*, training_round: TrainingRound) -> bool:
     # The baseline is this round's first PPO step: the previous policy, sampled as PPO samples and
     # scored by this round's reward model. Another round's scores come from another reward model,
     # whose offset and scale are its own.
-    first = _first_step_metrics(policy)
+    first = next(iter(policy.step_metrics()), {})
     reason = ""
     if first.get("objective/score") is not None and first.get("policy/response_length") is not None:
         reason = hacking_reason(
@@ -505,7 +512,18 @@ def round_abandon(*, training_round: TrainingRound, note: str, worker: str = "")
     lease and stops at its next heartbeat."""
     if training_round.state in TrainingRound.TERMINAL_STATES:
         raise RoundBusy(f"round {training_round.number} is already {training_round.state}")
-    _transition(
-        training_round, State.FAILED, worker=worker, owned=False, note=note[:500], error=note,
-        finished_at=timezone.now(), lease_owner="", lease_expires_at=None,
-    )  # fmt: skip
+    _fail(training_round, worker=worker, owned=False, note=note, error=note)
+
+
+def _fail(training_round: TrainingRound, *, worker: str, note: str, error: str, owned: bool = True) -> None:
+    """Move the round to failed, and its reward model with it if that never finished: nobody else
+    trains a round's version, and one left running would keep the project from training another."""
+    with transaction.atomic():
+        _transition(
+            training_round, State.FAILED, worker=worker, owned=owned, note=note[:500], error=error,
+            finished_at=timezone.now(), lease_owner="", lease_expires_at=None,
+        )  # fmt: skip
+        RewardModel.objects.filter(
+            pk__in=TrainingRound.objects.filter(pk=training_round.pk).values("reward_model"),
+            status__in=[RewardModel.Status.QUEUED, RewardModel.Status.RUNNING],
+        ).update(**failed(f"round {training_round.number} failed: {error}"))

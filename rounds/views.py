@@ -1,7 +1,5 @@
 """Admin pages of training rounds: the list with its start button, and one round with its plots."""
 
-import json
-from pathlib import Path
 from typing import Any
 
 from django.contrib import messages
@@ -13,7 +11,7 @@ from django.views.decorators.http import require_GET, require_POST
 from annotation import selectors
 from annotation.models import Comparison, Project
 from rounds import reward_models, services
-from rounds.models import PolicyVersion, RewardModel, TrainingRound
+from rounds.models import RewardModel, TrainingRound
 from web.charts import LineChart, line_chart
 from web.pages import HtmxRequest, render_page
 
@@ -32,14 +30,6 @@ def _chart(labels: list[str], series: dict[str, list[float | None]], **bounds: f
     low, high = (min(values), max(values)) if values else (0.0, 1.0)
     margin = (high - low) * 0.1 or abs(high) * 0.1 or 1.0
     return line_chart(labels, series, **{"low": low - margin, "high": high + margin, **bounds})
-
-
-def _step_metrics(policy: PolicyVersion | None) -> list[dict[str, Any]]:
-    path = Path(policy.metrics.get("metrics_file", "")) if policy else Path()
-    if not path.is_file():
-        return []
-    with path.open() as handle:
-        return [json.loads(line) for line in handle if line.strip()]
 
 
 def _across_rounds(project: Project) -> list[tuple[str, LineChart]]:
@@ -122,7 +112,7 @@ def round_detail(request: HtmxRequest, slug: str, number: int) -> HttpResponse:
         project__slug=slug,
         number=number,
     )
-    steps = _step_metrics(training_round.policy)
+    steps = training_round.policy.step_metrics() if training_round.policy else []
     step_labels = [str(row.get("step", index + 1)) for index, row in enumerate(steps)]
     samples = (
         Comparison.objects.filter(

@@ -16,7 +16,7 @@ from django.utils import timezone
 from annotation.importing import PairRecord
 from annotation.models import Comparison, Prompt, content_hash
 from annotation.services import agreement_refresh, labeler_create, pairs_import
-from rounds import services
+from rounds import reward_models, services
 from rounds.leases import Heartbeat, LeaseLost, kept_alive
 from rounds.models import PolicyVersion, RewardModel, RoundTransition, TrainingRound, TrainingSettings
 from tests.factories import PASSWORD, TINY, label_all, make_project, voted_project
@@ -449,3 +449,95 @@ def test_the_lease_is_kept_alive_between_steps_and_a_stolen_one_stops_the_worker
     assert lease.lost
     with pytest.raises(LeaseLost):
         lease(1, 10, {})
+
+
+class WorkerKilled(BaseException):
+    """Ends a worker as SIGKILL would: past its error handling, which catches Exception."""
+
+
+@pytest.mark.django_db
+def test_a_rounds_reward_model_is_trained_by_the_round_never_by_its_own_task_or_beat(
+    tiny_backbone, tiny_policy, artifacts, monkeypatch, django_capture_on_commit_callbacks
+):
+    from training import reward
+
+    queued_models: list[int] = []
+    queued_rounds: list[int] = []
+    monkeypatch.setattr("rounds.tasks.reward_model_train_task.delay", queued_models.append)
+    monkeypatch.setattr("rounds.tasks.round_run_task.delay", queued_rounds.append)
+    project = loop_project(tiny_backbone, tiny_policy)
+    with django_capture_on_commit_callbacks(execute=True):
+        training_round = services.round_start(project=project)
+
+    # The round's worker dies after four steps of its reward model.
+    train = reward.train
+
+    def dies_after_four_steps(*args, **kwargs):
+        train(*args, **{**kwargs, "stop_after": 4})
+        raise WorkerKilled
+
+    monkeypatch.setattr(reward, "train", dies_after_four_steps)
+    with pytest.raises(WorkerKilled):
+        services.round_run(round_id=training_round.pk, worker="doomed")
+    monkeypatch.setattr(reward, "train", train)
+    training_round.refresh_from_db()
+    model = training_round.reward_model
+    assert (training_round.state, training_round.lease_owner) == (State.TRAINING_REWARD_MODEL, "doomed")
+    assert (model.status, model.attempts) == (RewardModel.Status.RUNNING, 1) and model.step >= 1
+    checkpoint = Path(artifacts) / project.slug / "reward" / "v1" / "member_0" / "checkpoint.pt"
+    assert checkpoint.exists()
+
+    # Both leases ran out. Beat re-enqueues a stale version of its own (another project's), never
+    # the round's; a stray task for the round's version does nothing.
+    expire_lease(training_round)
+    stale = {"status": RewardModel.Status.RUNNING, "lease_owner": "doomed",
+             "lease_expires_at": timezone.now() - timedelta(seconds=1)}  # fmt: skip
+    RewardModel.objects.filter(pk=model.pk).update(**stale)
+    other = RewardModel.objects.create(project=make_project(pairs=0), version=1, config={}, **stale)
+    assert reward_models.reward_models_reclaim() == [other.pk]
+    reward_models.reward_model_run(reward_model_id=model.pk, worker="stray")
+    model.refresh_from_db()
+    assert (model.status, model.attempts, model.lease_owner) == (RewardModel.Status.RUNNING, 1, "doomed")
+
+    # Beat re-enqueues the round, and the round's next worker finishes the reward model from its
+    # checkpoint before PPO (stopped after its first step here).
+    with django_capture_on_commit_callbacks(execute=True):
+        assert services.rounds_check()["reclaimed"] == [training_round.pk]
+    assert queued_rounds == [training_round.pk, training_round.pk]
+    services.round_run(round_id=training_round.pk, worker="rescuer", stop_after=1)
+    training_round.refresh_from_db()
+    model.refresh_from_db()
+    assert (training_round.state, training_round.lease_owner) == (State.RUNNING_PPO, "rescuer"), training_round.error
+    assert model.status == RewardModel.Status.SUCCEEDED, model.error
+    assert model.attempts == 2 and model.step == model.total_steps > 4 and model.finished_at is not None
+    assert model.metrics["accuracy"] is not None and model.data["pairs"] == 60
+    assert Path(model.artifact_path, "member_0", "config.json").exists() and not checkpoint.exists()
+    losses = json.loads((checkpoint.parent / "losses.json").read_text())
+    assert len(losses) == model.total_steps  # steps 1-4 from the dead worker, the rest from the rescuer
+    assert states(training_round)[-1] == (State.TRAINING_REWARD_MODEL, State.RUNNING_PPO)
+    assert queued_models == [other.pk]  # nothing ever queued the round's version
+
+
+@pytest.mark.django_db
+def test_a_failed_round_fails_its_unfinished_reward_model(tiny_policy, artifacts, no_queue):
+    project = loop_project("/nonexistent/model", tiny_policy)
+    training_round = services.round_start(project=project)
+    services.round_run(round_id=training_round.pk, worker="w1")
+    training_round.refresh_from_db()
+    assert training_round.state == State.FAILED
+    assert training_round.error.startswith("RoundFailed: reward model v1 failed: ")
+    assert "nonexistent" in training_round.error.splitlines()[0]
+    model = training_round.reward_model
+    assert model.status == RewardModel.Status.FAILED and model.error.startswith("round 1 failed: RoundFailed")
+
+    # Abandoned while its reward model trains (its worker gone): the version fails with it, and
+    # the project may train another.
+    retry = services.round_start(project=project)
+    version = reward_models.reward_model_create(project=project)
+    TrainingRound.objects.filter(pk=retry.pk).update(reward_model=version)
+    RewardModel.objects.filter(pk=version.pk).update(status=RewardModel.Status.RUNNING)
+    services.round_abandon(training_round=retry, note="abandoned by admin")
+    version.refresh_from_db()
+    assert (version.status, version.error) == (RewardModel.Status.FAILED, "round 2 failed: abandoned by admin")
+    assert version.finished_at is not None
+    assert reward_models.reward_model_start(project=project).version == 3
