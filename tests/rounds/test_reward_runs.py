@@ -88,6 +88,19 @@ def test_command_trains_on_the_embedded_default(tiny_backbone, artifacts, capsys
     assert "reward model v1: accuracy" in capsys.readouterr().out
 
 
+@pytest.mark.django_db
+def test_command_flags_left_out_keep_the_settings_backbone_and_the_config_defaults(settings, capsys):
+    settings.FLYWHEEL_REWARD_BACKBONE = "settings-backbone"
+    project = make_project(pairs=1)  # not committed: the queued task never runs
+    call_command("train_reward_model", project.slug, "--max-length", "32", "--lora", "--no-gradient-checkpointing")
+    assert "reward model v1 is queued" in capsys.readouterr().out
+    config = RewardModel.objects.get(project=project).config
+    assert (config["backbone"], config["max_length"], config["lora"], config["gradient_checkpointing"]) == (
+        "settings-backbone", 32, True, False,
+    )  # fmt: skip
+    assert (config["epochs"], config["seed"]) == (1, 42)  # RewardConfig's own defaults
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_celery_worker_on_the_gpu_queue_trains_from_votes_in_postgresql(tiny_backbone, artifacts):
     project = voted_project(80)

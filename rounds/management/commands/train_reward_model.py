@@ -1,5 +1,3 @@
-import dataclasses
-
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from annotation.models import Project
@@ -14,27 +12,22 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
+        from training import cli
         from training.reward import RewardConfig
 
         parser.add_argument("project_slug")
-        for spec in dataclasses.fields(RewardConfig):
-            flag = "--" + spec.name.replace("_", "-")
-            if spec.type is bool:
-                parser.add_argument(flag, action="store_true", default=None, help=spec.metadata["help"])
-            else:
-                kind = spec.type if spec.type in (int, float) else str
-                parser.add_argument(flag, type=kind, help=spec.metadata["help"])  # type: ignore[arg-type]
+        # No defaults of its own: a flag left out keeps the project's (FLYWHEEL_REWARD_BACKBONE first).
+        cli.add_config_flags(parser, RewardConfig, defaults=False)
 
     def handle(self, *args: object, project_slug: str, **options: object) -> None:
+        from training import cli
+        from training.reward import RewardConfig
+
         project = Project.objects.filter(slug=project_slug).first()
         if project is None:
             raise CommandError(f"no project {project_slug!r}")
-        from training.reward import RewardConfig
-
-        names = {spec.name for spec in dataclasses.fields(RewardConfig)}
-        overrides = {name: value for name, value in options.items() if name in names and value is not None}
         try:
-            model = reward_model_start(project=project, overrides=overrides)
+            model = reward_model_start(project=project, overrides=cli.flags_given(RewardConfig, options))
         except TrainingBusy as error:
             raise CommandError(str(error)) from None
         model.refresh_from_db()
