@@ -205,7 +205,7 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 def token_values(critic: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, context: int) -> torch.Tensor:
     """The critic's value of the state before each response token."""
-    base = getattr(critic, critic.base_model_prefix)
+    base = critic.base_model
     hidden = base(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
     head: torch.nn.Module = critic.score  # type: ignore[assignment]
     return head(hidden[:, context - 1 : -1]).squeeze(-1).float()
@@ -233,8 +233,7 @@ def sample(
         do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True,
     )  # fmt: skip
-    # peft wraps a LoRA policy: the config that generate() reads is the wrapped model's.
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
+    inner = reward.unwrap_peft(model)  # a LoRA policy's generate() reads the wrapped model's config
     own, inner.generation_config = inner.generation_config, config
     try:
         out = model.generate(input_ids=query, attention_mask=query_mask, generation_config=config)  # type: ignore[operator]
@@ -549,7 +548,7 @@ def train(
         if progress is not None:
             progress(step + 1, config.steps, row)
 
-    policy = roles.policy.merge_and_unload() if config.lora else roles.policy  # type: ignore[operator]
+    policy = reward.unwrap_peft(roles.policy, merge=True)
     policy.save_pretrained(out)
     roles.tokenizer.save_pretrained(out)
     summary = summarize([json.loads(line) for line in metrics_file.read_text().splitlines()])

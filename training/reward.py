@@ -145,12 +145,21 @@ def pad(sequences: Sequence[list[int]], pad_id: int, side: str) -> tuple[torch.T
     return ids, mask
 
 
+def unwrap_peft(model: PreTrainedModel, *, merge: bool = False) -> PreTrainedModel:
+    """The transformers model inside peft's wrapper of a LoRA model (the model itself when there is
+    none), for what the wrapper hides: its head, its body, its generation config. The adapters sit
+    inside its layers, so it computes as the wrapper does. With `merge` they are folded into the
+    weights for good, and the result saves and loads as a plain model."""
+    if not hasattr(model, "get_base_model"):
+        return model
+    return model.merge_and_unload() if merge else model.get_base_model()  # type: ignore[operator]
+
+
 def scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """One scalar per sequence. Decoders are read at the last real token, found from the attention
     mask, so padding side and a pad token equal to EOS cannot move it; encoders use their own
     pooled head."""
-    # A LoRA model is wrapped by peft; its adapters sit inside the wrapped model's own layers.
-    inner = getattr(model, "get_base_model", lambda: model)()
+    inner = unwrap_peft(model)
     head = getattr(inner, "score", None)
     if head is None:
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
@@ -427,7 +436,7 @@ def train(
         )  # fmt: skip
         if stop_after is not None:
             return {"stopped_at": result.steps}
-        merged = model.merge_and_unload() if config.lora else model  # type: ignore[operator]
+        merged = unwrap_peft(model, merge=True)
         merged.save_pretrained(member_dir)
         tokenizer.save_pretrained(member_dir)
         (member_dir / "checkpoint.pt").unlink(missing_ok=True)
