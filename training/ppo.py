@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -101,7 +101,7 @@ def load_prompts(path: Path) -> list[Prompt]:
         )  # fmt: skip
         if not (is_text or is_messages):
             raise ValueError(f"{path} line {number}: 'prompt' must be text or a list of {{role, content}} messages")
-        prompts.append(prompt)  # type: ignore[arg-type]
+        prompts.append(cast(Prompt, prompt))  # checked just above: text or messages
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     return prompts
@@ -129,7 +129,7 @@ def load_policy(name: str, device: torch.device) -> tuple[PreTrainedModel, PreTr
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.to(device)  # type: ignore[arg-type]
+    model.to(device)  # type: ignore[arg-type]  # transformers' stub of .to() drops the device overload
     return model.eval(), tokenizer
 
 
@@ -207,7 +207,7 @@ def token_values(critic: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor,
     """The critic's value of the state before each response token."""
     base = critic.base_model
     hidden = base(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
-    head: torch.nn.Module = critic.score  # type: ignore[assignment]
+    head = critic.get_submodule("score")
     return head(hidden[:, context - 1 : -1]).squeeze(-1).float()
 
 
@@ -236,7 +236,7 @@ def sample(
     inner = reward.unwrap_peft(model)  # a LoRA policy's generate() reads the wrapped model's config
     own, inner.generation_config = inner.generation_config, config
     try:
-        out = model.generate(input_ids=query, attention_mask=query_mask, generation_config=config)  # type: ignore[operator]
+        out = model.generate(input_ids=query, attention_mask=query_mask, generation_config=config)  # type: ignore[operator]  # causal LMs mix generate in
     finally:
         inner.generation_config = own
     context = query.shape[1]
@@ -371,7 +371,7 @@ class Roles:
         if self.reference is not None:
             yield self.reference
         else:
-            with self.policy.disable_adapter():  # type: ignore[operator]
+            with self.policy.disable_adapter():  # type: ignore[operator]  # a PeftModel here (reference is None)
                 yield self.policy
 
 
@@ -385,7 +385,7 @@ def load_roles(config: PPOConfig, device: torch.device) -> Roles:
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank, task_type="CAUSAL_LM")
-        policy = get_peft_model(policy, lora).eval()  # type: ignore[assignment]
+        policy = get_peft_model(policy, lora).eval()  # type: ignore[assignment]  # it forwards the model's calls
     if not config.lora or (config.reference and config.reference != config.policy):
         reference, _ = load_policy(config.reference or config.policy, device)
         reference.requires_grad_(False)

@@ -152,7 +152,7 @@ def unwrap_peft(model: PreTrainedModel, *, merge: bool = False) -> PreTrainedMod
     weights for good, and the result saves and loads as a plain model."""
     if not hasattr(model, "get_base_model"):
         return model
-    return model.merge_and_unload() if merge else model.get_base_model()  # type: ignore[operator]
+    return model.merge_and_unload() if merge else model.get_base_model()  # type: ignore[operator]  # a PeftModel
 
 
 def scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
