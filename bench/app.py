@@ -9,6 +9,8 @@ from typing import Any
 
 import psycopg
 from psycopg import sql as pgsql
+from psycopg.abc import Params, QueryNoTemplate
+from psycopg.rows import TupleRow
 
 from bench.common import ROOT, host, now_utc
 
@@ -60,8 +62,15 @@ def django_setup(app_root: Path = ROOT) -> None:
     django.setup()
 
 
+def fetch_one(conn: psycopg.Connection[TupleRow], query: QueryNoTemplate, params: Params | None = None) -> TupleRow:
+    """The row of a query that always returns one (a count, a SHOW): psycopg types fetchone() as maybe None."""
+    row = conn.execute(query, params).fetchone()
+    assert row is not None, query
+    return row
+
+
 def database_machine(admin_url: str) -> dict[str, Any]:
     """The machine and the PostgreSQL version a database benchmark ran on."""
     with psycopg.connect(admin_url) as conn:
-        postgres = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+        postgres = fetch_one(conn, "SHOW server_version")[0]
     return {**host(), "postgres": postgres, "date": now_utc()}

@@ -39,7 +39,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import psycopg
@@ -49,6 +49,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench import app  # noqa: E402
 from bench.common import BenchTimeout, app_commit, log, time_limit, write_results  # noqa: E402
+
+if TYPE_CHECKING:
+    from annotation.export import Format  # imported at run time only in a worker, after Django's setup
 
 RESULTS = ROOT / "bench" / "results" / "export_agreement.json"
 BIG, SMALL = "bench-big", "bench-quarter"
@@ -102,13 +105,14 @@ def timestamps(ms: np.ndarray) -> np.ndarray:
 def load_project(conn: psycopg.Connection, slug: str, n: int, labelers: np.ndarray, end_ms: int, seed: int) -> int:
     """N comparisons with OVERLAP votes each, plus OPEN_COMPARISONS without votes, in one transaction."""
     rng, prng = np.random.default_rng(seed), random.Random(seed)
-    ids = {t: conn.execute(f"SELECT COALESCE(MAX(id), 0) FROM annotation_{t}").fetchone()[0]  # type: ignore[index]
+    ids = {t: app.fetch_one(conn, f"SELECT COALESCE(MAX(id), 0) FROM annotation_{t}")[0]
            for t in ("prompt", "response", "comparison", "assignment", "vote")}  # fmt: skip
-    project = conn.execute(
+    project = app.fetch_one(
+        conn,
         "INSERT INTO annotation_project (slug, name, guidelines, overlap, lease_seconds, created_at, gold_rate)"
         " VALUES (%s, %s, '', %s, 600, now(), 0) RETURNING id",
         [slug, slug, OVERLAP],
-    ).fetchone()[0]  # type: ignore[index]
+    )[0]
     m, v = n + OPEN_COMPARISONS, n * OVERLAP
 
     def pool(size: int, low: int, high: int) -> list[str]:
@@ -205,14 +209,14 @@ def load(db_url: str, n: int) -> dict[str, Any]:
         broken = 0
         for table, column, ref, ref_column in fks:
             names = [pgsql.Identifier(name) for name in (table, column, ref, ref_column, column)]
-            broken += conn.execute(pgsql.SQL(check).format(*names)).fetchone()[0]  # type: ignore[index]
+            broken += app.fetch_one(conn, pgsql.SQL(check).format(*names))[0]
     t1 = time.perf_counter()
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute("VACUUM ANALYZE")
         sizes: dict[str, str] = dict(conn.execute(
             "SELECT relname, pg_size_pretty(pg_total_relation_size(oid)) FROM pg_class WHERE relname IN"
             " ('annotation_vote', 'annotation_assignment', 'annotation_comparison', 'annotation_response',"
-            " 'annotation_prompt')").fetchall())  # type: ignore[arg-type]  # fmt: skip
+            " 'annotation_prompt')").fetchall())  # fmt: skip
     return {"copy_s": round(copy_s, 1), "fk_check_s": round(t1 - t0 - copy_s, 1),
             "vacuum_analyze_s": round(time.perf_counter() - t1, 1), "fk_violations": broken,
             "table_sizes": sizes}  # fmt: skip
@@ -307,7 +311,7 @@ def work_krippendorff(slug: str) -> dict[str, Any]:
             "peak_rss_mib": maxrss_mib()}  # fmt: skip
 
 
-def work_export(slug: str, file_format: str, votes: bool) -> dict[str, Any]:
+def work_export(slug: str, file_format: Format, votes: bool) -> dict[str, Any]:
     from annotation import export
     from annotation.models import Project
 
@@ -321,13 +325,13 @@ def work_export(slug: str, file_format: str, votes: bool) -> dict[str, Any]:
 
         return wrapper
 
-    export._stream = counting(export._stream, "source")  # type: ignore[assignment]
-    export.preference_rows = counting(export.preference_rows, "rows")  # type: ignore[assignment]
-    export.vote_rows = counting(export.vote_rows, "rows")  # type: ignore[assignment]
+    export._stream = counting(export._stream, "source")
+    export.preference_rows = counting(export.preference_rows, "rows")
+    export.vote_rows = counting(export.vote_rows, "rows")
     project = Project.objects.get(slug=slug)
     base, nbytes, first_s = maxrss_mib(), 0, None
     t = time.perf_counter()
-    for chunk in export.export_stream(project, file_format=file_format, votes=votes):  # type: ignore[arg-type]
+    for chunk in export.export_stream(project, file_format=file_format, votes=votes):
         first_s = first_s if first_s is not None else time.perf_counter() - t
         nbytes += len(chunk)
     seconds = time.perf_counter() - t
@@ -344,9 +348,9 @@ def work_copy(slug: str, votes: bool) -> dict[str, Any]:
 
     sql, params = export_query(Project.objects.get(slug=slug), votes)
     connection.ensure_connection()
-    query = psycopg.ClientCursor(connection.connection).mogrify(sql, params)  # type: ignore[arg-type]
+    query = psycopg.ClientCursor(connection.connection).mogrify(sql, params)
     nbytes, rows, t = 0, 0, time.perf_counter()
-    with connection.connection.cursor() as cursor, cursor.copy(f"COPY ({query}) TO STDOUT") as copy:  # type: ignore[union-attr]
+    with connection.connection.cursor() as cursor, cursor.copy(f"COPY ({query}) TO STDOUT") as copy:
         for data in copy:
             nbytes, rows = nbytes + len(data), rows + bytes(data).count(b"\n")  # text format escapes newlines in values
     seconds = time.perf_counter() - t
@@ -360,7 +364,12 @@ def export_query(project: Any, votes: bool) -> tuple[str, list[Any]]:
 
     seen: list[tuple[str, list[Any]]] = []
     original = export._stream
-    export._stream = lambda sql, params: seen.append((sql, list(params))) or iter(())  # type: ignore[func-returns-value]
+
+    def capture(sql: str, params: list[Any]) -> Iterator[tuple[Any, ...]]:
+        seen.append((sql, list(params)))
+        return iter(())
+
+    export._stream = capture
     try:
         next(export.vote_rows(project) if votes else export.preference_rows(project, export.PreferenceFilters()), None)
     finally:
@@ -384,6 +393,7 @@ def explain(sql: str, params: Any = None, declare: bool = False, setup: tuple[st
 def work_latency(slug: str, pages: list[str]) -> dict[str, Any]:
     from django.contrib.auth.models import User
     from django.db import connection
+    from django.http import StreamingHttpResponse
     from django.test import Client, override_settings
     from django.test.utils import CaptureQueriesContext
 
@@ -418,8 +428,8 @@ def work_latency(slug: str, pages: list[str]) -> dict[str, Any]:
             with CaptureQueriesContext(connection) as queries:
                 t = time.perf_counter()
                 response = client.get(url)
-                if response.streaming:
-                    next(iter(response.streaming_content), b"")  # type: ignore[attr-defined]
+                if isinstance(response, StreamingHttpResponse):
+                    next(iter(response.streaming_content), b"")
                 times.append((time.perf_counter() - t) * 1000)
                 response.close()
             status = response.status_code

@@ -216,7 +216,7 @@ def probe_queries(token: str) -> Probe:
 def explain_claim(cfg: Config, claim_sql: str) -> str:
     """EXPLAIN ANALYZE of the probe labeler's candidate query, in the table state after the run."""
     with psycopg.connect(cfg.db_url) as conn:
-        rows = conn.execute("EXPLAIN (ANALYZE, BUFFERS) " + claim_sql).fetchall()  # type: ignore[arg-type]
+        rows = conn.execute("EXPLAIN (ANALYZE, BUFFERS) " + claim_sql).fetchall()
         conn.rollback()
     return "\n".join(row[0] for row in rows)
 
@@ -557,8 +557,8 @@ async def _run_labelers(coros: list[Any], seconds: float) -> None:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     for task in tasks:
-        if not task.cancelled() and task.exception() is not None:
-            raise task.exception()  # type: ignore[misc]
+        if not task.cancelled() and (error := task.exception()) is not None:
+            raise error
 
 
 async def _measured(server: Server, phase: Any) -> PhaseStats:
@@ -641,14 +641,14 @@ WHERE NOT EXISTS (SELECT 1 FROM annotation_vote v WHERE v.id = acked.id)
 def check_invariants(cfg: Config, project_id: int, acked: list[int]) -> dict[str, int]:
     with psycopg.connect(cfg.db_url) as conn:
         params = {"project": project_id, "ids": acked}
-        over_votes, over_leases, count_mismatch, votes, leases = conn.execute(INVARIANTS_SQL, params).fetchone()  # type: ignore[misc]
+        over_votes, over_leases, count_mismatch, votes, leases = app.fetch_one(conn, INVARIANTS_SQL, params)
         found = {
-            "duplicate_votes": conn.execute(DUPLICATES_SQL, params).fetchone()[0],  # type: ignore[index]
+            "duplicate_votes": app.fetch_one(conn, DUPLICATES_SQL, params)[0],
             "votes_over_overlap": over_votes,
             "votes_plus_leases_over_overlap": over_leases,
             "vote_count_mismatch": count_mismatch,
-            "assignment_status_mismatch": conn.execute(STATUS_MISMATCH_SQL, params).fetchone()[0],  # type: ignore[index]
-            "acknowledged_vote_missing": conn.execute(ACKED_MISSING_SQL, params).fetchone()[0],  # type: ignore[index]
+            "assignment_status_mismatch": app.fetch_one(conn, STATUS_MISMATCH_SQL, params)[0],
+            "acknowledged_vote_missing": app.fetch_one(conn, ACKED_MISSING_SQL, params)[0],
         }
     found["violations"] = sum(found.values())
     found["votes_in_db"] = int(votes)
@@ -783,10 +783,10 @@ def ceiling_worker(
 def ceiling_connections(cfg: Config) -> int:
     """--ceiling-connections, or one per labeler, within the connection slots PostgreSQL has free."""
     with psycopg.connect(cfg.admin_url) as conn:
-        limit = int(conn.execute("SHOW max_connections").fetchone()[0])  # type: ignore[index]
-        reserved = int(conn.execute("SHOW superuser_reserved_connections").fetchone()[0])  # type: ignore[index]
+        limit = int(app.fetch_one(conn, "SHOW max_connections")[0])
+        reserved = int(app.fetch_one(conn, "SHOW superuser_reserved_connections")[0])
         active = "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
-        used = int(conn.execute(active).fetchone()[0])  # type: ignore[index]
+        used = int(app.fetch_one(conn, active)[0])
     free = limit - reserved - used - 5
     wanted = cfg.ceiling_connections or cfg.labelers
     return max(1, min(wanted, free, cfg.labelers))

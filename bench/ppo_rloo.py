@@ -167,7 +167,7 @@ def run_generate(setup: Setup, prompts: list[str], device: torch.device) -> dict
             synchronize(device)
             began = time.perf_counter()
             with torch.no_grad(), reward.autocast_for(device):
-                out = model.generate(
+                out = model.generate(  # type: ignore[operator]  # PreTrainedModel lacks it; a causal LM has it
                     input_ids=query, attention_mask=query_mask, do_sample=True, temperature=TEMPERATURE, top_k=0,
                     top_p=1.0, max_new_tokens=setup.new_tokens, eos_token_id=tokenizer.eos_token_id,
                     pad_token_id=tokenizer.pad_token_id, use_cache=True,
@@ -187,7 +187,7 @@ def run_generate(setup: Setup, prompts: list[str], device: torch.device) -> dict
         "seconds_per_batch": round(seconds / setup.steps, 3),
     }
     if device.type == "cuda":
-        model.to(torch.bfloat16)  # type: ignore[arg-type]
+        model.bfloat16()
         torch.manual_seed(SEED)
         seconds, tokens, _ = measure()
         result["bf16_weights_generated_tokens_per_second"] = round(tokens / seconds, 1)
@@ -200,7 +200,7 @@ def run_trl(setup: Setup, prompts: list[str], device: torch.device, lora: bool) 
 
     reward_model = ppo.RewardModel(Path(setup.reward_model), device, max_length=512)
 
-    def reward_model_score(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
+    def reward_model_score(prompts: list[str], completions: list[str], **_: Any) -> list[float | None]:
         with reward.autocast_for(device):  # as our PPO scores: bf16 autocast on CUDA
             return reward_model(prompts, [c.strip() for c in completions]).tolist()
 
@@ -210,7 +210,10 @@ def run_trl(setup: Setup, prompts: list[str], device: torch.device, lora: bool) 
             self.logs: list[dict[str, float]] = []
             self.parts: dict[str, list[float]] = {"generation": [], "scoring": []}
 
-        def wrap(self, method: Any, part: str) -> Any:
+        def wrap(self, owner: Any, name: str, part: str) -> None:
+            """Replace owner.name by a wrapper adding its wall time to self.parts[part]."""
+            method = getattr(owner, name)
+
             def timed(*args: Any, **kwargs: Any) -> Any:
                 synchronize(device)
                 began = time.perf_counter()
@@ -219,7 +222,7 @@ def run_trl(setup: Setup, prompts: list[str], device: torch.device, lora: bool) 
                 self.parts[part].append(time.perf_counter() - began)
                 return result
 
-            return timed
+            setattr(owner, name, timed)
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             synchronize(device)
@@ -253,8 +256,8 @@ def run_trl(setup: Setup, prompts: list[str], device: torch.device, lora: bool) 
             peft_config=peft_config, callbacks=[timer],
         )  # fmt: skip
         # TRL times its phases only for wandb/trackio: wrap its generation and reward calls instead.
-        trainer._generate = timer.wrap(trainer._generate, "generation")  # type: ignore[method-assign]
-        trainer._calculate_rewards = timer.wrap(trainer._calculate_rewards, "scoring")  # type: ignore[method-assign]
+        timer.wrap(trainer, "_generate", "generation")
+        timer.wrap(trainer, "_calculate_rewards", "scoring")
         trainer.train()
     timed = timer.seconds[setup.warmup :]
     lengths = [log["completions/mean_length"] for log in timer.logs if "completions/mean_length" in log]
@@ -312,8 +315,9 @@ def build_models(preset: Preset, directory: Path) -> tuple[str, str]:
     tokenizer = make_tokenizer(preset.vocab_size)
     config = transformers.LlamaConfig(
         vocab_size=preset.vocab_size, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None, num_labels=1, **preset.shape,
+        bos_token_id=None, **preset.shape,
     )  # fmt: skip
+    config.num_labels = 1  # the reward member's one score; not a parameter of LlamaConfig's typed signature
     policy, member = directory / "policy", directory / "reward" / "member_0"
     transformers.set_seed(SEED)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(policy)

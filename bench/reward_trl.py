@@ -135,7 +135,8 @@ def run_trl(setup: Setup, train_pairs: list[Pair], device: torch.device) -> tupl
             model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
             processing_class=AutoTokenizer.from_pretrained(setup.model_dir),
         )  # fmt: skip
-        kept = len(trainer.train_dataset)  # type: ignore[arg-type]
+        assert isinstance(trainer.train_dataset, datasets.Dataset)  # as given, tokenized and filtered: it has a length
+        kept = len(trainer.train_dataset)
         with Clock(device) as clock:
             trainer.train()
     return trainer.model, clock, kept
