@@ -26,7 +26,8 @@ from training import ppo
 
 ROOT = Path(__file__).resolve().parents[2]
 State = TrainingRound.State
-PPO = {"steps": 10, "learning_rate": 5e-3, "batch_size": 16, "minibatches": 4, "max_new_tokens": 16,
+MAX_NEW_TOKENS = 16
+PPO = {"steps": 16, "learning_rate": 1e-3, "batch_size": 16, "minibatches": 4, "max_new_tokens": MAX_NEW_TOKENS,
        "temperature": 1.0, "beta": 0.01, "checkpoint_every": 4, "reward_max_length": 32}  # fmt: skip
 GOLD = preference("marker:banana")
 
@@ -51,9 +52,49 @@ def mean_gold(policy: str, prompts: list[str]) -> float:
     answers = [
         answer
         for seed in range(3)
-        for answer in ppo.generate(policy, prompts, max_new_tokens=PPO["max_new_tokens"], temperature=1.0, seed=seed)
+        for answer in ppo.generate(policy, prompts, max_new_tokens=MAX_NEW_TOKENS, temperature=1.0, seed=seed)
     ]
     return sum(map(GOLD, answers)) / len(answers)
+
+
+LOOPS = 2  # independent two-round loops: the claims are about their pooled figures, not one lucky run
+
+
+def two_rounds(live_server, worker: Worker, *, slug: str, seed: int, policy: str, backbone: str) -> list[TrainingRound]:
+    """One project's two rounds, each labeled by the bots through HTTP and run by the worker."""
+    # 120 prompts, each with a pair of answers that mention the marker word a different number of
+    # times (0 to 8), at lengths that say nothing of the count.
+    project = project_get_or_create(slug=slug, overlap=2)
+    rng = random.Random(seed)
+    records = [
+        PairRecord(line=index + 1, prompt=f"question w{index % 20} w{index // 20}",
+                   response_a=banana_answer(rng, a), response_b=banana_answer(rng, b))
+        for index, (a, b) in enumerate(rng.sample(range(9), 2) for _ in range(120))
+    ]  # fmt: skip
+    pairs_import(project=project, records=records)
+    TrainingSettings.objects.create(
+        project=project, min_new_comparisons=10, policy=policy, held_out_prompts=32,
+        reward_overrides={"backbone": backbone, **TINY, "epochs": 4, "seed": 42 + seed},
+        ppo_overrides={**PPO, "seed": 42 + seed},
+    )  # fmt: skip
+    label(live_server, project.slug, seed=1 + seed)
+    agreement_refresh(project_id=project.pk)
+    for number in (1, 2):
+        # Beat's check starts the round once enough labels are in; the worker takes it from there.
+        assert services.rounds_check()["started"], f"round {number} did not start"
+        training_round = TrainingRound.objects.get(project=project, number=number)
+        wait_for(training_round, {State.LABELING, State.FAILED}, worker)
+        assert training_round.state == State.LABELING, training_round.error
+        samples = Comparison.objects.filter(project=project, origin=Comparison.Origin.ROUND_SAMPLE, round=number)
+        assert samples.count() == training_round.samples > 0
+        label(live_server, project.slug, seed=1 + seed)
+        agreement_refresh(project_id=project.pk)
+        assert services.rounds_check()["completed"] == [training_round.pk]
+        training_round.refresh_from_db()
+        assert training_round.state == State.DONE and training_round.win_rate is not None
+    first, second = TrainingRound.objects.filter(project=project).order_by("number")
+    assert second.policy is not None and second.policy.parent_id == first.policy_id
+    return [first, second]
 
 
 @pytest.mark.statistical
@@ -62,51 +103,27 @@ def test_two_rounds_driven_by_simulated_labelers_improve_the_policy(
     live_server, tiny_backbone, tiny_policy, tmp_path, settings, seed_offset, figures
 ):
     settings.ARTIFACTS_DIR = tmp_path / "artifacts"
-    # 120 prompts, each with a pair of answers that mention the marker word a different number of
-    # times (0 to 8), at lengths that say nothing of the count.
-    project = project_get_or_create(slug="loop", overlap=2)
-    rng = random.Random(seed_offset)
-    records = [
-        PairRecord(line=index + 1, prompt=f"question w{index % 20} w{index // 20}",
-                   response_a=banana_answer(rng, a), response_b=banana_answer(rng, b))
-        for index, (a, b) in enumerate(rng.sample(range(9), 2) for _ in range(120))
-    ]  # fmt: skip
-    pairs_import(project=project, records=records)
-    TrainingSettings.objects.create(
-        project=project, min_new_comparisons=10, policy=tiny_policy, held_out_prompts=16,
-        reward_overrides={"backbone": tiny_backbone, **TINY, "epochs": 4, "seed": 42 + seed_offset},
-        ppo_overrides={**PPO, "seed": 42 + seed_offset},
-    )  # fmt: skip
-    with celery_worker("gpu,default", ARTIFACTS_DIR=str(settings.ARTIFACTS_DIR)) as worker:
-        label(live_server, project.slug, seed=1 + seed_offset)
-        agreement_refresh(project_id=project.pk)
-        for number in (1, 2):
-            # Beat's check starts the round once enough labels are in; the worker takes it from there.
-            assert services.rounds_check()["started"], f"round {number} did not start"
-            training_round = TrainingRound.objects.get(project=project, number=number)
-            wait_for(training_round, {State.LABELING, State.FAILED}, worker)
-            assert training_round.state == State.LABELING, training_round.error
-            samples = Comparison.objects.filter(project=project, origin=Comparison.Origin.ROUND_SAMPLE, round=number)
-            assert samples.count() == training_round.samples > 0
-            label(live_server, project.slug, seed=1 + seed_offset)
-            agreement_refresh(project_id=project.pk)
-            assert services.rounds_check()["completed"] == [training_round.pk]
-            training_round.refresh_from_db()
-            assert training_round.state == State.DONE and training_round.win_rate is not None
-    assert "round_run_task" in worker.output
-    first, second = TrainingRound.objects.filter(project=project).order_by("number")
-    assert second.policy.parent_id == first.policy_id
     held_out = [f"question w{i} w{j}" for i in range(20) for j in (5, 9)]
-    golds = [mean_gold(policy, held_out) for policy in (tiny_policy, first.policy.artifact_path,
-                                                       second.policy.artifact_path)]  # fmt: skip
-    for number, win_rate in enumerate((first.win_rate, second.win_rate), start=1):
-        figures(f"loop.round{number}.win_rate", win_rate)
-    for number, (old, new) in enumerate(zip(golds, golds[1:], strict=False), start=1):
-        figures(f"loop.round{number}.gold_gain", new - old)
-    # The labelers preferred each new policy over its predecessor... Seen WINRATES on seed offsets 0-4.
-    assert first.win_rate > 0.5 and second.win_rate > 0.5, (first.win_rate, second.win_rate)
-    # ...and on the hidden gold score, round 2's policy beats round 1's, which beats the start. Seen GOLDGAINS.
-    assert golds[0] < golds[1] < golds[2], golds
+    win_rates: list[list[float]] = [[], []]
+    gold_gains: list[list[float]] = [[], []]
+    with celery_worker("gpu,default", ARTIFACTS_DIR=str(settings.ARTIFACTS_DIR)) as worker:
+        for loop in range(LOOPS):
+            seed = LOOPS * seed_offset + loop
+            rounds = two_rounds(live_server, worker, slug=f"loop-{loop}", seed=seed, policy=tiny_policy,
+                                backbone=tiny_backbone)  # fmt: skip
+            golds = [mean_gold(policy, held_out) for policy in (tiny_policy, *(r.policy.artifact_path for r in rounds))]
+            for number, training_round in enumerate(rounds):
+                win_rates[number].append(training_round.win_rate)
+                gold_gains[number].append(golds[number + 1] - golds[number])
+    assert "round_run_task" in worker.output
+    for number in (0, 1):
+        win_rate = figures(f"loop.round{number + 1}.win_rate", sum(win_rates[number]) / LOOPS)
+        gold_gain = figures(f"loop.round{number + 1}.gold_gain", sum(gold_gains[number]) / LOOPS)
+        # The labelers preferred each new policy over its predecessor, and on the hidden gold score
+        # each round's policy beats the one before it (round 1's the start). Seen, pooled over the
+        # loops of seed offsets 0-4: MARGINS.
+        assert win_rate > 0.5, (number + 1, win_rates)
+        assert gold_gain > 0, (number + 1, gold_gains)
 
 
 @pytest.mark.django_db(transaction=True)
