@@ -31,6 +31,7 @@ Score = Callable[[str], float]
 
 AGREEMENT_NOISE = 0.6
 REQUEST_TIMEOUT_S = 30.0
+EMPTY_CLAIMS_TO_STOP, EMPTY_CLAIM_WAIT_S = 3, 0.2  # a bot stops after 3 empty claims 0.2 s apart
 MAX_REFUSALS_IN_A_ROW = 5
 
 
@@ -187,6 +188,13 @@ def _bot(
     votes = refused = refused_in_a_row = 0
     while not stop.is_set() and budget.take():
         status, claim = session.post(f"/api/v1/projects/{slug}/assignments/")
+        for _ in range(EMPTY_CLAIMS_TO_STOP - 1):
+            # A 204 can be momentary: another bot's claim holds the last free row's lock (SKIP
+            # LOCKED), and when it has voted that row has room again.
+            if status != 204 or stop.is_set():
+                break
+            time.sleep(EMPTY_CLAIM_WAIT_S)
+            status, claim = session.post(f"/api/v1/projects/{slug}/assignments/")
         if status == 204:
             budget.give_back()
             break
