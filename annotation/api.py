@@ -8,12 +8,12 @@ from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_sche
 from rest_framework import serializers, status
 from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.exceptions import NotFound, PermissionDenied
-from rest_framework.parsers import MultiPartParser
+from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from annotation import export, selectors, services
+from annotation import export, parsers, selectors, services
 from annotation.models import Assignment, Project, Vote
 
 
@@ -58,7 +58,7 @@ class VoteAPI(APIView):
     class InputSerializer(serializers.Serializer):
         choice = serializers.ChoiceField(choices=list(services.SCREEN_CHOICES))
         strength = serializers.IntegerField(min_value=1, max_value=3, default=1)
-        rationale = serializers.CharField(allow_blank=True, default="", max_length=5000)
+        rationale = serializers.CharField(allow_blank=True, default="", max_length=services.MAX_RATIONALE_LENGTH)
         flags = serializers.ListField(child=serializers.ChoiceField(choices=Vote.Flag.values), default=list)
         time_spent_ms = serializers.IntegerField(min_value=0, max_value=services.MAX_TIME_SPENT_MS, required=False)
 
@@ -94,8 +94,6 @@ class VoteAPI(APIView):
         data = self.InputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         key = request.headers.get("Idempotency-Key", "").strip() or None
-        if key is not None and len(key) > 200:
-            return Response({"Idempotency-Key": ["at most 200 characters"]}, status=status.HTTP_400_BAD_REQUEST)
         try:
             vote, created = services.vote_submit(
                 assignment_id=assignment_id, labeler=labeler, idempotency_key=key, **data.validated_data
@@ -103,7 +101,8 @@ class VoteAPI(APIView):
         except Assignment.DoesNotExist:
             raise NotFound("No such assignment for you.") from None
         except services.InvalidVote as error:
-            return Response({error.field: [str(error)]}, status=status.HTTP_400_BAD_REQUEST)
+            field = "Idempotency-Key" if error.field == "idempotency_key" else error.field
+            return Response({field: [str(error)]}, status=status.HTTP_400_BAD_REQUEST)
         except services.LabelingError as error:
             return Response({"detail": str(error)}, status=status.HTTP_409_CONFLICT)
         return Response(
@@ -116,6 +115,7 @@ class TokenAPI(ObtainAuthToken):
     this into a CSRF-checked call."""
 
     authentication_classes: list = []
+    parser_classes = [FormParser, MultiPartParser, parsers.JSONParser]
 
 
 class AgreementAPI(APIView):
@@ -203,7 +203,7 @@ class ImportAPI(APIView):
 
     class InputSerializer(serializers.Serializer):
         file = serializers.FileField(help_text="JSON Lines, as for `manage.py import_pairs`.")
-        overlap = serializers.IntegerField(min_value=1, required=False)
+        overlap = serializers.IntegerField(min_value=1, max_value=services.MAX_OVERLAP, required=False)
         skip_invalid = serializers.BooleanField(default=False)
 
     @extend_schema_serializer(component_name="ImportResult")
@@ -217,8 +217,9 @@ class ImportAPI(APIView):
         request={"multipart/form-data": InputSerializer},
         responses={
             201: OutputSerializer,
-            400: OpenApiResponse(description="`errors`: one per bad line"),
+            400: OpenApiResponse(description="`errors`: one per bad line, or the bad slug or overlap"),
             403: ErrorSerializer,
+            413: OpenApiResponse(description="`errors`: the file is over FLYWHEEL_IMPORT_MAX_BYTES"),
         },
     )
     def post(self, request: Request, slug: str) -> Response:
@@ -226,12 +227,14 @@ class ImportAPI(APIView):
         data = self.InputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         try:
-            _, result = services.pairs_import_file(
+            _, result = services.pairs_import_upload(
                 project_slug=slug,
-                lines=data.validated_data["file"].read().splitlines(),
+                upload=data.validated_data["file"],
                 overlap=data.validated_data.get("overlap"),
                 skip_invalid=data.validated_data["skip_invalid"],
             )
+        except services.ImportTooLarge as error:
+            return Response({"errors": error.errors}, status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE)
         except services.ImportRejected as error:
             return Response({"errors": error.errors}, status=status.HTTP_400_BAD_REQUEST)
         return Response(self.OutputSerializer(result).data, status=status.HTTP_201_CREATED)

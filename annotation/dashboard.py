@@ -152,9 +152,9 @@ def import_upload(request: HtmxRequest, slug: str) -> HttpResponse:
         context["import_errors"] = ["Choose a JSON Lines file first."]
     else:
         try:
-            _, result = services.pairs_import_file(
+            _, result = services.pairs_import_upload(
                 project_slug=project.slug,
-                lines=upload.read().splitlines(),
+                upload=upload,
                 skip_invalid=request.POST.get("skip_invalid") == "on",
             )
         except services.ImportRejected as error:

@@ -2,7 +2,9 @@
 bad line, each error naming its line number, before anything is written."""
 
 import json
+import math
 import re
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +17,11 @@ PAIR_FIELDS = {"prompt", "response_a", "response_b", "meta", "source_a", "source
 TRANSCRIPT_FIELDS = {"chosen", "rejected"}
 ROLES = {"system", "user", "assistant"}
 _TURN = re.compile(r"\n\n(Human|Assistant):")
+# The length of Response.source, which annotation.models takes from here (this module imports no Django).
+SOURCE_MAX_LENGTH = 200
+# How deep a field's value (meta, in practice) may nest lists and objects; PostgreSQL's jsonb and
+# Python's own JSON code recurse on nesting, so unbounded depth would end in a RecursionError.
+MAX_NESTING = 20
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,26 @@ class PairRecord:
 
 class _LineError(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class _HugeInteger:
+    """Stands in for a JSON integer with more digits than Python converts, so the field can be named."""
+
+    digits: int
+
+
+def text_problem(text: str, *, max_length: int | None = None) -> str | None:
+    """Why a PostgreSQL text column cannot hold this text, or None when it can."""
+    if max_length is not None and len(text) > max_length:
+        return f"is {len(text):,} characters, over the limit of {max_length:,}"
+    if "\x00" in text:
+        return "holds a NUL character"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return f"holds a lone surrogate (U+{ord(text[error.start]):04X}), which UTF-8 cannot encode"
+    return None
 
 
 def parse_pair_lines(lines: Iterable[bytes], *, max_line_bytes: int) -> tuple[list[PairRecord], list[str]]:
@@ -60,14 +87,52 @@ def _parse_line(number: int, raw: bytes, max_line_bytes: int) -> PairRecord | No
     if not text.strip():
         return None
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_int=_parse_int)
     except json.JSONDecodeError as error:
         raise _LineError(f"invalid JSON: {error.msg} at column {error.colno}") from None
+    except RecursionError:
+        raise _LineError(f"nested too deeply to parse (a field may nest at most {MAX_NESTING} levels)") from None
     if not isinstance(value, dict):
         raise _LineError(f"expected a JSON object, got {type(value).__name__}")
+    for name, field_value in value.items():
+        problem = _storable_problem(field_value)
+        if problem:
+            raise _LineError(f"field {name!r} {problem}")
     if TRANSCRIPT_FIELDS & value.keys():
         return _parse_transcript(number, value)
     return _parse_pair(number, value)
+
+
+def _parse_int(digits: str) -> int | _HugeInteger:
+    limit = sys.get_int_max_str_digits()
+    if limit and len(digits.lstrip("-")) > limit:
+        return _HugeInteger(len(digits.lstrip("-")))
+    return int(digits)
+
+
+def _storable_problem(value: Any) -> str | None:
+    """What in a parsed JSON value the database cannot store: text it cannot hold, a number that
+    is not finite or too long to convert, nesting deeper than MAX_NESTING. Walked without recursion."""
+    pending = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict | list):
+            if depth == MAX_NESTING:
+                return f"nests deeper than {MAX_NESTING} levels"
+            children = item.values() if isinstance(item, dict) else item
+            pending.extend((child, depth + 1) for child in children)
+            if isinstance(item, dict):
+                pending.extend((key, depth + 1) for key in item)
+        elif isinstance(item, str):
+            problem = text_problem(item)
+            if problem:
+                return problem
+        elif isinstance(item, float) and not math.isfinite(item):
+            return f"holds {json.dumps(item)}, which is not a finite number"
+        elif isinstance(item, _HugeInteger):
+            limit = sys.get_int_max_str_digits()
+            return f"holds an integer of {item.digits:,} digits, over the limit of {limit:,}"
+    return None
 
 
 def _parse_pair(number: int, value: dict[str, Any]) -> PairRecord:
@@ -91,8 +156,8 @@ def _parse_pair(number: int, value: dict[str, Any]) -> PairRecord:
         prompt=_prompt(value["prompt"]),
         response_a=response_a,
         response_b=response_b,
-        source_a=_optional_text(value, "source_a"),
-        source_b=_optional_text(value, "source_b"),
+        source_a=_source(value, "source_a"),
+        source_b=_source(value, "source_b"),
         meta=meta,
         gold_choice=gold,
     )
@@ -156,6 +221,14 @@ def _optional_text(value: dict[str, Any], name: str) -> str:
     if not isinstance(text, str):
         raise _LineError(f"field {name!r} must be a string, got {type(text).__name__}")
     return text
+
+
+def _source(value: dict[str, Any], name: str) -> str:
+    source = _optional_text(value, name)
+    problem = text_problem(source, max_length=SOURCE_MAX_LENGTH)
+    if problem:
+        raise _LineError(f"field {name!r} {problem}")
+    return source
 
 
 def _prompt(prompt: Any) -> PromptContent:

@@ -9,6 +9,8 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+from annotation.importing import SOURCE_MAX_LENGTH
+
 LABELERS_GROUP = "labelers"
 ADMINS_GROUP = "admins"
 
@@ -81,7 +83,7 @@ class Prompt(models.Model):
 class Response(models.Model):
     prompt = models.ForeignKey(Prompt, on_delete=models.CASCADE, related_name="responses")
     text = models.TextField()
-    source = models.CharField(max_length=200, blank=True, help_text="Model name, policy version or file.")
+    source = models.CharField(max_length=SOURCE_MAX_LENGTH, blank=True, help_text="Model name, policy version or file.")
 
     def __str__(self) -> str:
         return f"{self.source or 'response'} #{self.pk}"

@@ -11,12 +11,15 @@ from celery import current_app
 from django.conf import settings
 from django.contrib.auth.models import Group, Permission, User
 from django.core.cache import cache
+from django.core.exceptions import ValidationError
+from django.core.files.uploadedfile import UploadedFile
 from django.db import connection, transaction
+from django.db.backends.base.operations import BaseDatabaseOperations
 from django.utils import timezone
 
 from annotation import selectors, sql
 from annotation.agreement import CHOICES
-from annotation.importing import PairRecord, parse_pair_lines, summarize_errors
+from annotation.importing import PairRecord, parse_pair_lines, summarize_errors, text_problem
 from annotation.models import (
     ADMINS_GROUP,
     LABELERS_GROUP,
@@ -34,6 +37,10 @@ from annotation.quality import AGGREGATE_COLUMNS, ProjectVotes, quality_report
 
 MAX_TIME_SPENT_MS = 24 * 3600 * 1000
 SCREEN_CHOICES = ("left", "right", "tie", "both_bad")
+MAX_RATIONALE_LENGTH = 5000
+MAX_IDEMPOTENCY_KEY_LENGTH = Vote._meta.get_field("idempotency_key").max_length
+# Overlap is a PositiveSmallIntegerField, PostgreSQL's smallint: psycopg would send 65537 as 1.
+MAX_OVERLAP = BaseDatabaseOperations.integer_field_ranges[Project._meta.get_field("overlap").get_internal_type()][1]
 
 
 class LabelingError(Exception):
@@ -52,10 +59,16 @@ class IdempotencyKeyReused(LabelingError):
     pass
 
 
-class InvalidVote(LabelingError):
+class InvalidInput(LabelingError):
+    """A value that breaks a rule or that its column cannot hold; `field` names it."""
+
     def __init__(self, field: str, message: str) -> None:
         self.field = field
         super().__init__(f"{field}: {message}")
+
+
+class InvalidVote(InvalidInput):
+    pass
 
 
 def labeler_create(*, username: str, password: str, admin: bool = False) -> User:
@@ -74,7 +87,19 @@ def labeler_create(*, username: str, password: str, admin: bool = False) -> User
     return user
 
 
+def project_check(*, slug: str, overlap: int | None = None) -> None:
+    """Raise InvalidInput unless the slug is one the slug column and URLs take (letters, digits, `-`
+    and `_`, at most 50) and the overlap fits its column."""
+    try:
+        Project._meta.get_field("slug").clean(slug, None)
+    except ValidationError as error:
+        raise InvalidInput("slug", f"{slug!r}: {' '.join(error.messages)}") from None
+    if overlap is not None and not 1 <= overlap <= MAX_OVERLAP:
+        raise InvalidInput("overlap", f"{overlap} is outside 1..{MAX_OVERLAP}")
+
+
 def project_get_or_create(*, slug: str, name: str = "", overlap: int | None = None) -> Project:
+    project_check(slug=slug, overlap=overlap)
     defaults: dict[str, object] = {"name": name or slug}
     if overlap is not None:
         defaults["overlap"] = overlap
@@ -107,6 +132,24 @@ class ImportRejected(LabelingError):
         super().__init__("nothing imported:\n" + summarize_errors(errors))
 
 
+class ImportTooLarge(ImportRejected):
+    """An upload over FLYWHEEL_IMPORT_MAX_BYTES, refused unread."""
+
+
+def pairs_import_upload(
+    *, project_slug: str, upload: UploadedFile, overlap: int | None = None, skip_invalid: bool = False
+) -> tuple[Project, ImportResult]:
+    """pairs_import_file for an uploaded file, which is read only when within FLYWHEEL_IMPORT_MAX_BYTES."""
+    limit = settings.FLYWHEEL_IMPORT_MAX_BYTES
+    if upload.size is not None and upload.size > limit:
+        raise ImportTooLarge(
+            [f"the file is {upload.size:,} bytes, over the limit of {limit:,} bytes (FLYWHEEL_IMPORT_MAX_BYTES)"]
+        )
+    return pairs_import_file(
+        project_slug=project_slug, lines=upload.read().splitlines(), overlap=overlap, skip_invalid=skip_invalid
+    )
+
+
 def pairs_import_file(
     *, project_slug: str, lines: list[bytes], overlap: int | None = None, skip_invalid: bool = False
 ) -> tuple[Project, ImportResult]:
@@ -114,8 +157,10 @@ def pairs_import_file(
 
     Bad lines abort the import unless skip_invalid, which imports the good ones and reports the rest.
     """
-    if overlap is not None and overlap < 1:
-        raise ImportRejected(["overlap must be at least 1"])
+    try:
+        project_check(slug=project_slug, overlap=overlap)
+    except InvalidInput as error:
+        raise ImportRejected([str(error)]) from None
     records, errors = parse_pair_lines(lines, max_line_bytes=settings.FLYWHEEL_IMPORT_MAX_LINE_BYTES)
     if errors and not (skip_invalid and records):
         raise ImportRejected(errors)
@@ -293,8 +338,15 @@ def vote_submit(
         raise InvalidVote("flags", f"{unknown_flags[0]!r} is not one of {', '.join(Vote.Flag.values)}")
     if time_spent_ms is not None and not 0 <= time_spent_ms <= MAX_TIME_SPENT_MS:
         raise InvalidVote("time_spent_ms", f"{time_spent_ms} is outside 0..{MAX_TIME_SPENT_MS}")
-    # Every change to a comparison's votes and leases happens under its row lock (claims take it too).
-    lock = "FOR UPDATE OF c" if connection.features.has_select_for_update else ""
+    for name, text, limit in (
+        ("rationale", rationale, MAX_RATIONALE_LENGTH),
+        ("idempotency_key", idempotency_key or "", MAX_IDEMPOTENCY_KEY_LENGTH),
+    ):
+        problem = text_problem(text, max_length=limit)
+        if problem:
+            raise InvalidVote(name, problem)
+    # The comparison's and the assignment's row locks; sql.VOTE_LOCK says why both.
+    lock = sql.VOTE_LOCK if connection.features.has_select_for_update else ""
 
     with transaction.atomic():
         row = _fetch_one(sql.LOCK_FOR_VOTE.format(lock=lock), {"assignment": assignment_id, "labeler": labeler.pk})
@@ -357,7 +409,14 @@ def vote_submit(
                     "created_at": _db_time(now),
                 },
             )
-            vote.pk = cursor.fetchone()[0]
+            inserted = cursor.fetchone()
+            if inserted is None:
+                # A unique constraint refused the vote. Mostly the same key, committed meanwhile with a
+                # vote on another assignment, whose comparison's lock we do not hold.
+                if idempotency_key and Vote.objects.filter(labeler=labeler, idempotency_key=idempotency_key).exists():
+                    raise IdempotencyKeyReused("this Idempotency-Key was already used for another assignment")
+                raise AlreadyVoted("you have already voted on this comparison")
+            vote.pk = inserted[0]
             cursor.execute(sql.COUNT_VOTE, {"comparison": comparison_id})
             cursor.execute(sql.MARK_VOTED, {"assignment": assignment_id})
         transaction.on_commit(lambda: agreement_schedule(project_id=project_id))

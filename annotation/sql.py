@@ -72,6 +72,12 @@ LEASE_IF_ROOM = (
 """
 )
 
+# Every change to a comparison's votes and leases happens under its row lock (claims take it too).
+# The assignment is locked as well, after the comparison as claims do: a vote that waited for the
+# lock then reads the assignment as the vote before it left it (voted), not as it was when the
+# statement began, and is refused instead of inserting a second vote.
+VOTE_LOCK = "FOR UPDATE OF c, a"
+
 LOCK_FOR_VOTE = """
     SELECT a.id, a.status, a.expires_at, a.left_is_a, a.created_at,
            c.id, c.response_a_id, c.response_b_id, c.vote_count, c.origin, c.project_id, p.overlap
@@ -85,12 +91,14 @@ LOCK_FOR_VOTE = """
 # The live leases on a comparison other than this assignment's own.
 OTHER_LIVE_LEASES = LIVE_LEASES.format(comparison="%(comparison)s") + " AND l.id <> %(assignment)s"
 
-# Parameters named as the columns they fill.
+# Parameters named as the columns they fill. No row comes back when a unique constraint refuses
+# the vote (the labeler's idempotency key taken meanwhile), so the caller can answer 409, not 500.
 INSERT_VOTE = """
     INSERT INTO annotation_vote (comparison_id, labeler_id, assignment_id, choice, winner_id, strength,
                                  shown_left_id, rationale, flags, time_spent_ms, idempotency_key, created_at)
     VALUES (%(comparison_id)s, %(labeler_id)s, %(assignment_id)s, %(choice)s, %(winner_id)s, %(strength)s,
             %(shown_left_id)s, %(rationale)s, %(flags)s, %(time_spent_ms)s, %(idempotency_key)s, %(created_at)s)
+    ON CONFLICT DO NOTHING
     RETURNING id
 """
 

@@ -716,7 +716,7 @@ async def _ceiling_vote(conn: psycopg.AsyncConnection[Any], labeler: int, assign
     """vote_submit with an idempotency key: the new vote's id, or None when refused."""
     key = uuid.uuid4().hex
     async with conn.transaction():
-        locked = sql.LOCK_FOR_VOTE.format(lock="FOR UPDATE OF c")
+        locked = sql.LOCK_FOR_VOTE.format(lock=sql.VOTE_LOCK)
         row = await (await conn.execute(locked, {"assignment": assignment, "labeler": labeler})).fetchone()
         assert row is not None
         _, status, expires_at, left_is_a, leased_at, comparison, response_a, response_b = row[:8]

@@ -193,3 +193,13 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
 }
+
+# Size caps (README, "HTTP API"): an import upload over this many bytes is refused before it is read
+# (the command line has no cap); other request bodies are held to Django's DATA_UPLOAD_MAX_MEMORY_SIZE (2.5 MB).
+FLYWHEEL_IMPORT_MAX_BYTES = env_int("FLYWHEEL_IMPORT_MAX_BYTES", 20_000_000)
+# DRF's JSON parser, answering 400 rather than 500 for JSON nested too deeply to parse.
+REST_FRAMEWORK["DEFAULT_PARSER_CLASSES"] = [
+    "annotation.parsers.JSONParser",
+    "rest_framework.parsers.FormParser",
+    "rest_framework.parsers.MultiPartParser",
+]
