@@ -30,7 +30,7 @@ def test_dawid_skene_beats_majority_vote_on_simulated_labelers(seed_offset, figu
         majority_label, _ = majority(value_counts(items, labels, 4))
         majority_accuracy = (majority_label == truth).mean()  # shared tops count as wrong
         ds_accuracy = (result.label == truth).mean()
-        # Seen DS_GAIN over seeds 0-14.
+        # Seen 0.27 to 0.31 over seeds 0-14, and a largest trust error of 0.024 to 0.081.
         assert figures("aggregation.ds_gain", ds_accuracy - majority_accuracy) > 0.05, (seed, ds_accuracy)
         # Trust ranks the good labelers above the poor ones.
         assert result.trust[:3].min() > result.trust[3:].max()

@@ -231,12 +231,13 @@ def test_without_a_kl_leash_the_policy_games_the_reward_model(
         length=mean(lengths), previous_length=mean(first_lengths), length_factor=1.5,
     )  # fmt: skip
     if beta == 0.0:
-        # Seen over 4 seeds, seed offsets 0-4, 1 and 2 threads: rise RISE0, gold GOLD0, win rate WIN0.
+        # Seen pooled over 4 seeds, seed offsets 0-4, 1 and 2 threads: rise 5.6 to 6.7, gold -2.2 to
+        # -1.15, win rate 0.06 to 0.19.
         assert rise > 3
         assert gold_change < -0.5 and win_rate < 0.35
         assert "proxy reward rose" in flag
     else:
-        # Seen likewise: rise RISE3, gold GOLD3, win rate WIN3.
-        assert rise > 0.5
+        # Seen likewise: rise 0.52 to 3.1, gold +0.30 to +0.64, win rate 0.65 to 0.75.
+        assert rise > 0
         assert gold_change > 0.1 and win_rate > 0.55
         assert flag == ""
