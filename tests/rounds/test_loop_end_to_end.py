@@ -57,7 +57,7 @@ def mean_gold(policy: str, prompts: list[str]) -> float:
     return sum(map(GOLD, answers)) / len(answers)
 
 
-LOOPS = 2  # independent two-round loops: the claims are about their pooled figures, not one lucky run
+LOOPS = 3  # independent two-round loops: the claims are about their pooled figures, not one lucky run
 
 
 def two_rounds(live_server, worker: Worker, *, slug: str, seed: int, policy: str, backbone: str) -> list[TrainingRound]:
@@ -120,8 +120,10 @@ def test_two_rounds_driven_by_simulated_labelers_improve_the_policy(
         win_rate = figures(f"loop.round{number + 1}.win_rate", sum(win_rates[number]) / LOOPS)
         gold_gain = figures(f"loop.round{number + 1}.gold_gain", sum(gold_gains[number]) / LOOPS)
         # The labelers preferred each new policy over its predecessor, and on the hidden gold score
-        # each round's policy beats the one before it (round 1's the start). Seen, pooled over the
-        # loops of seed offsets 0-4: MARGINS.
+        # each round's policy beats the one before it (round 1's the start). Seen on seed offsets
+        # 0-4 (1 thread): win rates 0.67 to 0.99 (round 1) and 0.72 to 1.00 (round 2), gold gains
+        # +0.24 to +3.7 and +1.9 to +6.1. Pooled over 2 loops the worst round-2 win rate was 0.56
+        # (offsets 0-4, 1 and 2 threads): one loop's round 1 can land near the ceiling.
         assert win_rate > 0.5, (number + 1, win_rates)
         assert gold_gain > 0, (number + 1, gold_gains)
 
