@@ -9,11 +9,13 @@ from rest_framework import serializers, status
 from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.exceptions import NotFound, PermissionDenied
 from rest_framework.parsers import FormParser, MultiPartParser
+from rest_framework.permissions import BasePermission, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from annotation import export, parsers, selectors, services
+from annotation import auth, export, parsers, selectors, services
+from annotation.auth import ExpiringTokenAuthentication
 from annotation.models import Assignment, Project, Vote
 
 
@@ -111,11 +113,39 @@ class VoteAPI(APIView):
 
 
 class TokenAPI(ObtainAuthToken):
-    """`{"username", "password"}` in, `{"token"}` out. No session: a browser cookie must not turn
-    this into a CSRF-checked call."""
+    """`{"username", "password"}` in, `{"token"}` out; `DELETE` with the token revokes it. No session:
+    a browser cookie must not turn this into a CSRF-checked call."""
 
-    authentication_classes: list = []
+    authentication_classes = [ExpiringTokenAuthentication]
     parser_classes = [FormParser, MultiPartParser, parsers.JSONParser]
+
+    def get_permissions(self) -> list[BasePermission]:
+        return [IsAuthenticated()] if self.request.method == "DELETE" else []
+
+    def get_serializer_context(self) -> dict:
+        # django-axes counts failures and flags a lock-out on the Django request, which its middleware
+        # answers with 429; DRF's wrapper would keep the flag where the middleware never looks.
+        return {**super().get_serializer_context(), "request": self.request._request}
+
+    @extend_schema(
+        operation_id="auth_token_create",
+        responses={
+            200: OpenApiResponse(description='`{"token"}`'),
+            400: OpenApiResponse(description="Wrong username or password."),
+            429: OpenApiResponse(description='Locked out: `{"detail", "retry_after_seconds"}`.'),
+        },
+    )
+    def post(self, request: Request, *args: object, **kwargs: object) -> Response:
+        serializer = self.get_serializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        token = auth.token_issue(user=serializer.validated_data["user"])
+        return Response({"token": token.key})
+
+    @extend_schema(operation_id="auth_token_revoke", responses={204: None, 401: ErrorSerializer})
+    def delete(self, request: Request) -> Response:
+        # Only token authentication reaches here (authentication_classes), so request.auth is the token.
+        auth.token_revoke(user=request.auth.user)
+        return Response(status=status.HTTP_204_NO_CONTENT)
 
 
 class AgreementAPI(APIView):

@@ -4,6 +4,7 @@ With no environment at all the app runs on the embedded default: a SQLite file u
 Celery tasks executed in-process. Set DATABASE_URL and REDIS_URL for PostgreSQL and real workers.
 """
 
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -203,3 +204,26 @@ REST_FRAMEWORK["DEFAULT_PARSER_CLASSES"] = [
     "rest_framework.parsers.FormParser",
     "rest_framework.parsers.MultiPartParser",
 ]
+
+# Authentication hardening (README, "HTTP API"): django-axes locks out failed logins, on the login page and
+# on the token endpoint, per username and separately per address (an address guessing many usernames is
+# stopped as well as many addresses guessing one); a lock-out lasts the cool-off from the last failure.
+# A success does not reset the failure count (axes' default), so alternating right and wrong guesses gains nothing.
+INSTALLED_APPS = [*INSTALLED_APPS, "axes"]
+# Last, as axes asks: it turns the flag its backend set on the request into the lock-out answer.
+MIDDLEWARE = [*MIDDLEWARE, "axes.middleware.AxesMiddleware"]
+AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
+AXES_FAILURE_LIMIT = env_int("FLYWHEEL_LOGIN_FAILURE_LIMIT", 5)
+AXES_COOLOFF_TIME = timedelta(minutes=env_int("FLYWHEEL_LOGIN_COOLOFF_MINUTES", 15))
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+AXES_LOCKOUT_CALLABLE = "annotation.auth.lockout_response"
+# API tokens expire this long after they were issued; a password change revokes them.
+FLYWHEEL_TOKEN_LIFETIME_HOURS = env_int("FLYWHEEL_TOKEN_LIFETIME_HOURS", 720)
+REST_FRAMEWORK["DEFAULT_AUTHENTICATION_CLASSES"] = [
+    "annotation.auth.ExpiringTokenAuthentication",
+    "rest_framework.authentication.SessionAuthentication",
+]
+AUTH_PASSWORD_VALIDATORS = [*AUTH_PASSWORD_VALIDATORS, {"NAME": "annotation.auth.RevokeTokensOnPasswordChange"}]
+SPECTACULAR_SETTINGS["SERVE_PERMISSIONS"] = ["rest_framework.permissions.IsAuthenticated"]
+# The password-reset pages are served only when mail can be sent (config/urls.py).
+EMAIL_HOST = env_str("EMAIL_HOST") or ""

@@ -173,8 +173,8 @@ def test_unknown_project_is_404(alice):
     assert api_client_for(alice).post("/api/v1/projects/nope/assignments/").status_code == 404
 
 
-def test_openapi_schema_lists_the_endpoints(db):
-    response = APIClient().get("/api/schema/", HTTP_ACCEPT="application/json")
+def test_openapi_schema_lists_the_endpoints(alice):
+    response = api_client_for(alice).get("/api/schema/", HTTP_ACCEPT="application/json")
     assert response.status_code == 200
     paths = response.json()["paths"]
     assert {

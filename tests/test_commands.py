@@ -5,6 +5,7 @@ import re
 import pytest
 from django.contrib.auth import authenticate
 from django.core.management import CommandError, call_command
+from django.test import RequestFactory
 
 from annotation.models import Comparison, Project
 from annotation.selectors import user_can_label
@@ -12,16 +13,21 @@ from annotation.selectors import user_can_label
 pytestmark = pytest.mark.django_db
 
 
+def log_in(username, password):
+    # django-axes watches every authenticate() and needs the request it came with.
+    return authenticate(RequestFactory().post("/accounts/login/"), username=username, password=password)
+
+
 def test_createlabeler_makes_a_labeler_who_can_log_in():
     call_command("createlabeler", "dana", "--password", "a-long-password")
-    user = authenticate(username="dana", password="a-long-password")
+    user = log_in("dana", "a-long-password")
     assert user is not None and user_can_label(user)
     assert not user.groups.filter(name="admins").exists()
 
 
 def test_createlabeler_admin_joins_both_groups():
     call_command("createlabeler", "erin", "--password", "a-long-password", "--admin")
-    user = authenticate(username="erin", password="a-long-password")
+    user = log_in("erin", "a-long-password")
     assert set(user.groups.values_list("name", flat=True)) == {"labelers", "admins"}
     assert user.is_staff
 
@@ -37,7 +43,7 @@ def test_seed_demo_prints_working_credentials_and_is_idempotent(capsys):
     credentials = dict(re.findall(r"^  (\w+)\s+(\S+)\s+\(", out, flags=re.MULTILINE))
     assert set(credentials) == {"admin", "alice", "bob", "carol"}
     for username, password in credentials.items():
-        assert authenticate(username=username, password=password) is not None
+        assert log_in(username, password) is not None
     project = Project.objects.get(slug="demo")
     assert Comparison.objects.filter(project=project).count() >= 30
     assert project.guidelines
