@@ -5,8 +5,10 @@ from annotation.models import Assignment, Comparison, Project, Vote
 
 @admin.register(Project)
 class ProjectAdmin(admin.ModelAdmin):
-    list_display = ["slug", "name", "overlap", "lease_seconds", "created_at"]
+    list_display = ["slug", "name", "overlap", "lease_seconds", "members_only", "created_at"]
+    list_filter = ["members_only"]
     prepopulated_fields = {"slug": ["name"]}
+    filter_horizontal = ["members"]
 
 
 @admin.register(Comparison)

@@ -47,7 +47,7 @@ class ClaimAPI(APIView):
     )
     def post(self, request: Request, slug: str) -> Response:
         labeler = selectors.labeler_required(request.user)
-        project = get_object_or_404(Project, slug=slug)
+        project = selectors.project_for_labeler(user=labeler, slug=slug)
         assignment = services.assignment_claim(project=project, labeler=labeler)
         if assignment is None:
             return Response(status=status.HTTP_204_NO_CONTENT)
@@ -96,6 +96,8 @@ class VoteAPI(APIView):
         data = self.InputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         key = request.headers.get("Idempotency-Key", "").strip() or None
+        if not selectors.assignment_in_visible_project(assignment_id=assignment_id, labeler=labeler):
+            raise NotFound("No such assignment for you.")
         try:
             vote, created = services.vote_submit(
                 assignment_id=assignment_id, labeler=labeler, idempotency_key=key, **data.validated_data
@@ -129,6 +131,7 @@ class TokenAPI(ObtainAuthToken):
 
     @extend_schema(
         operation_id="auth_token_create",
+        auth=[],
         responses={
             200: OpenApiResponse(description='`{"token"}`'),
             400: OpenApiResponse(description="Wrong username or password."),
@@ -295,7 +298,7 @@ class VotesAPI(APIView):
     @extend_schema(operation_id="votes_list", parameters=[QuerySerializer], responses={200: PageSerializer})
     def get(self, request: Request, slug: str) -> Response:
         user = selectors.labeler_required(request.user)
-        project = get_object_or_404(Project, slug=slug)
+        project = selectors.project_for_labeler(user=user, slug=slug)
         query = self.QuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
         username = query.validated_data.get("labeler", user.username)

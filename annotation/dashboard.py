@@ -60,6 +60,7 @@ def dashboard(request: HtmxRequest, slug: str) -> HttpResponse:
         else [],
         # Counted when the snapshot was computed: counting here would scan every aggregate.
         "review_count": snapshot.figures.get("split_pairs", 0) if snapshot else 0,
+        "members": selectors.project_member_names(project=project),
     }
     return render_page(request, "annotation/dashboard.html", context, partial="labelers")
 
@@ -178,4 +179,27 @@ def refresh(request: HtmxRequest, slug: str) -> HttpResponse:
     project = get_object_or_404(Project, slug=slug)
     agreement_refresh_task.delay(project.pk)
     messages.info(request, "Agreement is being recomputed.")
+    return redirect("dashboard", slug=slug)
+
+
+@require_POST
+@login_required
+def access(request: HtmxRequest, slug: str) -> HttpResponse:
+    """Members-only or open, and members added (usernames separated by spaces or commas) or removed."""
+    selectors.admin_required(request.user)
+    project = get_object_or_404(Project, slug=slug)
+    chosen = request.POST.get("access")
+    try:
+        services.project_access_set(
+            project=project,
+            members_only={"members_only": True, "open": False}.get(chosen or ""),
+            add=request.POST.get("add", "").replace(",", " ").split(),
+            remove=request.POST.getlist("remove"),
+        )
+    except services.InvalidInput as error:
+        messages.error(request, str(error))
+    else:
+        messages.info(
+            request, "Access saved: " + ("members-only." if project.members_only else "open to every labeler.")
+        )
     return redirect("dashboard", slug=slug)

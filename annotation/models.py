@@ -40,6 +40,12 @@ class Project(models.Model):
         blank=True,
         help_text="Labelers whose gold accuracy is below this are left out of aggregation and export.",
     )
+    members_only = models.BooleanField(
+        default=False, help_text="Only the members (and admins) see the project; otherwise every labeler does."
+    )
+    members = models.ManyToManyField(
+        settings.AUTH_USER_MODEL, blank=True, related_name="member_projects", help_text="Read when members-only."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

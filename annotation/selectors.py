@@ -6,7 +6,8 @@ from typing import Any
 from django.contrib.auth.models import AnonymousUser, User
 from django.core.exceptions import PermissionDenied
 from django.db import connection
-from django.db.models import Exists, OuterRef, QuerySet
+from django.db.models import Exists, OuterRef, Q, QuerySet
+from django.http import Http404
 from django.utils import timezone
 
 from annotation.models import ADMINS_GROUP, LABELERS_GROUP, AgreementSnapshot, Assignment, Comparison, Project, Vote
@@ -51,8 +52,42 @@ def user_can_label(user: User | AnonymousUser) -> bool:
     return labeler_or_none(user) is not None
 
 
-def projects_for_labeler() -> QuerySet[Project]:
-    return Project.objects.order_by("name")
+def projects_for_labeler(*, user: User) -> QuerySet[Project]:
+    """The projects the user may see and label: admins every one, labelers the open ones and those
+    they are a member of."""
+    projects = Project.objects.order_by("name")
+    if admin_or_none(user) is not None:
+        return projects
+    # A subquery rather than a join on members, which would repeat an open project once per member.
+    return projects.filter(Q(members_only=False) | Q(pk__in=user.member_projects.values("pk")))
+
+
+def project_for_labeler(*, user: User | AnonymousUser, slug: str) -> Project:
+    """The project when the user may label in it; 403 for a non-labeler, and 404, as for a project
+    that does not exist, when it is members-only and they are not a member, so that its name and
+    existence stay hidden."""
+    labeler = labeler_required(user)
+    try:
+        return projects_for_labeler(user=labeler).get(slug=slug)
+    except Project.DoesNotExist:
+        raise Http404("No such project.") from None
+
+
+def assignment_current(*, project: Project, labeler: User) -> Assignment | None:
+    """The labeler's live lease in the project, if any, ready to display; a read, renewing nothing."""
+    return (
+        Assignment.objects.select_related(
+            "comparison__prompt", "comparison__response_a", "comparison__response_b", "comparison__project"
+        )
+        .filter(
+            comparison__project=project,
+            labeler=labeler,
+            status=Assignment.Status.OPEN,
+            expires_at__gt=timezone.now(),
+        )
+        .order_by("-expires_at")
+        .first()
+    )
 
 
 @dataclass(frozen=True)
@@ -133,3 +168,13 @@ def project_vote_rows(*, project_id: int) -> list[tuple[Any, ...]]:
 
 def usernames_by_id(*, user_ids: list[int]) -> dict[int, str]:
     return dict(User.objects.filter(pk__in=user_ids).values_list("pk", "username"))
+
+
+def project_member_names(*, project: Project) -> list[str]:
+    return list(project.members.order_by("username").values_list("username", flat=True))
+
+
+def assignment_in_visible_project(*, assignment_id: int, labeler: User) -> bool:
+    """Whether the assignment's project is one the labeler may still see: a labeler taken off a
+    members-only project loses the pairs they hold there."""
+    return projects_for_labeler(user=labeler).filter(comparisons__assignments=assignment_id).exists()

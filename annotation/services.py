@@ -3,6 +3,7 @@ commands and tasks all call these."""
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -114,6 +115,25 @@ def project_update(*, project: Project, name: str, guidelines: str) -> Project:
     """Rename the project and set the guidelines labelers read beside every pair."""
     project.name, project.guidelines = name, guidelines
     project.save(update_fields=["name", "guidelines"])
+    return project
+
+
+def project_access_set(
+    *, project: Project, members_only: bool | None = None, add: Sequence[str] = (), remove: Sequence[str] = ()
+) -> Project:
+    """Make the project members-only or open (None leaves it as is) and add or remove members by
+    username. Unknown usernames raise InvalidInput, naming them all, and change nothing."""
+    wanted = set(add) | set(remove)
+    users = {user.username: user for user in User.objects.filter(username__in=wanted)}
+    unknown = sorted(wanted - set(users))
+    if unknown:
+        raise InvalidInput("members", f"no such user: {', '.join(unknown)}")
+    with transaction.atomic():
+        if members_only is not None and project.members_only != members_only:
+            project.members_only = members_only
+            project.save(update_fields=["members_only"])
+        project.members.add(*(users[name] for name in add))
+        project.members.remove(*(users[name] for name in remove))
     return project
 
 

@@ -6,17 +6,12 @@ import uuid
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpResponse
-from django.shortcuts import get_object_or_404, redirect, render
-from django.views.decorators.http import require_GET, require_POST
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from annotation import selectors, services
 from annotation.models import Assignment, Project, Vote
 from web.pages import HtmxRequest, render_page
-
-
-def _project_for_labeler(request: HtmxRequest, slug: str) -> Project:
-    selectors.labeler_required(request.user)
-    return get_object_or_404(Project, slug=slug)
 
 
 def _assignment_for_labeler(request: HtmxRequest, assignment_id: int) -> Assignment:
@@ -26,6 +21,8 @@ def _assignment_for_labeler(request: HtmxRequest, assignment_id: int) -> Assignm
     except Assignment.DoesNotExist:
         raise Http404("No such assignment.") from None
     if assignment.labeler_id != labeler.pk:
+        raise Http404("No such assignment.")
+    if not selectors.assignment_in_visible_project(assignment_id=assignment.pk, labeler=labeler):
         raise Http404("No such assignment.")
     return assignment
 
@@ -52,20 +49,24 @@ def _render_pair(request: HtmxRequest, context: dict, status: int = 200) -> Http
 @require_GET
 @login_required
 def home(request: HtmxRequest) -> HttpResponse:
-    can_label = selectors.user_can_label(request.user)
-    projects = selectors.projects_for_labeler() if can_label else Project.objects.none()
+    labeler = selectors.labeler_or_none(request.user)
+    can_label = labeler is not None
+    projects = selectors.projects_for_labeler(user=labeler) if labeler is not None else Project.objects.none()
     is_admin = selectors.admin_or_none(request.user) is not None
     return render(request, "annotation/home.html", {"projects": projects, "can_label": can_label, "is_admin": is_admin})
 
 
-@require_GET
+@require_http_methods(["GET", "POST"])
 @login_required
 def label(request: HtmxRequest, slug: str) -> HttpResponse:
-    project = _project_for_labeler(request, slug)
-    assignment = services.assignment_claim(project=project, labeler=selectors.labeler_required(request.user))
-    if assignment is not None:
-        assignment = selectors.assignment_for_display(assignment_id=assignment.pk)
-    return _render_pair(request, _pair_context(request, project, assignment))
+    """GET shows the pair the labeler holds, or a "Start labeling" form that htmx posts on load;
+    POST claims the next pair. A GET changes nothing, so a prefetch or a crawler burns no lease."""
+    project = selectors.project_for_labeler(user=request.user, slug=slug)
+    if request.method == "POST":
+        return _next_pair(request, project, notice="")
+    labeler = selectors.labeler_required(request.user)
+    assignment = selectors.assignment_current(project=project, labeler=labeler)
+    return _render_pair(request, _pair_context(request, project, assignment, start=assignment is None))
 
 
 @require_POST
@@ -101,10 +102,12 @@ def skip(request: HtmxRequest, assignment_id: int) -> HttpResponse:
 
 
 def _next_pair(request: HtmxRequest, project: Project, *, notice: str, status: int = 200) -> HttpResponse:
-    if not request.htmx:
-        messages.info(request, notice)
-        return redirect("label", slug=project.slug)
+    """Claim the next pair; htmx gets it in place, a plain form a redirect to the page that shows it."""
     assignment = services.assignment_claim(project=project, labeler=selectors.labeler_required(request.user))
+    if not request.htmx:
+        if notice:
+            messages.info(request, notice)
+        return redirect("label", slug=project.slug)
     if assignment is not None:
         assignment = selectors.assignment_for_display(assignment_id=assignment.pk)
     return _render_pair(request, _pair_context(request, project, assignment, notice=notice), status=status)

@@ -221,7 +221,7 @@ def test_api_json_body_over_the_size_cap_is_refused(alice, project):
 
 
 def claimed_vote_url(client: Client, project: Project) -> str:
-    client.get(f"/p/{project.slug}/label/")
+    client.post(f"/p/{project.slug}/label/")
     return f"/assignments/{Assignment.objects.get().pk}/vote/"
 
 

@@ -76,6 +76,7 @@ def test_labeler_labels_five_pairs_with_the_keyboard_alone(page, live_server):
     alice = labeler_create(username="alice", password=PASSWORD)
     log_in(page, live_server, "alice")
     page.goto(f"{live_server.url}/p/{project.slug}/label/")
+    expect(page.locator("#vote-form")).to_be_visible()  # a GET claims nothing: htmx posts for the first pair
 
     keys = [("1", "q", "left", 1), ("2", "w", "right", 2), ("3", "e", "tie", 3), ("4", "q", "both_bad", 1),
             ("2", "e", "right", 3)]  # fmt: skip
@@ -123,6 +124,7 @@ def test_hostile_markdown_runs_nothing_and_fetches_nothing(page, live_server):
     log_in(page, live_server, "bob")
 
     page.goto(f"{live_server.url}/p/hostile/label/")
+    expect(page.locator("#vote-form")).to_be_visible()  # a GET claims nothing: htmx posts for the first pair
     for _ in records:
         before = current_assignment(page)
         page.locator("#response-left").hover()
