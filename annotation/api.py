@@ -295,7 +295,11 @@ class VotesAPI(APIView):
         results = serializers.ListField(child=serializers.DictField())
         next = serializers.IntegerField(allow_null=True, help_text="Pass as `after` for the next page.")
 
-    @extend_schema(operation_id="votes_list", parameters=[QuerySerializer], responses={200: PageSerializer})
+    @extend_schema(
+        operation_id="votes_list",
+        parameters=[QuerySerializer],
+        responses={200: PageSerializer, 403: ErrorSerializer, 404: ErrorSerializer},
+    )
     def get(self, request: Request, slug: str) -> Response:
         user = selectors.labeler_required(request.user)
         project = selectors.project_for_labeler(user=user, slug=slug)

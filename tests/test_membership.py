@@ -85,6 +85,12 @@ def test_home_lists_a_project_only_to_those_who_may_label_it(projects, users, ki
     assert (project.name in html) == allowed
 
 
+def test_admins_see_which_projects_are_members_only(open_project, closed_project, admin_user):
+    html = logged_in(admin_user).get("/").content.decode()
+    assert html.count("members only") == 1
+    assert html.index(closed_project.slug) < html.index("members only")
+
+
 def test_non_member_cannot_read_votes_of_a_members_only_project(closed_project, bob, admin_user):
     assert api_client_for(bob).get(f"/api/v1/projects/{closed_project.slug}/votes/").status_code == 404
     assert api_client_for(admin_user).get(f"/api/v1/projects/{closed_project.slug}/votes/").status_code == 200
