@@ -1,14 +1,17 @@
 """Login throttling (django-axes) on the page and the token endpoint, token revocation and expiry,
 password reset only with mail, and the schema behind a login."""
 
+import importlib
 from datetime import timedelta
 
 import pytest
 from django.test import Client, override_settings
+from django.urls import clear_url_caches
 from django.utils import timezone
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+import config.urls
 from tests.factories import PASSWORD, api_client_for, make_project
 
 pytestmark = pytest.mark.django_db
@@ -121,6 +124,22 @@ def test_set_password_anywhere_revokes_tokens(alice):
 )
 def test_password_reset_pages_are_off_without_mail(client, path):
     assert client.get(path).status_code == 404
+
+
+@pytest.fixture
+def urls_with_mail(settings):
+    """config.urls rebuilt as it is at start-up with EMAIL_HOST set, and rebuilt back afterwards."""
+    settings.EMAIL_HOST = "smtp.example.org"
+    importlib.reload(config.urls)
+    clear_url_caches()
+    yield
+    settings.EMAIL_HOST = ""
+    importlib.reload(config.urls)
+    clear_url_caches()
+
+
+def test_password_reset_pages_are_served_when_mail_is_configured(client, urls_with_mail):
+    assert client.get("/accounts/password_reset/").status_code == 200
 
 
 def test_login_logout_and_password_change_pages_remain(client, alice):
