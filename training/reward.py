@@ -28,6 +28,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 from training import backbones, cli
 
 Messages = list[dict[str, str]]
+MIN_TRAIN_PAIRS = 50  # fewer teach a reward model nothing a round could rely on
 
 
 @dataclass
@@ -418,11 +419,16 @@ def train(
     everything under `out`: member_<k>/ (Hugging Face format), config.json, metrics.json and
     uncertainty.jsonl (the members' spread per held-out pair)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    train_pairs, held_out = split_by_prompt(pairs, config.eval_fraction)
+    if len(train_pairs) < MIN_TRAIN_PAIRS:
+        raise ValueError(
+            f"{len(train_pairs)} training pairs after holding out {len(held_out)}: at least {MIN_TRAIN_PAIRS} are "
+            "needed (pairs judged tie or both bad are left out)"
+        )
+    if not held_out:
+        raise ValueError(f"no held-out prompt among {len(pairs)} pairs: raise --eval-fraction or add prompts")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(config.to_json())
-    train_pairs, held_out = split_by_prompt(pairs, config.eval_fraction)
-    if not train_pairs:
-        raise ValueError("no training pairs left after the held-out split")
     member_rewards = []
     for member in range(config.ensemble_size):
         torch.manual_seed(config.seed + member)
@@ -488,7 +494,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None:
         parser.error("--out is required when training")
     config = cli.config_from_flags(RewardConfig, args)
-    print(json.dumps(train(pairs, config, args.out, progress=_progress_bar)))
+    try:
+        summary = train(pairs, config, args.out, progress=_progress_bar)
+    except ValueError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    print(json.dumps(summary))
     return 0
 
 

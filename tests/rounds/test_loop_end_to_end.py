@@ -139,7 +139,7 @@ def test_a_round_whose_worker_is_killed_mid_ppo_resumes_on_another_worker(
         project=project,
         records=[PairRecord(line=index + 1, prompt=f"question w{index % 20} w{index // 20}",
                             response_a=banana_answer(rng, 2), response_b=banana_answer(rng, 0))
-                 for index in range(40)],
+                 for index in range(70)],
     )  # fmt: skip
     TrainingSettings.objects.create(
         project=project, min_new_comparisons=10, policy=tiny_policy, held_out_prompts=8,

@@ -50,7 +50,7 @@ def test_one_training_per_project_at_a_time(tiny_backbone, artifacts, monkeypatc
 
 @pytest.mark.django_db(transaction=True)
 def test_a_failed_run_is_marked_failed_with_its_error(artifacts):
-    project = voted_project(20)
+    project = voted_project(60)
     model = reward_model_start(project=project, overrides={"backbone": "/nonexistent/model"})
     model.refresh_from_db()
     assert model.status == RewardModel.Status.FAILED
@@ -83,7 +83,7 @@ def test_a_killed_worker_is_taken_over_from_its_checkpoint(tiny_backbone, artifa
 
 @pytest.mark.django_db(transaction=True)
 def test_command_trains_on_the_embedded_default(tiny_backbone, artifacts, capsys):
-    project = voted_project(60)
+    project = voted_project(80)
     call_command("train_reward_model", project.slug, "--backbone", tiny_backbone, "--max-length", "32")
     assert "reward model v1: accuracy" in capsys.readouterr().out
 
@@ -122,7 +122,7 @@ def test_dashboard_button_trains_and_the_table_shows_progress(tiny_backbone, art
     from django.test import Client
 
     settings.FLYWHEEL_REWARD_BACKBONE = tiny_backbone
-    project = voted_project(40)
+    project = voted_project(80)
     client = Client()
     client.force_login(admin_user)
     response = client.post(f"/projects/{project.slug}/reward-models/train/")
@@ -133,3 +133,13 @@ def test_dashboard_button_trains_and_the_table_shows_progress(tiny_backbone, art
     labeler = Client()
     labeler.force_login(alice)
     assert labeler.post(f"/projects/{project.slug}/reward-models/train/").status_code == 403
+
+
+@pytest.mark.django_db(transaction=True)
+def test_too_few_pairs_fail_with_what_is_missing(tiny_backbone, artifacts):
+    """The dashboard once trained on the one voted pair and said "succeeded"."""
+    project = voted_project(20)
+    model = reward_model_start(project=project, overrides={"backbone": tiny_backbone, **TINY})
+    model.refresh_from_db()
+    assert model.status == RewardModel.Status.FAILED
+    assert "training pairs after holding out" in model.error and "at least 50 are needed" in model.error

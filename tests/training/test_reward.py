@@ -184,6 +184,22 @@ def test_command_line_trains_and_evaluates(tiny_backbone, tmp_path):
     assert result["pairs"] == 200
 
 
+def test_too_few_pairs_or_no_held_out_prompt_is_a_clear_error(tiny_backbone, tmp_path):
+    few = load_pairs(write_rows(tmp_path / "few.jsonl", marker_pairs(30)))
+    with pytest.raises(ValueError, match=r"training pairs after holding out \d+: at least 50 are needed"):
+        train(few, tiny_config(backbone=tiny_backbone), tmp_path / "few")
+    one_prompt = [Pair(prompt="the same question", chosen=f"banana w{i}", rejected=f"w{i}") for i in range(80)]
+    with pytest.raises(ValueError, match="no held-out prompt among 80 pairs"):
+        train(one_prompt, tiny_config(backbone=tiny_backbone, eval_fraction=0.0), tmp_path / "one")
+    assert not (tmp_path / "few").exists()  # refused before anything is written
+    done = subprocess.run(
+        [sys.executable, "-m", "training.reward", "--data", str(tmp_path / "few.jsonl"), "--out", str(tmp_path / "cli"),
+         "--backbone", tiny_backbone],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2 and "at least 50 are needed" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_truncation_keeps_the_answer_and_a_leading_special_token():
     from training.reward import encode
 
