@@ -14,7 +14,6 @@ from annotation import selectors, services
 from annotation.agreement import CHOICES
 from annotation.models import AggregatedLabel, AgreementSnapshot, Comparison, Project
 from annotation.quality import REVIEW_BELOW_SHARE
-from annotation.tasks import agreement_refresh_task
 from web.charts import line_chart
 from web.pages import HtmxRequest, render_page
 
@@ -177,8 +176,13 @@ def import_upload(request: HtmxRequest, slug: str) -> HttpResponse:
 def refresh(request: HtmxRequest, slug: str) -> HttpResponse:
     selectors.admin_required(request.user)
     project = get_object_or_404(Project, slug=slug)
-    agreement_refresh_task.delay(project.pk)
-    messages.info(request, "Agreement is being recomputed.")
+    if services.agreement_refresh_request(project_id=project.pk):
+        messages.info(request, "Agreement is being recomputed.")
+    else:
+        messages.error(
+            request,
+            "The refresh could not be scheduled (the task queue is unreachable); figures catch up once it is back.",
+        )
     return redirect("dashboard", slug=slug)
 
 

@@ -1,12 +1,14 @@
 """Reads for pages, the API and the services."""
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from django.contrib.auth.models import AnonymousUser, User
 from django.core.exceptions import PermissionDenied
 from django.db import connection
-from django.db.models import Exists, OuterRef, Q, QuerySet
+from django.db.models import DateTimeField, Exists, OuterRef, Q, QuerySet, Subquery, Value
+from django.db.models.functions import Coalesce
 from django.http import Http404
 from django.utils import timezone
 
@@ -147,6 +149,18 @@ def snapshot_is_stale(*, project: Project, snapshot: AgreementSnapshot | None) -
         return True
     last_vote = Vote.objects.filter(comparison__project=project).order_by("-created_at").values("created_at").first()
     return last_vote is not None and last_vote["created_at"] > snapshot.computed_at
+
+
+def projects_with_uncounted_votes(*, voted_before: datetime) -> list[int]:
+    """Projects with a vote from before `voted_before` that their latest snapshot does not count."""
+    latest = AgreementSnapshot.objects.filter(project=OuterRef("pk"), round=None).order_by("-computed_at")
+    never = Value(datetime.min.replace(tzinfo=UTC))
+    counted_until = Coalesce(Subquery(latest.values("computed_at")[:1]), never, output_field=DateTimeField())
+    uncounted = Vote.objects.filter(
+        comparison__project=OuterRef("pk"), created_at__gt=OuterRef("counted_until"), created_at__lt=voted_before
+    )
+    projects = Project.objects.annotate(counted_until=counted_until).filter(Exists(uncounted)).order_by("pk")
+    return list(projects.values_list("pk", flat=True))
 
 
 _PROJECT_VOTES_SQL = """

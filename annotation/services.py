@@ -2,6 +2,7 @@
 commands and tasks all call these."""
 
 import json
+import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from django.core.files.uploadedfile import UploadedFile
 from django.db import connection, transaction
 from django.db.backends.base.operations import BaseDatabaseOperations
 from django.utils import timezone
+from kombu.exceptions import OperationalError as BrokerUnavailable
+from redis import RedisError
 
 from annotation import selectors, sql
 from annotation.agreement import CHOICES
@@ -35,6 +38,8 @@ from annotation.models import (
     content_hash,
 )
 from annotation.quality import AGGREGATE_COLUMNS, ProjectVotes, quality_report
+
+logger = logging.getLogger(__name__)
 
 MAX_TIME_SPENT_MS = 24 * 3600 * 1000
 SCREEN_CHOICES = ("left", "right", "tie", "both_bad")
@@ -525,12 +530,45 @@ def agreement_schedule(*, project_id: int) -> None:
     With a broker, the first vote of a burst schedules one task `AGREEMENT_DEBOUNCE_SECONDS` later;
     later votes in that window ride along. Without one (the embedded default) nothing is queued:
     pages refresh stale figures when they are opened (snapshot_for_page).
+
+    Best effort: the vote is committed already, so a Redis that is down or never answers (within
+    REDIS_TIMEOUT) costs a warning, never an error; beat's agreement_catch_up recomputes later. A
+    pending key set just before the broker failed expires by itself after the delay.
     """
     if settings.CELERY_TASK_ALWAYS_EAGER:
         return
     delay = settings.FLYWHEEL_AGREEMENT_DEBOUNCE_SECONDS
-    if cache.add(f"agreement-pending:{project_id}", 1, timeout=delay):
-        current_app.send_task(AGREEMENT_REFRESH_TASK, args=(project_id,), countdown=delay)
+    try:
+        if cache.add(f"agreement-pending:{project_id}", 1, timeout=delay):
+            current_app.send_task(AGREEMENT_REFRESH_TASK, args=(project_id,), countdown=delay)
+    except (RedisError, BrokerUnavailable) as error:
+        logger.warning("agreement refresh of project %s not scheduled, beat catches up: %r", project_id, error)
+
+
+def agreement_refresh_request(*, project_id: int) -> bool:
+    """The dashboard's refresh button: recompute now, on a worker (in-process without one). False
+    when the broker cannot be reached."""
+    if settings.CELERY_TASK_ALWAYS_EAGER:
+        agreement_refresh(project_id=project_id)
+        return True
+    try:
+        current_app.send_task(AGREEMENT_REFRESH_TASK, args=(project_id,))
+    except BrokerUnavailable as error:
+        logger.warning("agreement refresh of project %s not scheduled: %r", project_id, error)
+        return False
+    return True
+
+
+def agreement_catch_up(*, now: datetime | None = None) -> list[int]:
+    """Beat's safety net for refreshes that were never scheduled or were lost with Redis: recomputes
+    each project with a vote that no snapshot counts, once the vote is older than twice the debounce
+    window (by then its own refresh should have run). Returns the projects recomputed."""
+    now = now or timezone.now()
+    voted_before = now - timedelta(seconds=2 * settings.FLYWHEEL_AGREEMENT_DEBOUNCE_SECONDS)
+    project_ids = selectors.projects_with_uncounted_votes(voted_before=voted_before)
+    for project_id in project_ids:
+        agreement_refresh(project_id=project_id)
+    return project_ids
 
 
 def snapshot_for_page(*, project: Project) -> AgreementSnapshot | None:

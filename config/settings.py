@@ -10,7 +10,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from config.env import env_bool, env_int, env_list, env_str
+from config.env import env_bool, env_float, env_int, env_list, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("FLYWHEEL_VAR_DIR") or BASE_DIR / "var")
@@ -47,6 +47,7 @@ MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "config.middleware.ContentSecurityPolicyMiddleware",
+    "config.middleware.DatabaseUnavailableMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -82,10 +83,22 @@ DATABASES = {
         conn_health_checks=True,
     )
 }
+# A database that accepts connections and never answers must cost a request seconds, not its
+# thread for good: gunicorn's timeout does not stop a gthread request. libpq counts a connect
+# timeout under 2 s as 2 s; a statement timeout of 0 is none.
+DB_CONNECT_TIMEOUT = env_int("DB_CONNECT_TIMEOUT", 5, minimum=2)
+DB_STATEMENT_TIMEOUT = env_int("DB_STATEMENT_TIMEOUT", 30, minimum=0)
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
-    # Server-side binding lets psycopg prepare the statements every labeling request repeats, so
-    # PostgreSQL stops re-planning them (the claim query plans in ~2 ms and runs in ~0.5 ms).
-    DATABASES["default"]["OPTIONS"] = {"server_side_binding": env_bool("DB_SERVER_SIDE_BINDING", True)}
+    DATABASES["default"]["OPTIONS"] = {
+        # Server-side binding lets psycopg prepare the statements every labeling request repeats, so
+        # PostgreSQL stops re-planning them (the claim query plans in ~2 ms and runs in ~0.5 ms).
+        "server_side_binding": env_bool("DB_SERVER_SIDE_BINDING", True),
+        # The whole connection attempt, TCP and start-up.
+        "connect_timeout": DB_CONNECT_TIMEOUT,
+    }
+    if DB_STATEMENT_TIMEOUT:
+        # Sent at connection start-up; PgBouncer in transaction mode refuses it (set 0 there).
+        DATABASES["default"]["OPTIONS"]["options"] = f"-c statement_timeout={DB_STATEMENT_TIMEOUT * 1000}"
 elif DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     VAR_DIR.mkdir(parents=True, exist_ok=True)
     # One writer at a time: wait for the lock instead of failing with "database is locked".
@@ -130,6 +143,8 @@ SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0 if DEBUG else 31536000)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = not DEBUG
 SECURE_HSTS_PRELOAD = not DEBUG
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# Health checks (docker compose, load balancers) speak plain HTTP to the app itself.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
@@ -150,6 +165,11 @@ SPECTACULAR_SETTINGS = {
 }
 
 REDIS_URL = env_str("REDIS_URL")
+# After a vote is saved, scheduling its agreement refresh goes through Redis (cache and broker): a Redis
+# that is down or never answers must cost the vote well under a second, not redis-py's 5 s or kombu's
+# forever. The vote is answered all the same; beat's agreement-catch-up recomputes what was missed.
+REDIS_TIMEOUT = env_float("REDIS_TIMEOUT", 0.5, minimum=0.05)
+REDIS_SOCKET_OPTIONS = {"socket_connect_timeout": REDIS_TIMEOUT, "socket_timeout": REDIS_TIMEOUT}
 CELERY_BROKER_URL = REDIS_URL or "memory://"
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_ALWAYS_EAGER = REDIS_URL is None
@@ -157,6 +177,11 @@ CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "default"
+CELERY_BROKER_TRANSPORT_OPTIONS = dict(REDIS_SOCKET_OPTIONS)
+CELERY_BROKER_CONNECTION_TIMEOUT = REDIS_TIMEOUT
+# One retry reconnects a producer whose connection died with a restarted Redis; more would only keep
+# a request waiting on a Redis that is down.
+CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
 # GPU work goes to its own queue, consumed by `celery -A config worker --queues gpu --pool solo`.
 CELERY_TASK_ROUTES = {
     "rounds.tasks.reward_model_train_task": {"queue": "gpu"},
@@ -166,10 +191,16 @@ CELERY_BEAT_SCHEDULE = {
     "reward-models-reclaim": {"task": "rounds.tasks.reward_models_reclaim_task", "schedule": 60.0},
     # Starts rounds that have enough new labels, finishes labeled ones, re-enqueues stale ones.
     "rounds-check": {"task": "rounds.tasks.rounds_check_task", "schedule": 120.0},
+    # Recomputes agreement where a vote's debounced refresh was lost (Redis was down when it came in).
+    "agreement-catch-up": {"task": "annotation.tasks.agreement_catch_up_task", "schedule": 120.0},
 }
 
 CACHES = {
-    "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "OPTIONS": REDIS_SOCKET_OPTIONS,
+    }
     if REDIS_URL
     else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
 }
