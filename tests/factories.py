@@ -2,6 +2,7 @@
 and the voted projects the training tests learn from."""
 
 import itertools
+import json
 from pathlib import Path
 
 from rest_framework.authtoken.models import Token
@@ -22,6 +23,14 @@ from tests.tiny_models import marker_pairs
 PASSWORD = "correct-horse-battery"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-dev.jsonl.gz"
 _slugs = itertools.count()
+GOOD_PAIR = {"prompt": "Say hi", "response_a": "Hi!", "response_b": "Hello there."}  # one valid import line
+
+
+def write_lines(tmp_path: Path, lines: list, name: str = "pairs.jsonl") -> Path:
+    """An import file: JSON objects a line, or raw bytes for lines that are broken on purpose."""
+    path = tmp_path / name
+    path.write_bytes(b"\n".join(line if isinstance(line, bytes) else json.dumps(line).encode() for line in lines))
+    return path
 
 
 def make_records(count: int, *, tag: str = "") -> list[PairRecord]:

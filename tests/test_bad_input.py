@@ -4,7 +4,6 @@ the labeling page alike."""
 
 import json
 import threading
-from pathlib import Path
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
@@ -14,17 +13,9 @@ from django.test import Client, override_settings
 
 from annotation import services
 from annotation.models import Assignment, Comparison, Project, Prompt, Response, Vote
-from tests.factories import api_client_for, make_project
+from tests.factories import GOOD_PAIR, api_client_for, make_project, write_lines
 
 pytestmark = pytest.mark.django_db
-
-GOOD = {"prompt": "Say hi", "response_a": "Hi!", "response_b": "Hello there."}
-
-
-def write(tmp_path: Path, lines: list, name: str = "pairs.jsonl") -> Path:
-    path = tmp_path / name
-    path.write_bytes(b"\n".join(line if isinstance(line, bytes) else json.dumps(line).encode() for line in lines))
-    return path
 
 
 def nothing_written() -> bool:
@@ -48,7 +39,7 @@ def logged_in(user) -> Client:
 @pytest.mark.parametrize("slug", ["My Project!", "x" * 51, ""])
 def test_import_pairs_refuses_a_slug_that_is_not_a_slug(tmp_path, slug):
     with pytest.raises(CommandError) as error:
-        call_command("import_pairs", slug, str(write(tmp_path, [GOOD])))
+        call_command("import_pairs", slug, str(write_lines(tmp_path, [GOOD_PAIR])))
     assert f"slug: {slug!r}" in str(error.value)
     assert nothing_written()
 
@@ -61,7 +52,7 @@ def test_project_get_or_create_refuses_a_slug_that_is_not_a_slug(db):
 
 
 def test_api_import_refuses_a_slug_over_fifty_characters(admin_user):
-    response = api_client_for(admin_user).post(f"/api/v1/projects/{'x' * 51}/import/", {"file": upload([GOOD])})
+    response = api_client_for(admin_user).post(f"/api/v1/projects/{'x' * 51}/import/", {"file": upload([GOOD_PAIR])})
     assert response.status_code == 400
     assert "slug" in response.json()["errors"][0] and "at most 50 characters" in response.json()["errors"][0]
     assert nothing_written()
@@ -73,7 +64,7 @@ def test_api_import_refuses_a_slug_over_fifty_characters(admin_user):
 @pytest.mark.parametrize("overlap", [32768, 65537])
 def test_api_import_refuses_an_overlap_its_column_cannot_hold(admin_user, overlap):
     response = api_client_for(admin_user).post(
-        "/api/v1/projects/big/import/", {"file": upload([GOOD]), "overlap": overlap}
+        "/api/v1/projects/big/import/", {"file": upload([GOOD_PAIR]), "overlap": overlap}
     )
     assert response.status_code == 400
     assert "overlap" in json.dumps(response.json())
@@ -83,7 +74,7 @@ def test_api_import_refuses_an_overlap_its_column_cannot_hold(admin_user, overla
 @pytest.mark.parametrize("overlap", [32768, 65537])
 def test_import_pairs_refuses_an_overlap_its_column_cannot_hold(tmp_path, overlap):
     with pytest.raises(CommandError, match=f"overlap: {overlap} is outside 1..32767"):
-        call_command("import_pairs", "big", str(write(tmp_path, [GOOD])), "--overlap", str(overlap))
+        call_command("import_pairs", "big", str(write_lines(tmp_path, [GOOD_PAIR])), "--overlap", str(overlap))
     assert nothing_written()
 
 
@@ -121,16 +112,16 @@ UNSTORABLE_LINES = [
     # meta itself is the first level, so this is 22.
     (with_meta(b'{"x": ' + b"[" * 21 + b"]" * 21 + b"}"), "line 2: field 'meta' nests deeper than 20 levels"),
     (
-        json.dumps({**GOOD, "source_a": "m" * 201}).encode(),
+        json.dumps({**GOOD_PAIR, "source_a": "m" * 201}).encode(),
         "line 2: field 'source_a' is 201 characters, over the limit of 200",
     ),
-    (json.dumps({**GOOD, "source_b": "m" * 300}).encode(), "line 2: field 'source_b' is 300 characters"),
+    (json.dumps({**GOOD_PAIR, "source_b": "m" * 300}).encode(), "line 2: field 'source_b' is 300 characters"),
 ]
 
 
 @pytest.mark.parametrize(("bad", "message"), UNSTORABLE_LINES)
 def test_import_pairs_refuses_what_the_database_cannot_store(tmp_path, bad, message):
-    path = write(tmp_path, [GOOD, bad, {**GOOD, "prompt": "another"}])
+    path = write_lines(tmp_path, [GOOD_PAIR, bad, {**GOOD_PAIR, "prompt": "another"}])
     with pytest.raises(CommandError) as error:
         call_command("import_pairs", "new-project", str(path))
     assert message in str(error.value)
@@ -140,7 +131,9 @@ def test_import_pairs_refuses_what_the_database_cannot_store(tmp_path, bad, mess
 
 @pytest.mark.parametrize(("bad", "message"), UNSTORABLE_LINES)
 def test_api_import_refuses_what_the_database_cannot_store(admin_user, bad, message):
-    response = api_client_for(admin_user).post("/api/v1/projects/new-project/import/", {"file": upload([GOOD, bad])})
+    response = api_client_for(admin_user).post(
+        "/api/v1/projects/new-project/import/", {"file": upload([GOOD_PAIR, bad])}
+    )
     assert response.status_code == 400
     assert any(message in line for line in response.json()["errors"])
     assert nothing_written()
@@ -150,7 +143,7 @@ def test_api_import_refuses_what_the_database_cannot_store(admin_user, bad, mess
 def test_upload_form_refuses_what_the_database_cannot_store(admin_user, bad, message):
     project = make_project(pairs=0)
     response = logged_in(admin_user).post(
-        f"/projects/{project.slug}/import/", {"file": upload([GOOD, bad])}, HTTP_HX_REQUEST="true"
+        f"/projects/{project.slug}/import/", {"file": upload([GOOD_PAIR, bad])}, HTTP_HX_REQUEST="true"
     )
     assert response.status_code == 200
     assert message.replace("'", "&#x27;") in response.content.decode()
@@ -160,7 +153,7 @@ def test_upload_form_refuses_what_the_database_cannot_store(admin_user, bad, mes
 def test_what_is_just_within_the_limits_is_stored(tmp_path):
     meta = with_meta(b'{"n": ' + b"9" * 4300 + b', "deep": ' + b"[" * 19 + b"]" * 19 + b"}")
     within = json.loads(meta) | {"source_a": "m" * 200, "response_a": "caf\u00e9 \U0001f600"}
-    call_command("import_pairs", "p", str(write(tmp_path, [within])), "--overlap", "32767")
+    call_command("import_pairs", "p", str(write_lines(tmp_path, [within])), "--overlap", "32767")
     comparison = Comparison.objects.get()
     assert comparison.meta["n"] == int("9" * 4300)
     assert (comparison.response_a.source, comparison.response_a.text) == ("m" * 200, "caf\u00e9 \U0001f600")
@@ -168,8 +161,8 @@ def test_what_is_just_within_the_limits_is_stored(tmp_path):
 
 
 def test_skip_invalid_skips_and_reports_what_the_database_cannot_store(tmp_path, capsys):
-    lines = [GOOD, *(bad for bad, _ in UNSTORABLE_LINES)]
-    call_command("import_pairs", "p", str(write(tmp_path, lines)), "--skip-invalid")
+    lines = [GOOD_PAIR, *(bad for bad, _ in UNSTORABLE_LINES)]
+    call_command("import_pairs", "p", str(write_lines(tmp_path, lines)), "--skip-invalid")
     captured = capsys.readouterr()
     assert f"1 comparisons created, 0 duplicates skipped, {len(UNSTORABLE_LINES)} invalid lines skipped" in captured.out
     for number, (_, message) in enumerate(UNSTORABLE_LINES, start=2):
@@ -179,7 +172,7 @@ def test_skip_invalid_skips_and_reports_what_the_database_cannot_store(tmp_path,
 
 def test_api_skip_invalid_reports_what_the_database_cannot_store(admin_user):
     response = api_client_for(admin_user).post(
-        "/api/v1/projects/p/import/", {"file": upload([GOOD, UNSTORABLE_LINES[0][0]]), "skip_invalid": True}
+        "/api/v1/projects/p/import/", {"file": upload([GOOD_PAIR, UNSTORABLE_LINES[0][0]]), "skip_invalid": True}
     )
     assert response.status_code == 201
     assert response.json()["created"] == 1
@@ -191,7 +184,9 @@ def test_api_skip_invalid_reports_what_the_database_cannot_store(admin_user):
 
 @override_settings(FLYWHEEL_IMPORT_MAX_BYTES=100)
 def test_api_import_over_the_size_cap_is_413_naming_the_limit(admin_user):
-    response = api_client_for(admin_user).post("/api/v1/projects/p/import/", {"file": upload([GOOD, GOOD, GOOD])})
+    response = api_client_for(admin_user).post(
+        "/api/v1/projects/p/import/", {"file": upload([GOOD_PAIR, GOOD_PAIR, GOOD_PAIR])}
+    )
     assert response.status_code == 413
     assert "FLYWHEEL_IMPORT_MAX_BYTES" in response.json()["errors"][0]
     assert nothing_written()
@@ -201,7 +196,7 @@ def test_api_import_over_the_size_cap_is_413_naming_the_limit(admin_user):
 def test_upload_form_over_the_size_cap_names_the_limit(admin_user):
     project = make_project(pairs=0)
     response = logged_in(admin_user).post(
-        f"/projects/{project.slug}/import/", {"file": upload([GOOD, GOOD, GOOD])}, HTTP_HX_REQUEST="true"
+        f"/projects/{project.slug}/import/", {"file": upload([GOOD_PAIR, GOOD_PAIR, GOOD_PAIR])}, HTTP_HX_REQUEST="true"
     )
     assert "over the limit of 100 bytes (FLYWHEEL_IMPORT_MAX_BYTES)" in response.content.decode()
     assert not Comparison.objects.exists()

@@ -2,24 +2,15 @@
 
 import gzip
 import json
-from pathlib import Path
 
 import pytest
 from django.core.management import CommandError, call_command
 from django.test import override_settings
 
 from annotation.models import Comparison, Project, Prompt, Response
-from tests.factories import SHARED_DATA
+from tests.factories import GOOD_PAIR, SHARED_DATA, write_lines
 
 pytestmark = pytest.mark.django_db
-
-GOOD = {"prompt": "Say hi", "response_a": "Hi!", "response_b": "Hello there."}
-
-
-def write(tmp_path: Path, lines: list, name: str = "pairs.jsonl") -> Path:
-    path = tmp_path / name
-    path.write_bytes(b"\n".join(line if isinstance(line, bytes) else json.dumps(line).encode() for line in lines))
-    return path
 
 
 def test_imports_text_and_conversation_prompts(tmp_path, capsys):
@@ -29,9 +20,9 @@ def test_imports_text_and_conversation_prompts(tmp_path, capsys):
         {"role": "assistant", "content": "4"},
         {"role": "user", "content": "And 3+3?"},
     ]
-    path = write(
+    path = write_lines(
         tmp_path,
-        [GOOD, {"prompt": conversation, "response_a": "6", "response_b": "7", "meta": {"topic": "math"}}],
+        [GOOD_PAIR, {"prompt": conversation, "response_a": "6", "response_b": "7", "meta": {"topic": "math"}}],
     )
     call_command("import_pairs", "greetings", str(path), "--overlap", "2")
     project = Project.objects.get(slug="greetings")
@@ -43,10 +34,10 @@ def test_imports_text_and_conversation_prompts(tmp_path, capsys):
 
 
 def test_duplicates_are_skipped_and_counted_also_in_swapped_order(tmp_path, capsys):
-    swapped = {**GOOD, "response_a": GOOD["response_b"], "response_b": GOOD["response_a"]}
-    call_command("import_pairs", "p", str(write(tmp_path, [GOOD, GOOD, swapped])))
+    swapped = {**GOOD_PAIR, "response_a": GOOD_PAIR["response_b"], "response_b": GOOD_PAIR["response_a"]}
+    call_command("import_pairs", "p", str(write_lines(tmp_path, [GOOD_PAIR, GOOD_PAIR, swapped])))
     assert "1 comparisons created, 2 duplicates skipped" in capsys.readouterr().out
-    call_command("import_pairs", "p", str(write(tmp_path, [GOOD])))
+    call_command("import_pairs", "p", str(write_lines(tmp_path, [GOOD_PAIR])))
     assert "0 comparisons created, 1 duplicates skipped" in capsys.readouterr().out
     assert (Comparison.objects.count(), Prompt.objects.count()) == (1, 1)
 
@@ -90,7 +81,7 @@ BAD_LINES = [
 @pytest.mark.parametrize(("bad", "message"), BAD_LINES)
 @override_settings(FLYWHEEL_IMPORT_MAX_LINE_BYTES=1000)
 def test_a_bad_line_aborts_with_its_line_number_and_writes_nothing(tmp_path, bad, message):
-    path = write(tmp_path, [GOOD, bad, {**GOOD, "prompt": "another"}])
+    path = write_lines(tmp_path, [GOOD_PAIR, bad, {**GOOD_PAIR, "prompt": "another"}])
     with pytest.raises(CommandError) as error:
         call_command("import_pairs", "new-project", str(path))
     assert message in str(error.value)
@@ -99,14 +90,14 @@ def test_a_bad_line_aborts_with_its_line_number_and_writes_nothing(tmp_path, bad
 
 
 def test_every_bad_line_is_reported(tmp_path):
-    path = write(tmp_path, [b"{", GOOD, b"[", {"prompt": "x"}])
+    path = write_lines(tmp_path, [b"{", GOOD_PAIR, b"[", {"prompt": "x"}])
     with pytest.raises(CommandError) as error:
         call_command("import_pairs", "p", str(path))
     assert all(f"line {n}:" in str(error.value) for n in (1, 3, 4))
 
 
 def test_skip_invalid_imports_the_good_lines(tmp_path, capsys):
-    call_command("import_pairs", "p", str(write(tmp_path, [GOOD, b"{"])), "--skip-invalid")
+    call_command("import_pairs", "p", str(write_lines(tmp_path, [GOOD_PAIR, b"{"])), "--skip-invalid")
     captured = capsys.readouterr()
     assert "1 comparisons created" in captured.out and "1 invalid lines skipped" in captured.out
     assert "line 2: invalid JSON" in captured.err
@@ -116,7 +107,7 @@ def test_missing_file_and_bad_overlap_are_clear_errors(tmp_path):
     with pytest.raises(CommandError, match="No such file"):
         call_command("import_pairs", "p", str(tmp_path / "absent.jsonl"))
     with pytest.raises(CommandError, match=r"overlap: 0 is outside 1\.\.32767"):
-        call_command("import_pairs", "p", str(write(tmp_path, [GOOD])), "--overlap", "0")
+        call_command("import_pairs", "p", str(write_lines(tmp_path, [GOOD_PAIR])), "--overlap", "0")
 
 
 @pytest.mark.skipif(not SHARED_DATA.exists(), reason=f"{SHARED_DATA} is not beside the repository")
