@@ -96,8 +96,6 @@ class VoteAPI(APIView):
         data = self.InputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         key = request.headers.get("Idempotency-Key", "").strip() or None
-        if not selectors.assignment_in_visible_project(assignment_id=assignment_id, labeler=labeler):
-            raise NotFound("No such assignment for you.")
         try:
             vote, created = services.vote_submit(
                 assignment_id=assignment_id, labeler=labeler, idempotency_key=key, **data.validated_data

@@ -186,9 +186,3 @@ def usernames_by_id(*, user_ids: list[int]) -> dict[int, str]:
 
 def project_member_names(*, project: Project) -> list[str]:
     return list(project.members.order_by("username").values_list("username", flat=True))
-
-
-def assignment_in_visible_project(*, assignment_id: int, labeler: User) -> bool:
-    """Whether the assignment's project is one the labeler may still see: a labeler taken off a
-    members-only project loses the pairs they hold there."""
-    return projects_for_labeler(user=labeler).filter(comparisons__assignments=assignment_id).exists()

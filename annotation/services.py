@@ -127,7 +127,9 @@ def project_access_set(
     *, project: Project, members_only: bool | None = None, add: Sequence[str] = (), remove: Sequence[str] = ()
 ) -> Project:
     """Make the project members-only or open (None leaves it as is) and add or remove members by
-    username. Unknown usernames raise InvalidInput, naming them all, and change nothing."""
+    username. Unknown usernames raise InvalidInput, naming them all, and change nothing. A labeler
+    who can no longer see the project loses the pairs they hold there: their open leases go, so a
+    vote on one is a 404 like any unknown assignment, and the vote path checks no membership."""
     wanted = set(add) | set(remove)
     users = {user.username: user for user in User.objects.filter(username__in=wanted)}
     unknown = sorted(wanted - set(users))
@@ -139,6 +141,10 @@ def project_access_set(
             project.save(update_fields=["members_only"])
         project.members.add(*(users[name] for name in add))
         project.members.remove(*(users[name] for name in remove))
+        if project.members_only:
+            Assignment.objects.filter(comparison__project=project, status=Assignment.Status.OPEN).exclude(
+                labeler__in=project.members.all()
+            ).exclude(labeler__groups__name=ADMINS_GROUP).delete()
     return project
 
 

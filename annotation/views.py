@@ -22,8 +22,6 @@ def _assignment_for_labeler(request: HtmxRequest, assignment_id: int) -> Assignm
         raise Http404("No such assignment.") from None
     if assignment.labeler_id != labeler.pk:
         raise Http404("No such assignment.")
-    if not selectors.assignment_in_visible_project(assignment_id=assignment.pk, labeler=labeler):
-        raise Http404("No such assignment.")
     return assignment
 
 

@@ -106,6 +106,14 @@ def test_a_removed_member_can_no_longer_vote_on_a_pair_they_hold(closed_project,
     assert page.status_code == 404
 
 
+def test_closing_a_project_drops_the_leases_of_those_who_can_no_longer_see_it(open_project, alice, bob, admin_user):
+    for user in (alice, bob, admin_user):
+        assert api_client_for(user).post(f"/api/v1/projects/{open_project.slug}/assignments/").status_code == 201
+    project_access_set(project=open_project, members_only=True, add=["alice"])
+    holders = set(Assignment.objects.filter(status=Assignment.Status.OPEN).values_list("labeler__username", flat=True))
+    assert holders == {"alice", "admin"}
+
+
 def test_opening_a_project_lets_every_labeler_in_again(closed_project, bob):
     project_access_set(project=closed_project, members_only=False)
     assert api_client_for(bob).post(f"/api/v1/projects/{closed_project.slug}/assignments/").status_code == 201
