@@ -18,8 +18,9 @@ from django.utils import timezone
 
 from annotation.export import PreferenceFilters, encode_jsonl, preference_rows
 from annotation.models import Project
+from config.celery import delay_best_effort
 from rounds.leases import Heartbeat, LeaseLost, kept_alive, lease_claim, worker_name
-from rounds.models import RewardModel, TrainingRound
+from rounds.models import LEASE, RewardModel, TrainingRound
 
 
 class TrainingBusy(Exception):
@@ -50,7 +51,7 @@ def reward_model_start(*, project: Project, overrides: dict[str, Any] | None = N
 
     with transaction.atomic():
         model = reward_model_create(project=project, overrides=overrides)
-        transaction.on_commit(lambda: reward_model_train_task.delay(model.pk))
+        transaction.on_commit(lambda: delay_best_effort(reward_model_train_task, model.pk))
     return model
 
 
@@ -126,15 +127,17 @@ def reward_model_run(*, reward_model_id: int, worker: str | None = None, stop_af
 
 
 def reward_models_reclaim() -> list[int]:
-    """Re-enqueue runs whose worker stopped renewing its lease (beat calls this every minute). A
-    round's version is left to the round: beat's rounds_check re-enqueues the round itself."""
+    """Re-enqueue runs whose worker stopped renewing its lease, and versions that no worker took up
+    within a lease period (their task was never queued: the broker was down when they were
+    started). Beat calls this every minute; a message sent twice is harmless, as the second finds
+    the version claimed. A round's version is left to the round: beat's rounds_check re-enqueues
+    the round itself."""
     from rounds.tasks import reward_model_train_task
 
-    stale = list(
-        without_rounds(
-            RewardModel.objects.filter(status=RewardModel.Status.RUNNING, lease_expires_at__lt=timezone.now())
-        ).values_list("pk", flat=True)
-    )
+    now = timezone.now()
+    abandoned = Q(status=RewardModel.Status.RUNNING, lease_expires_at__lt=now)
+    never_started = Q(status=RewardModel.Status.QUEUED, started_at__isnull=True, created_at__lt=now - LEASE)
+    stale = list(without_rounds(RewardModel.objects.filter(abandoned | never_started)).values_list("pk", flat=True))
     for pk in stale:
-        reward_model_train_task.delay(pk)
+        delay_best_effort(reward_model_train_task, pk)
     return stale

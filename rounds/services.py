@@ -36,6 +36,7 @@ from annotation.importing import PairRecord
 from annotation.models import AggregatedLabel, Comparison, Project, Prompt, Vote, content_hash
 from annotation.selectors import latest_snapshot
 from annotation.services import pairs_import
+from config.celery import delay_best_effort
 from rounds.leases import Heartbeat, LeaseLost, kept_alive, lease_claim, worker_name
 from rounds.models import LEASE, PolicyVersion, RewardModel, RoundTransition, TrainingRound, TrainingSettings
 from rounds.reward_models import TrainingBusy, failed, reward_model_create, reward_model_train, succeeded
@@ -106,7 +107,7 @@ def _transition(
 def _enqueue(training_round: TrainingRound) -> None:
     from rounds.tasks import round_run_task
 
-    transaction.on_commit(lambda: round_run_task.delay(training_round.pk))
+    transaction.on_commit(lambda: delay_best_effort(round_run_task, training_round.pk))
 
 
 def _promote_if_ready(training_round: TrainingRound, *, worker: str) -> bool:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -24,10 +25,14 @@ import redis
 from django.conf import settings
 from django.db import connection
 from django.test import Client, override_settings
+from django.utils import timezone
 
 from annotation.models import AgreementSnapshot, Vote
 from annotation.services import agreement_catch_up
-from tests.factories import api_client_for, make_project
+from rounds.models import LEASE, RewardModel, TrainingRound, TrainingSettings
+from rounds.reward_models import reward_models_reclaim
+from rounds.services import rounds_check
+from tests.factories import api_client_for, make_project, voted_project
 from tests.workers import _switch_broker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,6 +214,38 @@ def test_the_dashboard_refresh_says_it_could_not_be_scheduled(admin_user, silent
     assert response.status_code == 200
     assert "could not be scheduled" in response.content.decode()
     assert seconds < 2, f"the refresh took {seconds:.1f} s"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_training_starts_answer_at_once_while_redis_is_down_and_beat_sends_them_later(admin_user, redis_server):
+    project = voted_project(8)
+    TrainingSettings.objects.create(project=project, min_new_comparisons=1)
+    client = Client()
+    client.force_login(admin_user)
+    with redis_at(redis_server.url):
+        redis_server.kill()
+        started = time.monotonic()
+        trained = client.post(f"/projects/{project.slug}/reward-models/train/", follow=True)
+        opened = client.post(f"/projects/{project.slug}/rounds/start/", follow=True)
+        seconds = time.monotonic() - started
+        assert trained.status_code == opened.status_code == 200
+        assert seconds < 5, f"the two starts took {seconds:.1f} s"
+        version = RewardModel.objects.get(project=project, status=RewardModel.Status.QUEUED)
+        training_round = TrainingRound.objects.get(project=project)
+        assert training_round.state == TrainingRound.State.TRAINING_REWARD_MODEL, "saved, though nothing was queued"
+
+        redis_server.start()
+        assert reward_models_reclaim() == [], "a version queued just now may still be in the queue"
+        a_lease_ago = timezone.now() - LEASE - timedelta(seconds=1)
+        RewardModel.objects.filter(pk=version.pk).update(created_at=a_lease_ago)
+        TrainingRound.objects.filter(pk=training_round.pk).update(state_since=a_lease_ago)
+        assert reward_models_reclaim() == [version.pk]
+        assert rounds_check()["reclaimed"] == [training_round.pk]
+        queued = [json.loads(message)["headers"] for message in redis_server.client().lrange("gpu", 0, -1)]
+    assert sorted((headers["task"], headers["argsrepr"]) for headers in queued) == [
+        ("rounds.tasks.reward_model_train_task", f"({version.pk},)"),
+        ("rounds.tasks.round_run_task", f"({training_round.pk},)"),
+    ]
 
 
 @pytest.mark.django_db
