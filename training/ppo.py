@@ -41,35 +41,25 @@ Prompt = str | Messages
 
 
 @dataclass
-class PPOConfig:
+class OnlineConfig:
+    """What every online trainer reads (PPO here, GRPO and RLOO in `training.grpo`): the models,
+    sampling, scoring, the ratio clip, LoRA, checkpoints and the seed."""
+
     policy: str = field(
         default="smollm2-135m", metadata={"help": "Starting policy: model id, local path, or smollm2-135m."}
     )
     reward_model: str = field(default="", metadata={"help": "Directory written by `python -m training.reward`."})
     reference: str = field(default="", metadata={"help": "KL reference model; empty: the starting policy (frozen)."})
-    steps: int = field(default=100, metadata={"help": "PPO steps (a rollout batch and its update each)."})
-    batch_size: int = field(default=16, metadata={"help": "Episodes (prompt + sampled response) per step."})
-    minibatches: int = field(default=4, metadata={"help": "Minibatches each update epoch splits the batch into."})
-    ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch (Stiennon et al.: 4)."})
-    learning_rate: float = field(default=3e-6, metadata={"help": "AdamW learning rate of policy and critic."})
     max_new_tokens: int = field(default=53, metadata={"help": "Longest sampled response, in policy tokens."})
     max_prompt_length: int = field(default=256, metadata={"help": "Prompts are cut from the left to this."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (log-probs use the same)."})
     top_p: float = field(
-        default=1.0, metadata={"help": "Nucleus sampling for answers sent to labelers; PPO itself needs 1.0."}
+        default=1.0, metadata={"help": "Nucleus sampling for answers sent to labelers; training itself needs 1.0."}
     )
-    beta: float = field(default=0.05, metadata={"help": "KL penalty coefficient: reward -= beta*(log pi - log ref)."})
-    adaptive_kl: bool = field(default=False, metadata={"help": "Adapt beta toward target_kl (Ziegler et al.)."})
-    target_kl: float = field(default=6.0, metadata={"help": "KL per episode the adaptive controller aims at."})
-    kl_horizon: int = field(default=10000, metadata={"help": "Horizon (episodes) of the adaptive controller."})
     missing_eos_penalty: float = field(
         default=0.0, metadata={"help": "Subtracted from the score of a response that never emits EOS."}
     )
-    gamma: float = field(default=1.0, metadata={"help": "GAE discount."})
-    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
     cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip."})
-    cliprange_value: float = field(default=0.2, metadata={"help": "Value prediction clip around the old value."})
-    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
     reward_max_length: int = field(default=512, metadata={"help": "Tokens per sequence the reward model reads."})
     lora: bool = field(
@@ -81,6 +71,23 @@ class PPOConfig:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+@dataclass
+class PPOConfig(OnlineConfig):
+    steps: int = field(default=100, metadata={"help": "PPO steps (a rollout batch and its update each)."})
+    batch_size: int = field(default=16, metadata={"help": "Episodes (prompt + sampled response) per step."})
+    minibatches: int = field(default=4, metadata={"help": "Minibatches each update epoch splits the batch into."})
+    ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch (Stiennon et al.: 4)."})
+    learning_rate: float = field(default=3e-6, metadata={"help": "AdamW learning rate of policy and critic."})
+    beta: float = field(default=0.05, metadata={"help": "KL penalty coefficient: reward -= beta*(log pi - log ref)."})
+    adaptive_kl: bool = field(default=False, metadata={"help": "Adapt beta toward target_kl (Ziegler et al.)."})
+    target_kl: float = field(default=6.0, metadata={"help": "KL per episode the adaptive controller aims at."})
+    kl_horizon: int = field(default=10000, metadata={"help": "Horizon (episodes) of the adaptive controller."})
+    gamma: float = field(default=1.0, metadata={"help": "GAE discount."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    cliprange_value: float = field(default=0.2, metadata={"help": "Value prediction clip around the old value."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
 
 
 def load_prompts(path: Path) -> list[Prompt]:
@@ -355,7 +362,8 @@ def adaptive_beta(beta: float, kl: float, config: PPOConfig) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# The loop
+# What every online trainer shares (PPO here, GRPO and RLOO in `training.grpo`): the models in
+# their roles, rollout, scoring, minibatches, metrics, the run directory and the command line
 
 
 @dataclass
@@ -363,8 +371,12 @@ class Roles:
     policy: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     reference: PreTrainedModel | None  # None: the policy with its LoRA adapter switched off
-    critic: PreTrainedModel
     reward_model: RewardModel
+    critic: PreTrainedModel | None = None  # PPO's value model; the critic-free trainers have none
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.policy.parameters()).device
 
     @contextmanager
     def as_reference(self) -> Iterator[PreTrainedModel]:
@@ -375,11 +387,12 @@ class Roles:
                 yield self.policy
 
 
-def load_roles(config: PPOConfig, device: torch.device) -> Roles:
+def load_roles(config: OnlineConfig, device: torch.device, *, critic: bool = False) -> Roles:
     torch.manual_seed(config.seed)
     policy, tokenizer = load_policy(config.policy, device)
     reward_model = RewardModel(Path(config.reward_model), device, config.reward_max_length)
-    critic = load_critic(reward_model, backbones.resolve(config.policy), tokenizer, device)
+    # Before the LoRA adapters: a fresh value head and the adapters draw from the seeded generator in this order.
+    value_model = load_critic(reward_model, backbones.resolve(config.policy), tokenizer, device) if critic else None
     reference = None
     if config.lora:
         from peft import LoraConfig, get_peft_model
@@ -389,11 +402,230 @@ def load_roles(config: PPOConfig, device: torch.device) -> Roles:
     if not config.lora or (config.reference and config.reference != config.policy):
         reference, _ = load_policy(config.reference or config.policy, device)
         reference.requires_grad_(False)
-    return Roles(policy, tokenizer, reference, critic, reward_model)
+    return Roles(policy, tokenizer, reference, reward_model, value_model)
 
 
-def _rng_state(sampler: random.Random) -> dict[str, Any]:
-    return {**reward.rng_state(), "sampler": sampler.getstate()}
+def check_run(config: OnlineConfig, prompts: Sequence[Prompt]) -> None:
+    if not prompts:
+        raise ValueError("no prompts to train on")
+    if config.top_p != 1.0:
+        # The ratio and the KL use the full distribution; a nucleus would bias both.
+        raise ValueError(f"top_p {config.top_p}: training samples from the full distribution (top_p 1.0)")
+
+
+@dataclass
+class Episodes:
+    """A rollout batch: left-padded prompts and their sampled responses, as token ids."""
+
+    prompt_index: list[int]  # each episode's prompt; the samples of one prompt's group are adjacent rows
+    ids: torch.Tensor
+    mask: torch.Tensor  # the attention mask: no left padding, nothing after a response's first EOS
+    context: int  # where the responses begin
+    response_mask: torch.Tensor  # float, on the response tokens only
+    has_eos: torch.Tensor
+
+
+def rollout(
+    roles: Roles,
+    config: OnlineConfig,
+    encoded: Sequence[list[int]],
+    sampler: random.Random,
+    *,
+    count: int,
+    group_size: int = 1,
+) -> Episodes:
+    """Draw `count` prompts (with replacement) and sample `group_size` responses to each with the
+    KV cache."""
+    drawn = [sampler.randrange(len(encoded)) for _ in range(count)]
+    prompt_index = [index for index in drawn for _ in range(group_size)]
+    with reward.autocast_for(roles.device):
+        ids, mask, context = sample(
+            roles.policy, roles.tokenizer, [encoded[i] for i in prompt_index],
+            max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
+        )  # fmt: skip
+    response_mask = mask[:, context:].float()
+    has_eos = (ids[:, context:] == roles.tokenizer.eos_token_id).logical_and(response_mask.bool()).any(1)
+    return Episodes(prompt_index, ids, mask, context, response_mask, has_eos)
+
+
+@dataclass
+class Scored:
+    raw_score: torch.Tensor  # the reward model's
+    score: torch.Tensor  # less the missing-EOS penalty
+    logprobs: torch.Tensor  # per response token, under the policy that sampled it
+    ref_logprobs: torch.Tensor
+    entropy: torch.Tensor
+
+
+@torch.no_grad()
+def score(roles: Roles, config: OnlineConfig, episodes: Episodes, prompts: Sequence[Prompt]) -> Scored:
+    """The reward model reads the decoded text with its own tokenizer; the policy and the reference
+    give each response token its log-probability."""
+    ids, mask, context = episodes.ids, episodes.mask, episodes.context
+    answers = decode(roles.tokenizer, ids[:, context:], mask[:, context:])
+    with reward.autocast_for(roles.device):
+        raw_score = roles.reward_model([prompts[i] for i in episodes.prompt_index], answers)
+        penalised = raw_score - config.missing_eos_penalty * (~episodes.has_eos).float()
+        logits = response_logits(roles.policy, ids, mask, context, config.temperature)
+        logprobs = gathered_logprobs(logits, ids[:, context:])
+        token_entropy = entropy(logits)
+        del logits
+        with roles.as_reference() as reference:
+            ref_logprobs = token_logprobs(reference, ids, mask, context, config.temperature)
+    return Scored(raw_score, penalised, logprobs, ref_logprobs, token_entropy)
+
+
+def shuffled_minibatches(episodes: int, epochs: int, minibatches: int) -> Iterator[torch.Tensor]:
+    """The rows of each minibatch: `epochs` passes over the batch, each in a new random order."""
+    size = episodes // minibatches
+    for _ in range(epochs):
+        order = torch.randperm(episodes)
+        for first in range(0, episodes, size):
+            yield order[first : first + size]
+
+
+def optimizer_step(
+    optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Parameter], loss: torch.Tensor, max_grad_norm: float
+) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+    optimizer.step()
+
+
+def rollout_metrics(episodes: Episodes, scored: Scored) -> dict[str, float]:
+    """The rollout's figures, named as every trainer logs them; the KL is per episode (summed over
+    its tokens): k1, log pi - log ref, and k3, exp(log ref - log pi) - 1 - (log ref - log pi)."""
+    response_mask = episodes.response_mask
+    kl = (scored.logprobs - scored.ref_logprobs) * response_mask
+    log_ratio_ref = (scored.ref_logprobs - scored.logprobs) * response_mask
+    kl_k3 = ((log_ratio_ref.exp() - 1) - log_ratio_ref) * response_mask
+    return {
+        "objective/score": float(scored.raw_score.mean()),
+        "objective/kl": float(kl.sum(1).mean()),
+        "objective/kl_k3": float(kl_k3.sum(1).mean()),
+        "objective/entropy": float(masked_mean(scored.entropy, response_mask)),
+        "policy/response_length": float(response_mask.sum(1).mean()),
+        "policy/eos_rate": float(episodes.has_eos.float().mean()),
+    }
+
+
+def timing_metrics(
+    episodes: Episodes, began: float, generated: float, scored: float, updated: float
+) -> dict[str, float]:
+    return {
+        "timing/generation_s": generated - began,
+        "timing/scoring_s": scored - generated,
+        "timing/update_s": updated - scored,
+        "timing/episodes_per_second": len(episodes.ids) / (updated - began),
+        "timing/generated_tokens_per_second": float(episodes.response_mask.sum()) / (generated - began),
+    }
+
+
+def open_run(out: Path, config: OnlineConfig, config_name: str) -> dict[str, Any] | None:
+    """The summary of a run already finished in `out` (a redelivered task finds the work done);
+    otherwise None, with the config written beside what the run will write."""
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "summary.json").exists():
+        return json.loads((out / "summary.json").read_text())
+    (out / config_name).write_text(config.to_json())
+    return None
+
+
+class Run:
+    """What a run keeps in `out`: metrics.jsonl (a row per step), checkpoint.pt (every
+    `checkpoint_every` steps: weights, optimizer, random generators and the trainer's own state),
+    and at the end the policy (adapters merged) in Hugging Face format and summary.json."""
+
+    def __init__(
+        self, out: Path, config: OnlineConfig, steps: int, roles: Roles, optimizer: torch.optim.Optimizer
+    ) -> None:
+        self.out, self.config, self.steps, self.roles, self.optimizer = out, config, steps, roles, optimizer
+        self.sampler = random.Random(config.seed)  # prompt order
+        self.checkpoint, self.metrics = out / "checkpoint.pt", out / "metrics.jsonl"
+
+    def _modules(self) -> dict[str, torch.nn.Module]:
+        critic = {"critic": self.roles.critic} if self.roles.critic is not None else {}
+        return {"policy": self.roles.policy, **critic}
+
+    def resume(self) -> dict[str, Any]:
+        """The checkpoint's state (its `step` and the trainer's own entries) with the weights,
+        optimizer and generators restored; without a checkpoint {"step": 0} and the torch seed set."""
+        state: dict[str, Any] = {"step": 0}
+        if self.checkpoint.exists():
+            state = torch.load(self.checkpoint, weights_only=False)
+            for name, module in self._modules().items():
+                module.load_state_dict(state[name])
+            self.optimizer.load_state_dict(state["optimizer"])
+            reward.set_rng_state(state["rng"])
+            self.sampler.setstate(state["rng"]["sampler"])
+        else:
+            torch.manual_seed(self.config.seed)
+        # Rows written after the checkpoint belong to steps that will run again.
+        rows = self.metrics.read_text().splitlines()[: state["step"]] if self.metrics.exists() else []
+        self.metrics.write_text("".join(row + "\n" for row in rows))
+        return state
+
+    def record(self, step: int, row: dict[str, float], **trainer_state: Any) -> None:
+        """The row of `step` (counted from 1), and a checkpoint after it when one is due."""
+        with self.metrics.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        if step % self.config.checkpoint_every == 0 and step < self.steps:
+            rng = {**reward.rng_state(), "sampler": self.sampler.getstate()}
+            modules = {name: module.state_dict() for name, module in self._modules().items()}
+            state = {**modules, "optimizer": self.optimizer.state_dict(), "rng": rng, **trainer_state, "step": step}
+            torch.save(state, self.checkpoint.with_suffix(".tmp"))
+            self.checkpoint.with_suffix(".tmp").replace(self.checkpoint)
+
+    def finish(self) -> dict[str, Any]:
+        policy = reward.unwrap_peft(self.roles.policy, merge=True)
+        policy.save_pretrained(self.out)
+        self.roles.tokenizer.save_pretrained(self.out)
+        summary = summarize([json.loads(line) for line in self.metrics.read_text().splitlines()])
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.checkpoint.unlink(missing_ok=True)
+        return summary
+
+
+def summarize(rows: Sequence[dict[str, float]], last: int = 5) -> dict[str, Any]:
+    """Means over the last steps: what a round reports of its run."""
+    tail = rows[-last:]
+    mean = lambda key: float(np.mean([r[key] for r in tail])) if tail else None  # noqa: E731
+    return {
+        "steps": len(rows),
+        "score": mean("objective/score"),
+        "kl": mean("objective/kl"),
+        "response_length": mean("policy/response_length"),
+        "entropy": mean("objective/entropy"),
+        "eos_rate": mean("policy/eos_rate"),
+        "episodes_per_second": mean("timing/episodes_per_second"),
+    }
+
+
+def progress_bar(step: int, total: int, row: dict[str, float]) -> None:
+    score, kl, length = row["objective/score"], row["objective/kl"], row["policy/response_length"]
+    cli.progress_bar(step, total, f"score {score:.3f} kl {kl:.3f} len {length:.1f}")
+
+
+Train = Callable[..., dict[str, Any]]
+
+
+def command_line(argv: list[str] | None, *, prog: str, doc: str, config_class: type, train: Train) -> int:
+    """`prog --prompts FILE --out DIR` and a flag per field of `config_class`; prints the summary."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    parser.add_argument("--prompts", type=Path, required=True, help="JSON Lines with a 'prompt' per line.")
+    parser.add_argument("--out", type=Path, required=True, help="Directory for the policy, config and metrics.")
+    cli.add_config_flags(parser, config_class)
+    args = parser.parse_args(argv)
+    if not args.reward_model:
+        parser.error("--reward-model is required")
+    config = cli.config_from_flags(config_class, args)
+    print(json.dumps(train(config, load_prompts(args.prompts), args.out, progress=progress_bar)))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The PPO loop
 
 
 def train(
@@ -410,37 +642,21 @@ def train(
     checkpoint in `out` is resumed; `stop_after` ends the run after that many steps, as a killed
     worker would, leaving the last checkpoint behind."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not prompts:
-        raise ValueError("no prompts to train on")
-    if config.top_p != 1.0:
-        # The ratio and the KL use the full distribution; a nucleus would bias both.
-        raise ValueError(f"top_p {config.top_p}: PPO samples from the full distribution (top_p 1.0)")
+    check_run(config, prompts)
     if config.batch_size % config.minibatches:
         raise ValueError(f"batch_size {config.batch_size} is not a multiple of minibatches {config.minibatches}")
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / "summary.json").exists():  # a redelivered task finds the work done
-        return json.loads((out / "summary.json").read_text())
-    (out / "ppo_config.json").write_text(config.to_json())
-    roles = load_roles(config, device)
-    trainable = [p for p in (*roles.policy.parameters(), *roles.critic.parameters()) if p.requires_grad]
+    done = open_run(out, config, "ppo_config.json")
+    if done is not None:
+        return done
+    roles = load_roles(config, device, critic=True)
+    critic = roles.critic
+    assert critic is not None  # asked for just above
+    trainable = [p for p in (*roles.policy.parameters(), *critic.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, eps=1e-5, weight_decay=0.0)
     encoded = [prompt_ids(roles.tokenizer, p, config.max_prompt_length) for p in prompts]
-    sampler = random.Random(config.seed)
-    beta, start = config.beta, 0
-    checkpoint, metrics_file = out / "checkpoint.pt", out / "metrics.jsonl"
-    if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
-        roles.policy.load_state_dict(state["policy"])
-        roles.critic.load_state_dict(state["critic"])
-        optimizer.load_state_dict(state["optimizer"])
-        reward.set_rng_state(state["rng"])
-        sampler.setstate(state["rng"]["sampler"])
-        beta, start = state["beta"], state["step"]
-    else:
-        torch.manual_seed(config.seed)
-    # Rows written after the checkpoint belong to steps that will run again.
-    rows = metrics_file.read_text().splitlines()[:start] if metrics_file.exists() else []
-    metrics_file.write_text("".join(row + "\n" for row in rows))
+    run = Run(out, config, config.steps, roles, optimizer)
+    state = run.resume()
+    beta, start = state.get("beta", config.beta), state["step"]
     autocast = reward.autocast_for(device)
 
     for step in range(start, config.steps):
@@ -448,33 +664,18 @@ def train(
             return {"stopped_at": step}
         began = time.perf_counter()
         # 1. Rollout: sample a response to each prompt of the batch with the KV cache.
-        batch = [sampler.randrange(len(prompts)) for _ in range(config.batch_size)]
-        with autocast:
-            ids, mask, context = sample(
-                roles.policy, roles.tokenizer, [encoded[i] for i in batch],
-                max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
-            )  # fmt: skip
-        response_mask = mask[:, context:].float()
-        has_eos = (ids[:, context:] == roles.tokenizer.eos_token_id).logical_and(response_mask.bool()).any(1)
+        episodes = rollout(roles, config, encoded, run.sampler, count=config.batch_size)
+        ids, mask, context, response_mask = episodes.ids, episodes.mask, episodes.context, episodes.response_mask
         generated = time.perf_counter()
 
-        # 2. Score: the reward model reads the decoded text with its own tokenizer.
-        answers = decode(roles.tokenizer, ids[:, context:], mask[:, context:])
+        # 2. Score: the reward model reads the decoded text; log-probs of policy and reference, values.
+        scored = score(roles, config, episodes, prompts)
         with torch.no_grad(), autocast:
-            score = roles.reward_model([prompts[i] for i in batch], answers)
-            raw_score = score.clone()
-            score = score - config.missing_eos_penalty * (~has_eos).float()
-            logits = response_logits(roles.policy, ids, mask, context, config.temperature)
-            old_logprobs = gathered_logprobs(logits, ids[:, context:])
-            token_entropy = entropy(logits)
-            del logits
-            with roles.as_reference() as reference:
-                ref_logprobs = token_logprobs(reference, ids, mask, context, config.temperature)
-            old_values = token_values(roles.critic, ids, mask, context)
-        scored = time.perf_counter()
+            old_values = token_values(critic, ids, mask, context)
+        scored_at = time.perf_counter()
 
         # 3. KL shaping: -beta * (log pi - log ref) per token, the score at the last real token.
-        rewards, kl = shaped_rewards(old_logprobs, ref_logprobs, response_mask, score, beta)
+        rewards, kl = shaped_rewards(scored.logprobs, scored.ref_logprobs, response_mask, scored.score, beta)
 
         # 4. Advantages: GAE, whitened over the batch's real tokens.
         advantages, returns = gae(rewards, old_values, response_mask, config.gamma, config.lam)
@@ -482,45 +683,31 @@ def train(
 
         # 5. Update: several epochs of clipped policy and value losses over shuffled minibatches.
         stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "clip", "vclip", "approxkl")}
-        size = config.batch_size // config.minibatches
-        for _ in range(config.ppo_epochs):
-            order = torch.randperm(config.batch_size)
-            for first in range(0, config.batch_size, size):
-                rows_ = order[first : first + size]
-                row_mask = response_mask[rows_]
-                with autocast:
-                    logprobs = token_logprobs(roles.policy, ids[rows_], mask[rows_], context, config.temperature)
-                    values = token_values(roles.critic, ids[rows_], mask[rows_], context)
-                pg, clip_fraction, approx_kl = policy_loss(
-                    logprobs, old_logprobs[rows_], advantages[rows_], row_mask, config.cliprange
-                )
-                vf, value_clip_fraction = value_loss(
-                    values, old_values[rows_], returns[rows_], row_mask, config.cliprange_value
-                )
-                optimizer.zero_grad(set_to_none=True)
-                (pg + config.vf_coef * vf).backward()
-                torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-                optimizer.step()
-                for key, value in zip(stats, (pg, vf, clip_fraction, value_clip_fraction, approx_kl), strict=True):
-                    stats[key].append(float(value.detach()))
+        for rows in shuffled_minibatches(config.batch_size, config.ppo_epochs, config.minibatches):
+            row_mask = response_mask[rows]
+            with autocast:
+                logprobs = token_logprobs(roles.policy, ids[rows], mask[rows], context, config.temperature)
+                values = token_values(critic, ids[rows], mask[rows], context)
+            pg, clip_fraction, approx_kl = policy_loss(
+                logprobs, scored.logprobs[rows], advantages[rows], row_mask, config.cliprange
+            )
+            vf, value_clip_fraction = value_loss(
+                values, old_values[rows], returns[rows], row_mask, config.cliprange_value
+            )
+            optimizer_step(optimizer, trainable, pg + config.vf_coef * vf, config.max_grad_norm)
+            for key, value in zip(stats, (pg, vf, clip_fraction, value_clip_fraction, approx_kl), strict=True):
+                stats[key].append(float(value.detach()))
         updated = time.perf_counter()
 
         # 6. Metrics, in named groups; the adaptive controller moves beta for the next step.
         sequence_kl = kl.sum(1)
-        log_ratio_ref = (ref_logprobs - old_logprobs) * response_mask
-        kl_k3 = ((log_ratio_ref.exp() - 1) - log_ratio_ref) * response_mask
         variance = masked_mean((returns - masked_mean(returns, response_mask)) ** 2, response_mask)
         residual = masked_mean((returns - old_values * response_mask) ** 2, response_mask)
         row = {
             "step": step + 1,
-            "objective/score": float(raw_score.mean()),
-            "objective/kl": float(sequence_kl.mean()),
-            "objective/kl_k3": float(kl_k3.sum(1).mean()),
-            "objective/entropy": float(masked_mean(token_entropy, response_mask)),
+            **rollout_metrics(episodes, scored),
             "objective/non_score_reward": float((-beta * sequence_kl).mean()),
-            "objective/rlhf_reward": float((score - beta * sequence_kl).mean()),
-            "policy/response_length": float(response_mask.sum(1).mean()),
-            "policy/eos_rate": float(has_eos.float().mean()),
+            "objective/rlhf_reward": float((scored.score - beta * sequence_kl).mean()),
             "policy/clipfrac": float(np.mean(stats["clip"])),
             "policy/approxkl": float(np.mean(stats["approxkl"])),
             "loss/policy": float(np.mean(stats["pg"])),
@@ -528,66 +715,18 @@ def train(
             "val/clipfrac": float(np.mean(stats["vclip"])),
             "val/explained_variance": float(1 - residual / variance) if variance > 0 else 0.0,
             "kl_controller/beta": beta,
-            "timing/generation_s": generated - began,
-            "timing/scoring_s": scored - generated,
-            "timing/update_s": updated - scored,
-            "timing/episodes_per_second": config.batch_size / (updated - began),
-            "timing/generated_tokens_per_second": float(response_mask.sum()) / (generated - began),
+            **timing_metrics(episodes, began, generated, scored_at, updated),
         }
         if config.adaptive_kl:
             beta = adaptive_beta(beta, row["objective/kl"], config)
-        with metrics_file.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
-        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-            state = {
-                "policy": roles.policy.state_dict(), "critic": roles.critic.state_dict(),
-                "optimizer": optimizer.state_dict(), "rng": _rng_state(sampler), "beta": beta, "step": step + 1,
-            }  # fmt: skip
-            torch.save(state, checkpoint.with_suffix(".tmp"))
-            checkpoint.with_suffix(".tmp").replace(checkpoint)
+        run.record(step + 1, row, beta=beta)
         if progress is not None:
             progress(step + 1, config.steps, row)
-
-    policy = reward.unwrap_peft(roles.policy, merge=True)
-    policy.save_pretrained(out)
-    roles.tokenizer.save_pretrained(out)
-    summary = summarize([json.loads(line) for line in metrics_file.read_text().splitlines()])
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    checkpoint.unlink(missing_ok=True)
-    return summary
-
-
-def summarize(rows: Sequence[dict[str, float]], last: int = 5) -> dict[str, Any]:
-    """Means over the last steps: what a round reports of its PPO run."""
-    tail = rows[-last:]
-    mean = lambda key: float(np.mean([r[key] for r in tail])) if tail else None  # noqa: E731
-    return {
-        "steps": len(rows),
-        "score": mean("objective/score"),
-        "kl": mean("objective/kl"),
-        "response_length": mean("policy/response_length"),
-        "entropy": mean("objective/entropy"),
-        "eos_rate": mean("policy/eos_rate"),
-        "episodes_per_second": mean("timing/episodes_per_second"),
-    }
-
-
-def _progress_bar(step: int, total: int, row: dict[str, float]) -> None:
-    score, kl, length = row["objective/score"], row["objective/kl"], row["policy/response_length"]
-    cli.progress_bar(step, total, f"score {score:.3f} kl {kl:.3f} len {length:.1f}")
+    return run.finish()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.ppo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prompts", type=Path, required=True, help="JSON Lines with a 'prompt' per line.")
-    parser.add_argument("--out", type=Path, required=True, help="Directory for the policy, config and metrics.")
-    cli.add_config_flags(parser, PPOConfig)
-    args = parser.parse_args(argv)
-    if not args.reward_model:
-        parser.error("--reward-model is required")
-    config = cli.config_from_flags(PPOConfig, args)
-    print(json.dumps(train(config, load_prompts(args.prompts), args.out, progress=_progress_bar)))
-    return 0
+    return command_line(argv, prog="python -m training.ppo", doc=__doc__ or "", config_class=PPOConfig, train=train)
 
 
 if __name__ == "__main__":
