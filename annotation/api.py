@@ -6,6 +6,7 @@ from django.shortcuts import get_object_or_404
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_serializer
 from rest_framework import serializers, status
+from rest_framework.authtoken.serializers import AuthTokenSerializer
 from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.exceptions import NotFound, PermissionDenied
 from rest_framework.parsers import FormParser, MultiPartParser
@@ -112,11 +113,20 @@ class VoteAPI(APIView):
         )
 
 
+class TokenRequestSerializer(AuthTokenSerializer):
+    # No account has a longer name; checked before authentication, as the lock-out records keep
+    # the name tried in a column of 255 characters.
+    username = serializers.CharField(
+        label="Username", write_only=True, max_length=User._meta.get_field("username").max_length
+    )
+
+
 class TokenAPI(ObtainAuthToken):
     """`{"username", "password"}` in, `{"token"}` out; `DELETE` with the token revokes it. No session:
     a browser cookie must not turn this into a CSRF-checked call."""
 
     authentication_classes = [ExpiringTokenAuthentication]
+    serializer_class = TokenRequestSerializer
     parser_classes = [FormParser, MultiPartParser, parsers.JSONParser]
 
     def get_permissions(self) -> list[BasePermission]:

@@ -1,7 +1,8 @@
 import logging
 from collections.abc import Callable
 
-from django.core.exceptions import BadRequest, PermissionDenied, SuspiciousOperation
+from django.conf import settings
+from django.core.exceptions import BadRequest, PermissionDenied, RequestDataTooBig, SuspiciousOperation
 from django.db import InterfaceError, OperationalError
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.http.multipartparser import MultiPartParserError
@@ -57,6 +58,10 @@ class DatabaseUnavailableMiddleware:
 
     def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
         api = request.path.startswith("/api/")
+        if isinstance(exception, RequestDataTooBig):
+            limit = f"{settings.DATA_UPLOAD_MAX_MEMORY_SIZE:,} bytes (DATA_UPLOAD_MAX_MEMORY_SIZE)"
+            message = f"The request body is over the limit of {limit}."
+            return JsonResponse({"detail": message}, status=413) if api else HttpResponse(message, status=413)
         if isinstance(exception, (OperationalError, InterfaceError)):
             logger.error("503 for %s, the database failed: %s", request.path, exception)
             return database_unavailable(api=api)

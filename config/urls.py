@@ -23,3 +23,7 @@ urlpatterns = [
 # Password reset sends a mail; without a mail server its pages would only mislead, so they are not served.
 if settings.EMAIL_HOST:
     urlpatterns.insert(1, path("accounts/", include("django.contrib.auth.urls")))
+
+handler400 = "config.errors.bad_request"
+handler403 = "config.errors.permission_denied"
+handler404 = "config.errors.not_found"

@@ -5,6 +5,7 @@ from datetime import timedelta
 
 import pytest
 from django.db import connection
+from django.test import Client
 from django.utils import timezone
 from rest_framework.test import APIClient
 
@@ -182,3 +183,11 @@ def test_openapi_schema_lists_the_endpoints(alice):
         "/api/v1/projects/{slug}/assignments/",
         "/api/v1/assignments/{assignment_id}/vote/",
     } <= set(paths)
+
+
+@pytest.mark.django_db
+def test_an_api_url_that_matches_no_route_answers_json_404(alice):
+    response = api_client_for(alice).post("/api/v1/assignments/false/vote/", {"choice": "left"}, format="json")
+    assert response.status_code == 404
+    assert response.json() == {"detail": "Not found."}
+    assert "text/html" in Client().get("/no-such-page/").headers["Content-Type"]

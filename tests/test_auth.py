@@ -75,6 +75,12 @@ def test_token_endpoint_locks_out_an_address(alice, bob):
     assert token_request("bob", PASSWORD, address="10.0.0.10").status_code == 200
 
 
+def test_a_username_longer_than_any_account_is_a_400_naming_the_field(alice):
+    response = token_request("a" * 300, "wrong")
+    assert response.status_code == 400
+    assert response.json() == {"username": ["Ensure this field has no more than 150 characters."]}
+
+
 def test_token_endpoint_success_under_the_limit(alice):
     for _ in range(LIMIT - 1):
         token_request("alice", "wrong")

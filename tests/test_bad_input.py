@@ -208,7 +208,10 @@ def test_api_json_body_over_the_size_cap_is_refused(alice, project):
     assignment = client.post(f"/api/v1/projects/{project.slug}/assignments/").json()["assignment"]
     body = json.dumps({"choice": "left", "rationale": "x" * 2000})
     response = client.post(f"/api/v1/assignments/{assignment}/vote/", body, content_type="application/json")
-    assert response.status_code == 400
+    assert response.status_code == 413
+    assert response.json() == {
+        "detail": "The request body is over the limit of 1,000 bytes (DATA_UPLOAD_MAX_MEMORY_SIZE)."
+    }
     assert not Vote.objects.exists()
 
 
