@@ -1,5 +1,6 @@
 """Streaming export of preference datasets in the Hugging Face format (`prompt`, `chosen`,
-`rejected` plus metadata) and of raw votes, as JSON Lines or Parquet.
+`rejected` plus metadata), of TRL's unpaired rows for KTO (`prompt`, `completion`, `label`), and
+of raw votes, as JSON Lines or Parquet.
 
 Rows come from one SQL query read through a server-side cursor, and are written out a batch at a
 time, so memory stays flat whatever the size of the project.
@@ -202,6 +203,42 @@ def preference_schema(project: Project) -> pa.Schema:
     )
 
 
+def kto_rows(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """TRL's unpaired format, which its KTOTrainer reads: a preference row's chosen answer is a
+    desirable completion (label true), its rejected one undesirable; both answers of a both-bad
+    comparison are undesirable, and a tie says nothing about either."""
+    for row in rows:
+        if row["label"] == "tie":
+            continue
+        for side, desirable in (("chosen", row["label"] != "both_bad"), ("rejected", False)):
+            yield {
+                "prompt": row["prompt"],
+                "completion": row[side],
+                "label": desirable,
+                "comparison_id": row["comparison_id"],
+                "label_source": row["label_source"],
+                "confidence": row["confidence"],
+                "round": row["round"],
+                "source": row[f"source_{side}"],
+            }
+
+
+def kto_schema(project: Project) -> pa.Schema:
+    text = _MESSAGES if _conversational(project) else pa.string()
+    return pa.schema(
+        [
+            ("prompt", text),
+            ("completion", text),
+            ("label", pa.bool_()),
+            ("comparison_id", pa.int64()),
+            ("label_source", pa.string()),
+            ("confidence", pa.float64()),
+            ("round", pa.int64()),
+            ("source", pa.string()),
+        ]  # fmt: skip
+    )
+
+
 _VOTES_SQL = """
 SELECT v.id, v.comparison_id, v.labeler_id, v.choice, v.strength, v.winner_id, v.shown_left_id,
        c.response_a_id, v.rationale, v.flags, v.time_spent_ms, v.created_at, c.round
@@ -318,14 +355,18 @@ def export_stream(
     *,
     file_format: Format,
     votes: bool = False,
+    kto: bool = False,
     filters: PreferenceFilters | None = None,
     pseudonymize: bool = True,
 ) -> Iterator[bytes]:
-    """Bytes of the whole export, a batch at a time."""
+    """Bytes of the whole export, a batch at a time: preference pairs, KTO's unpaired rows
+    (`kto`) or raw votes (`votes`)."""
     filters = filters or PreferenceFilters()
     if votes:
         rows = vote_rows(project, round_number=filters.round, pseudonymize=pseudonymize)
         schema = VOTE_SCHEMA
+    elif kto:
+        rows, schema = kto_rows(preference_rows(project, filters)), kto_schema(project)
     else:
         rows = preference_rows(project, filters)
         schema = preference_schema(project)

@@ -3,7 +3,7 @@
 from typing import TYPE_CHECKING
 
 import pytest
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 
 from annotation.importing import PairRecord
 from annotation.services import agreement_refresh, labeler_create, pairs_import
@@ -91,3 +91,53 @@ def test_datasets_loads_the_export_and_reward_trainer_runs_two_steps(exported, f
     assert result.global_step == 2
     changed = any(not (a == b).all() for a, b in zip(before, model.parameters(), strict=True))
     assert changed, "two training steps left every parameter as it was"
+
+
+@pytest.mark.parametrize("conversational", [False, True])
+def test_kto_export_is_trls_unpaired_format(conversational, tmp_path, monkeypatch):
+    """`--kto` writes what TRL's KTOTrainer reads: its own unpairing of our pairs export, plus two
+    undesirable rows for a comparison voted both bad; a tie gives none. training.dpo reads it back
+    as the same examples it draws from the pairs export."""
+    from trl.data_utils import is_conversational, unpair_preference_dataset
+
+    from training.dpo import load_preferences
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    project = make_project(pairs=0, overlap=1)
+    votes = {"q-a": "a", "q-b": "b", "q-bad": "both_bad", "q-tie": "tie"}
+    records = [
+        PairRecord(line=i, prompt=[{"role": "user", "content": text}] if conversational else text,
+                   response_a=f"first {i}", response_b=f"second {i}")
+        for i, text in enumerate(votes)
+    ]  # fmt: skip
+    pairs_import(project=project, records=records)
+    choices = list(votes.values())  # by the number in response a: a conversation's prompt has no text
+    decide = lambda _, comparison: choices[int(comparison.response_a.text.split()[-1])]  # noqa: E731
+    label_all(project, [labeler_create(username="solo", password=PASSWORD)], decide)
+    paths = {}
+    for name, args in {"kto.jsonl": ["--kto", "--include-ties"], "kto.parquet": ["--kto", "--include-ties"],
+                       "pairs.jsonl": [], "all.jsonl": ["--include-ties"]}.items():  # fmt: skip
+        paths[name] = tmp_path / name
+        call_command("export_pairs", project.slug, str(paths[name]), *args)
+
+    kto = datasets.load_dataset("json", data_files=str(paths["kto.jsonl"]), split="train")
+    assert kto.features["label"].dtype == "bool"
+    assert (
+        kto.to_list() == datasets.load_dataset("parquet", data_files=str(paths["kto.parquet"]), split="train").to_list()
+    )
+    assert all(is_conversational(row) == conversational for row in kto)
+    rows = [(str(row["prompt"]), str(row["completion"]), row["label"]) for row in kto]
+    pairs = datasets.load_dataset("json", data_files=str(paths["pairs.jsonl"]), split="train")
+    # Our pairs carry the vote as `label` ("a", "b"), which TRL's unpairing copies over its own
+    # boolean one: a pairs export fed to KTOTrainer as it is would be mislabeled, hence --kto.
+    pairs = pairs.remove_columns("label")
+    trl_rows = [(str(row["prompt"]), str(row["completion"]), row["label"]) for row in unpair_preference_dataset(pairs)]
+    both_bad = [row for row in rows if "q-bad" in row[0]]
+    assert sorted(rows) == sorted(trl_rows + both_bad)
+    assert len(both_bad) == 2 and not any(label for _, _, label in both_bad)
+    assert not any("q-tie" in row[0] for row in rows)
+    examples = lambda name: sorted(map(repr, load_preferences(paths[name]).examples()))  # noqa: E731
+    assert examples("kto.jsonl") == examples("all.jsonl")
+    with pytest.raises(CommandError, match="--kto and --votes"):
+        call_command("export_pairs", project.slug, str(tmp_path / "x.jsonl"), "--kto", "--votes")

@@ -10,7 +10,7 @@ from annotation.models import Project
 class Command(BaseCommand):
     help = (
         "Export a project's preference pairs (prompt, chosen, rejected + metadata) in the Hugging Face "
-        "format, or its raw votes with --votes, as JSON Lines or Parquet."
+        "format, TRL's unpaired rows for KTO with --kto, or its raw votes with --votes, as JSON Lines or Parquet."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -18,6 +18,12 @@ class Command(BaseCommand):
         parser.add_argument("out_file", type=Path)
         parser.add_argument("--format", choices=FORMATS, help="Default: from the file name (.parquet), else jsonl.")
         parser.add_argument("--votes", action="store_true", help="One row per vote instead of one per pair.")
+        parser.add_argument(
+            "--kto",
+            action="store_true",
+            help="TRL's unpaired rows for KTO (prompt, completion, label): chosen true, rejected false; with "
+            "--include-ties a both-bad pair gives two false rows and a tie none.",
+        )
         parser.add_argument("--round", type=int, help="Only pairs of this training round.")
         parser.add_argument("--min-confidence", type=float, default=0.0, help="Drop pairs below this confidence.")
         parser.add_argument("--include-ties", action="store_true", help="Keep pairs judged tie or both bad.")
@@ -33,6 +39,8 @@ class Command(BaseCommand):
             raise CommandError(f"no project {slug!r}")
         out_file = Path(str(options["out_file"]))
         file_format: Format = options["format"] or ("parquet" if out_file.suffix == ".parquet" else "jsonl")
+        if options["kto"] and options["votes"]:
+            raise CommandError("--kto and --votes are two different exports: choose one")
         min_confidence = float(options["min_confidence"])
         if not 0 <= min_confidence <= 1:
             raise CommandError("--min-confidence must be between 0 and 1")
@@ -49,6 +57,7 @@ class Command(BaseCommand):
                 project,
                 file_format=file_format,
                 votes=bool(options["votes"]),
+                kto=bool(options["kto"]),
                 filters=filters,
                 pseudonymize=not options["no_pseudonymize"],
             ):
