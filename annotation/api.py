@@ -1,5 +1,7 @@
 """HTTP API (DRF): one view per operation, each with its own input and output serializer."""
 
+import itertools
+
 from django.contrib.auth.models import User
 from django.http import StreamingHttpResponse
 from django.shortcuts import get_object_or_404
@@ -234,7 +236,11 @@ class ExportAPI(APIView):
             pseudonymize=options["pseudonymize"],
         )
         content_type = "application/jsonl" if file_format == "jsonl" else "application/vnd.apache.parquet"
-        response = StreamingHttpResponse(stream, content_type=content_type)
+        # The first batch is read before the answer starts, so that a database that cannot be reached
+        # is a 503, not a 200 cut short. A failure later in the stream ends the body without its last
+        # chunk, which HTTP clients report as an incomplete read.
+        first = next(stream, b"")
+        response = StreamingHttpResponse(itertools.chain([first], stream), content_type=content_type)
         response["Content-Disposition"] = f'attachment; filename="{project.slug}-{options["kind"]}.{file_format}"'
         return response
 

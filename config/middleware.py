@@ -1,6 +1,7 @@
 import logging
 from collections.abc import Callable
 
+import psycopg
 from django.conf import settings
 from django.core.exceptions import BadRequest, PermissionDenied, RequestDataTooBig, SuspiciousOperation
 from django.db import InterfaceError, OperationalError
@@ -9,6 +10,10 @@ from django.http.multipartparser import MultiPartParserError
 from django.template.loader import render_to_string
 
 logger = logging.getLogger(__name__)
+
+# The database failed (refused, timed out, cancelled): Django's wrappers, and psycopg's own where code
+# reads through the raw connection (the export's server-side cursor).
+DATABASE_ERRORS = (OperationalError, InterfaceError, psycopg.OperationalError, psycopg.InterfaceError)
 
 # What a client is told to wait before trying again when the database cannot be reached.
 RETRY_AFTER_SECONDS = 10
@@ -62,7 +67,7 @@ class DatabaseUnavailableMiddleware:
             limit = f"{settings.DATA_UPLOAD_MAX_MEMORY_SIZE:,} bytes (DATA_UPLOAD_MAX_MEMORY_SIZE)"
             message = f"The request body is over the limit of {limit}."
             return JsonResponse({"detail": message}, status=413) if api else HttpResponse(message, status=413)
-        if isinstance(exception, (OperationalError, InterfaceError)):
+        if isinstance(exception, DATABASE_ERRORS):
             logger.error("503 for %s, the database failed: %s", request.path, exception)
             return database_unavailable(api=api)
         if api and not isinstance(exception, _CLIENT_ERRORS):

@@ -27,3 +27,4 @@ if settings.EMAIL_HOST:
 handler400 = "config.errors.bad_request"
 handler403 = "config.errors.permission_denied"
 handler404 = "config.errors.not_found"
+handler500 = "config.errors.server_error"

@@ -20,15 +20,18 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+import psycopg
 import pytest
 import redis
 from django.conf import settings
-from django.db import connection
-from django.test import Client, override_settings
+from django.db import OperationalError, connection
+from django.test import Client, RequestFactory, override_settings
 from django.utils import timezone
 
 from annotation.models import AgreementSnapshot, Vote
 from annotation.services import agreement_catch_up
+from config.errors import server_error
+from config.middleware import RETRY_AFTER_SECONDS
 from rounds.models import LEASE, RewardModel, TrainingRound, TrainingSettings
 from rounds.reward_models import reward_models_reclaim
 from rounds.services import rounds_check
@@ -433,3 +436,43 @@ def test_a_silent_database_answers_503_with_retry_after_within_the_connect_timeo
     assert [answer.status for answer in answers] == [503] * 6
     assert http(f"{base}/healthz").status == 503
     assert healthcheck(env).returncode == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_export_whose_query_is_cancelled_answers_503_not_a_200_cut_short(admin_user):
+    project = make_project(pairs=4)
+    database = connection.settings_dict
+    locker = psycopg.connect(
+        f"postgresql://{database['USER']}@{database['HOST']}:{database['PORT']}/{database['NAME']}"
+    )
+    try:
+        # Another session holds the table the export reads, so the export's query waits until the
+        # statement timeout cancels it: what a slow or overloaded database does.
+        locker.execute("LOCK TABLE annotation_aggregatedlabel IN ACCESS EXCLUSIVE MODE")
+        with connection.cursor() as cursor:
+            cursor.execute("SET statement_timeout = '300ms'")
+        response = api_client_for(admin_user).get(f"/api/v1/projects/{project.slug}/export/")
+    finally:
+        locker.rollback()
+        locker.close()
+        with connection.cursor() as cursor:
+            cursor.execute("RESET statement_timeout")
+    assert response.status_code == 503
+    assert response["Retry-After"] == str(RETRY_AFTER_SECONDS)
+
+
+def test_a_database_error_outside_any_view_answers_503_and_other_errors_json_under_the_api():
+    """Django's 500 handler, reached by what fails after the view: a session saved on the way out."""
+    request = RequestFactory().get("/api/v1/projects/x/votes/")
+    try:
+        raise OperationalError("the database went away while the session was saved")
+    except OperationalError:
+        answer = server_error(request)
+    assert answer.status_code == 503 and answer["Retry-After"] == str(RETRY_AFTER_SECONDS)
+    try:
+        raise RuntimeError("anything else")
+    except RuntimeError:
+        api_answer, page_answer = server_error(request), server_error(RequestFactory().get("/"))
+    assert api_answer.status_code == page_answer.status_code == 500
+    assert json.loads(api_answer.content) == {"detail": "Internal server error."}
+    assert "text/html" in page_answer["Content-Type"]
