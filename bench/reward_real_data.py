@@ -39,7 +39,7 @@ from transformers import AutoTokenizer  # noqa: E402
 from annotation.importing import parse_pair_lines  # noqa: E402
 from bench.common import training_machine, write_results  # noqa: E402
 from training import backbones  # noqa: E402
-from training.reward import Pair, RewardConfig, encode, evaluate, split_by_prompt, train  # noqa: E402
+from training.reward import Pair, RewardConfig, encode, evaluate, resolve_defaults, split_by_prompt, train  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-dev.jsonl.gz"
 RESULTS = ROOT / "bench" / "results" / "reward_real_data.json"
@@ -69,6 +69,8 @@ def fits_untruncated(pairs: list[Pair], backbone: str, max_length: int) -> list[
 
 
 def run_backbone(config: RewardConfig, train_pairs: list[Pair], held_out: list[Pair]) -> dict[str, Any]:
+    config, _ = resolve_defaults(config)
+    assert config.max_length is not None and config.epochs is not None
     fits = fits_untruncated(held_out, config.backbone, config.max_length)
     fitting = [pair for pair, fit in zip(held_out, fits, strict=True) if fit]
     with tempfile.TemporaryDirectory() as directory:

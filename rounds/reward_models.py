@@ -35,7 +35,10 @@ def reward_model_create(*, project: Project, overrides: dict[str, Any] | None = 
     unknown = sorted(set(overrides or {}) - fields)
     if unknown:
         raise ValueError(f"unknown reward model setting {unknown[0]!r}")
-    config = reward.RewardConfig(**{"backbone": settings.FLYWHEEL_REWARD_BACKBONE, **(overrides or {})})
+    # The backbone's defaults are filled in now, so that the version records the values it trains with.
+    config, _ = reward.resolve_defaults(
+        reward.RewardConfig(**{"backbone": settings.FLYWHEEL_REWARD_BACKBONE, **(overrides or {})})
+    )
     try:
         with transaction.atomic():
             Project.objects.select_for_update().get(pk=project.pk)

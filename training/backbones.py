@@ -10,6 +10,7 @@ models that ship inside PyPI packages, so nothing is downloaded at run time.
 
 import importlib.util
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 CACHE = Path(os.environ.get("FLYWHEEL_MODEL_CACHE", Path.home() / ".cache" / "flywheel" / "models"))
@@ -60,3 +61,36 @@ def resolve(name: str) -> str:
     if name == "minilm-l6":
         return _minilm()
     return name
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What the per-backbone defaults depend on, read from config.json alone (no weights loaded)."""
+
+    encoder: bool
+    parameters: int
+    max_positions: int | None
+
+
+def architecture(name: str) -> Architecture | None:
+    """Encoder or decoder, parameter count and position limit of a local path or a model id in the
+    local cache; None when no config.json is found here (nothing is downloaded to find out)."""
+    from transformers import AutoConfig, AutoModel
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    path = resolve(name)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=not Path(path).is_dir())
+    except (OSError, ValueError):
+        return None
+    import torch
+
+    # Built on the meta device: shapes only, so counting parameters allocates nothing.
+    with torch.device("meta"):
+        model = AutoModel.from_config(config)
+    return Architecture(
+        # Masked-LM model types (BERT, RoBERTa, DeBERTa, ModernBERT...) are encoders; the rest read left to right.
+        encoder=config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+        parameters=sum(parameter.numel() for parameter in model.parameters()),
+        max_positions=getattr(config, "max_position_embeddings", None),
+    )

@@ -20,7 +20,8 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type, *, def
                 flag, action=argparse.BooleanOptionalAction, default=default, help=spec.metadata["help"]
             )
         else:
-            kind = spec.type if spec.type in (int, float) else str
+            # A field typed `int | None` (None: worked out later, as per-backbone defaults are) takes an int.
+            kind = next((number for number in (int, float) if spec.type in (number, number | None)), str)
             parser.add_argument(flag, type=kind, default=default, help=spec.metadata["help"])
 
 

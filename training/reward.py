@@ -37,10 +37,18 @@ class RewardConfig:
         default="smollm2-135m",
         metadata={"help": "Model id, local path, or an offline package: smollm2-135m, minilm-l6."},
     )
-    max_length: int = field(default=512, metadata={"help": "Tokens per side; longer pairs lose their oldest turns."})
-    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate (InstructGPT: 9e-6)."})
-    epochs: int = field(default=1, metadata={"help": "Passes over the training pairs (InstructGPT: 1)."})
-    batch_size: int = field(default=16, metadata={"help": "Pairs per step (each pair is two sequences)."})
+    max_length: int | None = field(
+        default=None, metadata={"help": "Tokens per side; longer pairs lose their oldest turns. Default: per backbone."}
+    )
+    learning_rate: float | None = field(
+        default=None, metadata={"help": "AdamW learning rate (InstructGPT: 9e-6). Default: per backbone."}
+    )
+    epochs: int | None = field(
+        default=None, metadata={"help": "Passes over the training pairs (InstructGPT: 1). Default: per backbone."}
+    )
+    batch_size: int | None = field(
+        default=None, metadata={"help": "Pairs per step (each pair is two sequences). Default: per backbone."}
+    )
     warmup_ratio: float = field(default=0.05, metadata={"help": "Share of steps with a linear warm-up."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     margin_from_strength: bool = field(
@@ -54,11 +62,85 @@ class RewardConfig:
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory."})
     eval_fraction: float = field(default=0.1, metadata={"help": "Share of prompts held out for evaluation."})
+    validation_fraction: float = field(
+        default=0.1,
+        metadata={"help": "Share of the training prompts set aside to choose the checkpoint kept (0: the last)."},
+    )
+    validations_per_epoch: int = field(
+        default=2, metadata={"help": "Validations an epoch; the checkpoint with the best validation accuracy is kept."}
+    )
+    patience: int = field(
+        default=0, metadata={"help": "Stop after this many validations without improvement (0: never stop early)."}
+    )
     checkpoint_every: int = field(default=200, metadata={"help": "Steps between resumable checkpoints."})
     seed: int = field(default=42, metadata={"help": "Seed of the first ensemble member."})
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
+    def to_json(self, reasons: dict[str, str] | None = None) -> str:
+        """The config, with where each per-backbone default came from under "defaults"."""
+        return json.dumps({**dataclasses.asdict(self), **({"defaults": reasons} if reasons else {})}, indent=2)
+
+
+# The fields whose defaults depend on the backbone. A preset per packaged backbone, measured on
+# shared/data's hh-rlhf pairs (bench/reward_recipes.py); other backbones get RULE's values.
+PER_BACKBONE = ("learning_rate", "max_length", "batch_size", "epochs")
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    # TRL's RewardTrainer recipe for this backbone (lr 5e-5, 256 tokens, batch 16), with a second
+    # epoch: the checkpoint kept is chosen on validation prompts, so more passes cannot overfit it.
+    "minilm-l6": (
+        "encoder, 22.7M parameters",
+        {"learning_rate": 5e-5, "max_length": 256, "batch_size": 16, "epochs": 2},
+    ),
+    # InstructGPT's single epoch at about 1e-5; 512 tokens keep most multi-turn prompts whole.
+    "smollm2-135m": (
+        "decoder, 135M parameters",
+        {"learning_rate": 1e-5, "max_length": 512, "batch_size": 16, "epochs": 1},
+    ),
+}
+RULE = """Other backbones, by their config.json (no weights loaded):
+  encoder (BERT-like): lr 5e-5 under 100M parameters, else 2e-5; 256 tokens; batch 16; 2 epochs
+  decoder: lr 1e-5 under 1B parameters, else 5e-6; 512 tokens; batch 16; 1 epoch
+  max length never above the model's max_position_embeddings; no config.json found: decoder, under 1B."""
+
+
+def rule_defaults(architecture: backbones.Architecture | None) -> tuple[str, dict[str, Any]]:
+    """RULE's values for a backbone without a preset, and why."""
+    if architecture is None:
+        return "no config.json found locally: taken as a decoder under 1B parameters", {
+            "learning_rate": 1e-5, "max_length": 512, "batch_size": 16, "epochs": 1,
+        }  # fmt: skip
+    millions = architecture.parameters / 1e6
+    kind = "encoder" if architecture.encoder else "decoder"
+    if architecture.encoder:
+        values = {"learning_rate": 5e-5 if millions < 100 else 2e-5, "max_length": 256, "batch_size": 16, "epochs": 2}
+    else:
+        values = {"learning_rate": 1e-5 if millions < 1000 else 5e-6, "max_length": 512, "batch_size": 16, "epochs": 1}
+    if architecture.max_positions:
+        values["max_length"] = min(values["max_length"], architecture.max_positions)
+    return f"rule: {kind}, {millions:.3g}M parameters", values
+
+
+def resolve_defaults(config: RewardConfig) -> tuple[RewardConfig, dict[str, str]]:
+    """The config with every per-backbone field left at None filled in from the backbone's preset
+    (or RULE), and for each field why it has its value. Fields given explicitly are kept."""
+    missing = [name for name in PER_BACKBONE if getattr(config, name) is None]
+    reasons = {name: "given" for name in PER_BACKBONE if name not in missing}
+    if not missing:
+        return config, reasons
+    if config.backbone in PRESETS:
+        why, values = PRESETS[config.backbone]
+        why = f"{config.backbone} preset: {why}"
+    else:
+        why, values = rule_defaults(backbones.architecture(config.backbone))
+    reasons.update({name: why for name in missing})
+    return dataclasses.replace(config, **{name: values[name] for name in missing}), reasons
+
+
+def presets_help() -> str:
+    """The --help epilog: each preset's values, and the rule for other backbones."""
+    lines = ["Per-backbone defaults (a flag given wins):"]
+    for name, (why, values) in PRESETS.items():
+        lines.append(f"  {name} ({why}): " + ", ".join(f"{key} {value}" for key, value in values.items()))
+    return "\n".join([*lines, RULE])
 
 
 @dataclass(frozen=True)
@@ -109,12 +191,24 @@ def load_pairs(path: Path) -> list[Pair]:
 def split_by_prompt(pairs: Sequence[Pair], fraction: float) -> tuple[list[Pair], list[Pair]]:
     """Held-out pairs are chosen by prompt, so no prompt is on both sides of the split."""
 
-    def held_out(pair: Pair) -> bool:
-        digest = hashlib.sha256(json.dumps(pair.prompt, sort_keys=True).encode()).digest()
-        return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+    train = [pair for pair in pairs if _prompt_position(pair) >= fraction]
+    return train, [pair for pair in pairs if _prompt_position(pair) < fraction]
 
-    train = [pair for pair in pairs if not held_out(pair)]
-    return train, [pair for pair in pairs if held_out(pair)]
+
+def _prompt_position(pair: Pair) -> float:
+    """Where the pair's prompt falls in [0, 1): a hash, so a prompt's side of every split is fixed."""
+    digest = hashlib.sha256(json.dumps(pair.prompt, sort_keys=True).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_validation(
+    train_pairs: Sequence[Pair], eval_fraction: float, validation_fraction: float
+) -> tuple[list[Pair], list[Pair]]:
+    """`validation_fraction` of the training prompts (those of `split_by_prompt(pairs, eval_fraction)`)
+    set aside to choose the checkpoint kept. Positions past the held-out ones: never a held-out prompt."""
+    end = eval_fraction + validation_fraction * (1 - eval_fraction)
+    validation = [pair for pair in train_pairs if _prompt_position(pair) < end]
+    return [pair for pair in train_pairs if _prompt_position(pair) >= end], validation
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, prompt: str | Messages, answer: str, max_length: int) -> list[int]:
@@ -203,9 +297,11 @@ class Encoded:
     """Token ids of both sides of every pair, computed once."""
 
     def __init__(self, pairs: Sequence[Pair], tokenizer: PreTrainedTokenizerBase, config: RewardConfig) -> None:
+        max_length = config.max_length or resolve_defaults(config)[0].max_length
+        assert max_length is not None
         self.pairs = list(pairs)
-        self.chosen = [encode(tokenizer, p.prompt, p.chosen, config.max_length) for p in self.pairs]
-        self.rejected = [encode(tokenizer, p.prompt, p.rejected, config.max_length) for p in self.pairs]
+        self.chosen = [encode(tokenizer, p.prompt, p.chosen, max_length) for p in self.pairs]
+        self.rejected = [encode(tokenizer, p.prompt, p.rejected, max_length) for p in self.pairs]
         self.margins = [margin_of(p, config) for p in self.pairs]
         self.pad_id = tokenizer.pad_token_id
         self.side = tokenizer.padding_side
@@ -273,6 +369,26 @@ class TrainResult:
     model: PreTrainedModel
     losses: list[float]
     steps: int
+    validations: list[dict[str, Any]] = field(default_factory=list)  # step, accuracy, loss (and watched_accuracy)
+    best_step: int | None = None  # the step whose weights the model holds; None: the last
+
+
+def validation_steps(pairs: int, config: RewardConfig) -> set[int]:
+    """The steps after which the model is validated: `validations_per_epoch` an epoch, evenly spread,
+    the epoch's last step among them."""
+    assert config.batch_size is not None and config.epochs is not None
+    per_epoch = -(-pairs // config.batch_size)
+    count = max(1, min(config.validations_per_epoch, per_epoch))
+    epochs = range(config.epochs)
+    return {epoch * per_epoch + round(k * per_epoch / count) for epoch in epochs for k in range(1, count + 1)}
+
+
+def validate(model: PreTrainedModel, data: Encoded, device: torch.device, batch_size: int) -> dict[str, float]:
+    """Accuracy and mean Bradley-Terry loss on validation pairs; the model is left in training mode."""
+    rewards = pair_rewards(model, data, device, batch_size)
+    model.train()
+    gap = torch.from_numpy(rewards[:, 0] - rewards[:, 1])
+    return {"accuracy": float((gap > 0).float().mean()), "loss": float(-F.logsigmoid(gap).mean())}
 
 
 def train_member(
@@ -285,9 +401,17 @@ def train_member(
     checkpoint_dir: Path | None = None,
     stop_after: int | None = None,
     progress: Any = None,
+    validation: Encoded | None = None,
+    watch: Encoded | None = None,
 ) -> TrainResult:
     """Train one reward model. A checkpoint in checkpoint_dir is resumed; `stop_after` ends the run
-    after that many steps (as a killed worker would), leaving the last checkpoint behind."""
+    after that many steps (as a killed worker would), leaving the last checkpoint behind. With
+    `validation` pairs the model is validated `validations_per_epoch` times an epoch and ends with
+    the weights of its best validation (accuracy, then loss), stopping early after `patience`
+    validations without improvement. `watch` pairs are scored at each validation and reported,
+    never used to choose (a benchmark's held-out curve)."""
+    config, _ = resolve_defaults(config)
+    assert config.batch_size is not None and config.epochs is not None and config.learning_rate is not None
     rng = random.Random(seed)
     torch.manual_seed(seed)
     batches = [b for _ in range(config.epochs) for b in length_grouped_batches(data.lengths(), config.batch_size, rng)]
@@ -302,6 +426,8 @@ def train_member(
         lambda step: min((step + 1) / warmup, max(0.0, (len(batches) - step) / max(1, len(batches) - warmup))),
     )
     start, losses = 0, []
+    validations: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None  # step, key and weights (on the CPU) of the best validation so far
     checkpoint = checkpoint_dir / "checkpoint.pt" if checkpoint_dir else None
     if checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, weights_only=False)
@@ -310,10 +436,14 @@ def train_member(
         schedule.load_state_dict(state["schedule"])
         set_rng_state(state["rng"])
         start, losses = state["step"], state["losses"]
+        validations, best = state.get("validations", []), state.get("best")
+    checks = validation_steps(len(data.pairs), config) if validation is not None and validation.pairs else set()
 
     model.train()
+    interrupted = False
     for step in range(start, len(batches)):
         if stop_after is not None and step >= stop_after:
+            interrupted = True
             break
         # Forward: chosen and rejected in one pass; Bradley-Terry loss on the score gap.
         ids, mask, margins = data.batch(batches[step], device)
@@ -333,14 +463,34 @@ def train_member(
         losses.append(float(loss.detach()))
         if progress is not None:
             progress(step + 1, len(batches), losses[-1])
-        if checkpoint is not None and (step + 1) % config.checkpoint_every == 0:
+        # Validate: keep the best weights so far; stop when `patience` validations bring nothing better.
+        stop = False
+        if validation is not None and step + 1 in checks:
+            row = {"step": step + 1, **validate(model, validation, device, config.batch_size)}
+            if watch is not None:
+                row["watched_accuracy"] = validate(model, watch, device, config.batch_size)["accuracy"]
+            validations.append(row)
+            key = (row["accuracy"], -row["loss"])
+            if best is None or key > best["key"]:
+                weights = {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}
+                best = {"step": step + 1, "key": key, "weights": weights}
+            stop = bool(config.patience) and sum(1 for v in validations if v["step"] > best["step"]) >= config.patience
+        if checkpoint is not None and ((step + 1) % config.checkpoint_every == 0 or stop):
             state = {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                "rng": rng_state(), "step": step + 1, "losses": losses,
+                "rng": rng_state(), "step": len(batches) if stop else step + 1, "losses": losses,
+                "validations": validations, "best": best,
             }  # fmt: skip
             torch.save(state, checkpoint.with_suffix(".tmp"))
             checkpoint.with_suffix(".tmp").replace(checkpoint)
-    return TrainResult(model=model, losses=losses, steps=len(losses))
+        if stop:
+            break
+    if best is not None and not interrupted:
+        model.load_state_dict(best["weights"])
+    return TrainResult(
+        model=model, losses=losses, steps=len(losses), validations=validations,
+        best_step=best["step"] if best is not None else None,
+    )  # fmt: skip
 
 
 @torch.no_grad()
@@ -414,10 +564,15 @@ def train(
     device: torch.device | None = None,
     progress: Any = None,
     stop_after: int | None = None,
+    watch_held_out: bool = False,
 ) -> dict[str, Any]:
-    """Train `ensemble_size` members on the training split, evaluate on held-out prompts, save
-    everything under `out`: member_<k>/ (Hugging Face format), config.json, metrics.json and
-    uncertainty.jsonl (the members' spread per held-out pair)."""
+    """Train `ensemble_size` members on the training split, keep each member's checkpoint with the
+    best accuracy on validation prompts (carved from the training prompts), evaluate on held-out
+    prompts, save everything under `out`: member_<k>/ (Hugging Face format), config.json (with why
+    each per-backbone default has its value), metrics.json (held-out figures at the top level,
+    validation figures under "validation") and uncertainty.jsonl (the members' spread per held-out
+    pair). `watch_held_out` also scores the held-out pairs at each validation, for a benchmark's
+    curve; they never choose anything."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     train_pairs, held_out = split_by_prompt(pairs, config.eval_fraction)
     if len(train_pairs) < MIN_TRAIN_PAIRS:
@@ -427,18 +582,26 @@ def train(
         )
     if not held_out:
         raise ValueError(f"no held-out prompt among {len(pairs)} pairs: raise --eval-fraction or add prompts")
+    config, reasons = resolve_defaults(config)
+    assert config.batch_size is not None
+    fit_pairs, validation_pairs = split_validation(train_pairs, config.eval_fraction, config.validation_fraction)
+    if len(fit_pairs) < MIN_TRAIN_PAIRS or not validation_pairs:
+        # Too few pairs to spare some: train on them all and keep the last checkpoint.
+        fit_pairs, validation_pairs = train_pairs, []
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(config.to_json())
-    member_rewards = []
+    (out / "config.json").write_text(config.to_json(reasons))
+    member_rewards, member_validation_rewards, members = [], [], []
     for member in range(config.ensemble_size):
         torch.manual_seed(config.seed + member)
         model, tokenizer = load_model(config, device)
-        train_data, eval_data = Encoded(train_pairs, tokenizer, config), Encoded(held_out, tokenizer, config)
+        train_data, eval_data = Encoded(fit_pairs, tokenizer, config), Encoded(held_out, tokenizer, config)
+        validation_data = Encoded(validation_pairs, tokenizer, config)
         member_dir = out / f"member_{member}"
         member_dir.mkdir(exist_ok=True)
         result = train_member(
             model, train_data, config, seed=config.seed + member, device=device, checkpoint_dir=member_dir,
-            stop_after=stop_after, progress=progress,
+            stop_after=stop_after, progress=progress, validation=validation_data,
+            watch=eval_data if watch_held_out else None,
         )  # fmt: skip
         if stop_after is not None:
             return {"stopped_at": result.steps}
@@ -447,11 +610,15 @@ def train(
         tokenizer.save_pretrained(member_dir)
         (member_dir / "checkpoint.pt").unlink(missing_ok=True)
         member_rewards.append(pair_rewards(merged, eval_data, device, config.batch_size))
+        member_validation_rewards.append(pair_rewards(merged, validation_data, device, config.batch_size))
         (member_dir / "losses.json").write_text(json.dumps(result.losses))
+        members.append({"steps": result.steps, "best_step": result.best_step, "validations": result.validations})
     rewards = np.mean(member_rewards, axis=0)
     spread = np.std([r[:, 0] - r[:, 1] for r in member_rewards], axis=0)
-    summary = {"train_pairs": len(train_pairs), "held_out_pairs": len(held_out), **metrics(rewards, eval_data)}
+    summary = {"train_pairs": len(fit_pairs), "held_out_pairs": len(held_out), **metrics(rewards, eval_data)}
     summary["mean_ensemble_spread"] = float(spread.mean()) if len(spread) else None
+    validation_metrics = metrics(np.mean(member_validation_rewards, axis=0), validation_data)
+    summary["validation"] = {**validation_metrics, "members": members}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     with (out / "uncertainty.jsonl").open("w") as handle:
         for pair, value in zip(held_out, spread, strict=True):
@@ -462,7 +629,11 @@ def train(
 def evaluate(model_dir: Path, pairs: Sequence[Pair], *, device: torch.device | None = None) -> dict[str, Any]:
     """Score every pair with the (ensemble) model in model_dir."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config = RewardConfig(**json.loads((model_dir / "config.json").read_text()))
+    saved = json.loads((model_dir / "config.json").read_text())
+    fields = {spec.name for spec in dataclasses.fields(RewardConfig)}
+    config = RewardConfig(**{name: value for name, value in saved.items() if name in fields})  # not "defaults"
+    config, _ = resolve_defaults(config)
+    assert config.batch_size is not None
     members = sorted(path for path in model_dir.glob("member_*") if (path / "config.json").exists())
     if not members:
         raise FileNotFoundError(f"{model_dir} holds no trained member (member_*/config.json)")
@@ -481,7 +652,10 @@ def _progress_bar(step: int, total: int, loss: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.reward", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m training.reward", description=__doc__.split("\n\n")[0], epilog=presets_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
     parser.add_argument("--data", type=Path, required=True, help="Export file: JSON Lines or Parquet.")
     parser.add_argument("--out", type=Path, help="Directory for the trained model, config and metrics.")
     parser.add_argument("--evaluate", type=Path, metavar="DIR", help="Score --data with the model in DIR.")
