@@ -7,7 +7,8 @@ Each step of `train` reads top to bottom: rollout (sample with the KV cache), sc
 model, through its own tokenizer), KL shaping (per-token penalty, score at the EOS token),
 advantages (GAE, whitened), update (clipped surrogate and clipped value loss over minibatches),
 metrics, checkpoint. The recipe follows Ziegler et al. 2019, Stiennon et al. 2020 and InstructGPT;
-the defaults are theirs or TRL's PPO trainer's.
+the defaults are theirs or TRL's PPO trainer's. The rollout, scoring, run directory and command
+line are shared with the critic-free trainers of `training.grpo`.
 """
 
 import argparse
@@ -608,6 +609,7 @@ def progress_bar(step: int, total: int, row: dict[str, float]) -> None:
 
 
 Train = Callable[..., dict[str, Any]]
+Progress = Callable[[int, int, dict[str, float]], None]  # (step, steps, the step's metrics row)
 
 
 def command_line(argv: list[str] | None, *, prog: str, doc: str, config_class: type, train: Train) -> int:
@@ -634,7 +636,7 @@ def train(
     out: Path,
     *,
     device: torch.device | None = None,
-    progress: Callable[[int, int, dict[str, float]], None] | None = None,
+    progress: Progress | None = None,
     stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Run `config.steps` PPO steps and save the policy (adapters merged) in Hugging Face format

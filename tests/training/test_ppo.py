@@ -4,7 +4,9 @@ resume, LoRA, the command line, and over-optimization reproduced with a tiny pol
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -119,13 +121,14 @@ def _rows(out: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if not k.startswith("timing/")} for row in rows]
 
 
-def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tiny_policy, banana_reward_model, tmp_path):
-    config = PPOConfig(policy=tiny_policy, reward_model=banana_reward_model, steps=4, checkpoint_every=2, **TINY)
-    ppo.train(config, PROMPTS, tmp_path / "straight")
-    assert ppo.train(config, PROMPTS, tmp_path / "resumed", stop_after=3) == {"stopped_at": 3}
+def assert_resuming_is_bit_exact(train: Callable[..., dict], config: Any, tmp_path: Path) -> None:
+    """`train` (PPO's, GRPO's) stopped after 3 of 4 steps and resumed from its step-2 checkpoint
+    ends with the metrics and weights of an uninterrupted run."""
+    train(config, PROMPTS, tmp_path / "straight")
+    assert train(config, PROMPTS, tmp_path / "resumed", stop_after=3) == {"stopped_at": 3}
     assert (tmp_path / "resumed" / "checkpoint.pt").exists()
     assert len(_rows(tmp_path / "resumed")) == 3  # the third step's row is dropped and redone
-    ppo.train(config, PROMPTS, tmp_path / "resumed")
+    train(config, PROMPTS, tmp_path / "resumed")
     assert _rows(tmp_path / "resumed") == _rows(tmp_path / "straight")
     straight = AutoModelForCausalLM.from_pretrained(tmp_path / "straight").state_dict()
     resumed = AutoModelForCausalLM.from_pretrained(tmp_path / "resumed").state_dict()
@@ -133,7 +136,12 @@ def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tiny_policy, bana
     assert not (tmp_path / "resumed" / "checkpoint.pt").exists()
     # A redelivered run finds the work done and returns the same summary.
     done = json.loads((tmp_path / "resumed" / "summary.json").read_text())
-    assert ppo.train(config, PROMPTS, tmp_path / "resumed") == done
+    assert train(config, PROMPTS, tmp_path / "resumed") == done
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tiny_policy, banana_reward_model, tmp_path):
+    config = PPOConfig(policy=tiny_policy, reward_model=banana_reward_model, steps=4, checkpoint_every=2, **TINY)
+    assert_resuming_is_bit_exact(ppo.train, config, tmp_path)
 
 
 def test_lora_uses_the_adapter_off_policy_as_reference_and_saves_a_merged_model(
@@ -155,12 +163,17 @@ def test_lora_uses_the_adapter_off_policy_as_reference_and_saves_a_merged_model(
     assert any(not torch.equal(merged[name], base[name]) for name in base)
 
 
-def test_command_line_trains_and_writes_policy_config_and_metrics(tiny_policy, banana_reward_model, tmp_path):
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(
+def write_prompts(path: Path) -> Path:
+    """A prompts file for the command lines: one prompt as text, one as messages."""
+    path.write_text(
         json.dumps({"prompt": "question w1"}) + "\n"
         + json.dumps({"prompt": [{"role": "user", "content": "question w2"}]}) + "\n"
     )  # fmt: skip
+    return path
+
+
+def test_command_line_trains_and_writes_policy_config_and_metrics(tiny_policy, banana_reward_model, tmp_path):
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
     args = [sys.executable, "-m", "training.ppo", "--policy", tiny_policy, "--reward-model", banana_reward_model,
             "--prompts", str(prompts), "--out", str(tmp_path / "out"), "--steps", "2", "--batch-size", "4",
             "--max-new-tokens", "6", "--beta", "0.1", "--learning-rate", "1e-3", "--seed", "3"]  # fmt: skip
