@@ -5,4 +5,11 @@ from rounds.models import TrainingSettings
 
 @admin.register(TrainingSettings)
 class TrainingSettingsAdmin(admin.ModelAdmin):
-    list_display = ["project", "min_new_comparisons", "policy", "held_out_prompts", "hacking_length_factor"]
+    list_display = [
+        "project",
+        "algorithm",
+        "min_new_comparisons",
+        "policy",
+        "held_out_prompts",
+        "hacking_length_factor",
+    ]

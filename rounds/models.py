@@ -74,6 +74,22 @@ class RewardModel(LeasedRun):
 LEASE = timedelta(minutes=2)
 
 
+class Algorithm(models.TextChoices):
+    """How a round improves the policy: online against the round's reward model (PPO with a critic;
+    GRPO and RLOO with a group of samples per prompt as the baseline), or offline on the project's
+    aggregated pairs (DPO, IPO, KTO), the reward model then only measuring the result."""
+
+    PPO = "ppo", "PPO"
+    GRPO = "grpo", "GRPO"
+    RLOO = "rloo", "RLOO"
+    DPO = "dpo", "DPO"
+    IPO = "ipo", "IPO"
+    KTO = "kto", "KTO"
+
+
+OFFLINE_ALGORITHMS = (Algorithm.DPO, Algorithm.IPO, Algorithm.KTO)
+
+
 class TrainingSettings(models.Model):
     """How a project's training rounds run; created with the defaults on first use."""
 
@@ -87,12 +103,22 @@ class TrainingSettings(models.Model):
         help_text="The starting policy (model id, local path or smollm2-135m); empty: FLYWHEEL_POLICY.",
     )
     held_out_prompts = models.PositiveIntegerField(
-        default=32, help_text="Prompts kept out of PPO training; both policies answer them for the humans to compare."
+        default=32,
+        help_text="Prompts kept out of the policy's training; both policies answer them for the humans to compare.",
     )
     hacking_length_factor = models.FloatField(
         default=1.5, help_text="A round whose mean response length grew by more than this factor is flagged."
     )
-    ppo_overrides = models.JSONField(default=dict, blank=True, help_text="training.ppo.PPOConfig fields to change.")
+    algorithm = models.CharField(
+        max_length=10, choices=Algorithm.choices, default=Algorithm.PPO, help_text="How a round trains the policy."
+    )
+    optimizer_overrides = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="Fields of the algorithm's config to change: training.ppo.PPOConfig, training.grpo.GRPOConfig or "
+        "training.dpo.DPOConfig (offline algorithms also take max_new_tokens, temperature, top_p and "
+        "max_prompt_length for the samples).",
+    )
     reward_overrides = models.JSONField(
         default=dict, blank=True, help_text="training.reward.RewardConfig fields for the rounds' reward models."
     )
@@ -118,8 +144,9 @@ class PolicyVersion(models.Model):
     round = models.OneToOneField(
         "TrainingRound", on_delete=models.SET_NULL, null=True, blank=True, related_name="produced_policy"
     )
-    config = models.JSONField(default=dict, help_text="training.ppo.PPOConfig, as trained.")
-    metrics = models.JSONField(default=dict, blank=True, help_text="PPO summary and the path of its metrics.jsonl.")
+    algorithm = models.CharField(max_length=10, choices=Algorithm.choices, blank=True, help_text="Empty: version 0.")
+    config = models.JSONField(default=dict, help_text="The algorithm's config as trained, and how it sampled.")
+    metrics = models.JSONField(default=dict, blank=True, help_text="The run's summary and its metrics.jsonl's path.")
     artifact_path = models.CharField(max_length=500, help_text="What ppo.train and ppo.generate take as `policy`.")
     created_at = models.DateTimeField(default=timezone.now)
 
@@ -130,7 +157,7 @@ class PolicyVersion(models.Model):
         return f"{self.project_id} policy v{self.version}"
 
     def step_metrics(self) -> list[dict[str, Any]]:
-        """The rows of its PPO run's metrics.jsonl, one per step (none for version 0)."""
+        """The rows of its run's metrics.jsonl, one per step (none for version 0)."""
         path = Path(self.metrics.get("metrics_file", ""))
         if not path.is_file():
             return []
@@ -139,19 +166,19 @@ class PolicyVersion(models.Model):
 
 
 class TrainingRound(LeasedRun):
-    """One turn of the loop: reward model, PPO, the new policy's samples back to the labelers."""
+    """One turn of the loop: reward model, the policy's training, its samples back to the labelers."""
 
     class State(models.TextChoices):
         WAITING_FOR_LABELS = "waiting_for_labels"
         TRAINING_REWARD_MODEL = "training_reward_model"
-        RUNNING_PPO = "running_ppo"
+        TRAINING_POLICY = "training_policy"
         SAMPLING = "sampling"
         LABELING = "labeling"
         DONE = "done"
         FAILED = "failed"
 
     # The states a gpu worker drives; the others wait for people (labels) or are over.
-    WORKER_STATES = (State.TRAINING_REWARD_MODEL, State.RUNNING_PPO, State.SAMPLING)
+    WORKER_STATES = (State.TRAINING_REWARD_MODEL, State.TRAINING_POLICY, State.SAMPLING)
     TERMINAL_STATES = (State.DONE, State.FAILED)
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="training_rounds")
@@ -163,9 +190,16 @@ class TrainingRound(LeasedRun):
     )
     reward_model = models.ForeignKey(RewardModel, on_delete=models.PROTECT, null=True, blank=True, related_name="+")
     policy = models.ForeignKey(
-        PolicyVersion, on_delete=models.PROTECT, null=True, blank=True, related_name="+", help_text="What PPO produced."
+        PolicyVersion,
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="+",
+        help_text="What the round trained.",
     )
-    held_out_prompt_ids = models.JSONField(default=list, blank=True, help_text="Fixed when PPO starts.")
+    held_out_prompt_ids = models.JSONField(
+        default=list, blank=True, help_text="Fixed when the policy's training starts."
+    )
     samples = models.PositiveIntegerField(default=0, help_text="Comparisons sent back to the labelers.")
     win_rate = models.FloatField(null=True, blank=True, help_text="Humans' verdict: new policy over previous.")
     flagged = models.BooleanField(default=False)

@@ -2,19 +2,21 @@
 
 A round moves through explicit states, each change recorded as a RoundTransition:
 
-    waiting_for_labels -> training_reward_model -> running_ppo -> sampling -> labeling -> done
+    waiting_for_labels -> training_reward_model -> training_policy -> sampling -> labeling -> done
                                 (any of these may end in failed, with the error)
 
 `round_start` opens a round; it waits until the project has `min_new_comparisons` aggregated
 comparisons more than when the previous round's reward model started, then a gpu worker takes it
 (`round_run`, under a lease with heartbeat, as for reward models): it trains the reward model on
-all the labels, runs PPO from the previous policy against it, and has the new and the previous
+all the labels, trains the next policy from the previous one with the project's algorithm (PPO, or
+GRPO or RLOO against the reward model, or DPO, IPO or KTO on the pairs themselves, the reward model
+then measuring the result), and has the new and the previous
 policy answer the held-out prompts; those pairs go to the labelers. `rounds_check` (Celery beat)
 starts rounds, re-enqueues the ones whose worker died, and closes a labeling round once all its
 pairs are labeled and aggregated, with the humans' win rate of the new policy over the previous.
 
 Held-out prompts are the project's `held_out_prompts` prompts with the smallest md5 of
-"holdout:" + content hash: a fixed, deterministic set that PPO never trains on (importing new
+"holdout:" + content hash: a fixed, deterministic set that the policy never trains on (importing new
 prompts can change it for later rounds; each round stores the set it used).
 """
 
@@ -38,14 +40,23 @@ from annotation.selectors import latest_snapshot
 from annotation.services import pairs_import
 from config.celery import delay_best_effort
 from rounds.leases import Heartbeat, LeaseLost, kept_alive, lease_claim, worker_name
-from rounds.models import LEASE, PolicyVersion, RewardModel, RoundTransition, TrainingRound, TrainingSettings
+from rounds.models import (
+    LEASE,
+    OFFLINE_ALGORITHMS,
+    Algorithm,
+    PolicyVersion,
+    RewardModel,
+    RoundTransition,
+    TrainingRound,
+    TrainingSettings,
+)
 from rounds.reward_models import TrainingBusy, failed, reward_model_create, reward_model_train, succeeded
 from training.hacking import hacking_reason
 
 State = TrainingRound.State
 logger = logging.getLogger(__name__)
 MAX_ATTEMPTS = 5  # workers that may die on one round before it is failed
-# Fields of PPOConfig a round sets itself; the project's overrides may not change them.
+# Fields of the algorithm's config a round sets itself; the project's overrides may not change them.
 ROUND_OWNED_FIELDS = {"policy", "reward_model", "reference"}
 
 
@@ -190,7 +201,7 @@ def _train_reward_model(training_round: TrainingRound, worker: str) -> None:
     worker is busy with the round anyway, and PPO must wait for the model. No task of the version's
     own is queued and beat's reclaim leaves it alone, so the worker that takes a round over resumes
     its reward model too, from the version's checkpoint."""
-    ppo_overrides(training_round.project)
+    optimizer_overrides(training_round.project)
     model = training_round.reward_model
     if model is None:
         overrides = training_settings(training_round.project).reward_overrides
@@ -220,7 +231,7 @@ def _train_reward_model(training_round: TrainingRound, worker: str) -> None:
     with transaction.atomic():
         RewardModel.objects.filter(pk=model.pk, status=RewardModel.Status.RUNNING).update(**succeeded(model, summary))
         _transition(
-            training_round, State.RUNNING_PPO, worker=worker,
+            training_round, State.TRAINING_POLICY, worker=worker,
             note=f"reward model v{model.version}: held-out accuracy {summary.get('accuracy')}",
         )  # fmt: skip
     model.refresh_from_db()
@@ -234,60 +245,158 @@ def _write_prompts(path: Path, prompts: Iterator[Prompt]) -> None:
     partial.replace(path)
 
 
-def ppo_overrides(project: Project) -> dict[str, Any]:
-    """The project's PPO settings, checked before any training: a typo fails the round at once."""
-    from training import ppo
+# What an offline round samples with: the previous and the new policy answer the held-out prompts
+# (and the proxy measurement's prompts) with these, the project's overrides changing them.
+SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "max_prompt_length", "reward_max_length")
+PROXY_EPISODES = 32  # answers an offline round's proxy reward is measured on, for each policy
 
-    overrides = training_settings(project).ppo_overrides
-    known = {field.name for field in dataclasses.fields(ppo.PPOConfig)} - ROUND_OWNED_FIELDS
+
+def _config_class(algorithm: str) -> type:
+    from training import dpo, grpo, ppo
+
+    if algorithm == Algorithm.PPO:
+        return ppo.PPOConfig
+    return dpo.DPOConfig if algorithm in OFFLINE_ALGORITHMS else grpo.GRPOConfig
+
+
+def optimizer_overrides(project: Project) -> dict[str, Any]:
+    """The project's settings of its algorithm, checked before any training: a typo, or a setting
+    the algorithm does not have, fails the round at once."""
+    settings_row = training_settings(project)
+    overrides = settings_row.optimizer_overrides
+    known = {field.name for field in dataclasses.fields(_config_class(settings_row.algorithm))} - ROUND_OWNED_FIELDS
+    if settings_row.algorithm in OFFLINE_ALGORITHMS:
+        known |= set(SAMPLING_FIELDS)
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise ValueError(f"unknown PPO setting {unknown[0]!r} in the project's training settings")
+        name = settings_row.get_algorithm_display()
+        raise ValueError(f"unknown {name} setting {unknown[0]!r} in the project's training settings")
     return dict(overrides)
 
 
-def ppo_config(training_round: TrainingRound, previous: PolicyVersion) -> Any:
-    from training import ppo
-
-    overrides = ppo_overrides(training_round.project)
-    assert training_round.reward_model is not None
-    return ppo.PPOConfig(
-        **overrides, policy=previous.artifact_path, reward_model=training_round.reward_model.artifact_path,
-        reference=_policy_zero(training_round.project).artifact_path,
-    )  # fmt: skip
-
-
-def _run_ppo(training_round: TrainingRound, worker: str, lease: Heartbeat, stop_after: int | None) -> bool:
-    """PPO from the previous policy; False when stopped early (`stop_after`), the checkpoint kept."""
+def optimizer_config(training_round: TrainingRound, previous: PolicyVersion) -> Any:
+    """The config the round trains with: the algorithm's, from the previous policy, against this
+    round's reward model, with the first policy as the KL reference."""
     from training import ppo
 
     project = training_round.project
-    previous = _latest_policy(project)
-    config = ppo_config(training_round, previous)
-    directory = _round_dir(training_round)
-    directory.mkdir(parents=True, exist_ok=True)
+    algorithm = training_settings(project).algorithm
+    overrides = optimizer_overrides(project)
+    if algorithm in OFFLINE_ALGORITHMS:
+        offline = {name: value for name, value in overrides.items() if name not in SAMPLING_FIELDS}
+        # DPO's reference is its starting policy: each round pulls toward the previous one.
+        return _config_class(algorithm)(**offline, loss=algorithm, policy=previous.artifact_path)
+    assert training_round.reward_model is not None
+    online = {"estimator": algorithm} if algorithm != Algorithm.PPO else {}
+    config = _config_class(algorithm)(
+        **overrides, **online, policy=previous.artifact_path, reward_model=training_round.reward_model.artifact_path,
+        reference=_policy_zero(project).artifact_path,
+    )  # fmt: skip
+    assert isinstance(config, ppo.OnlineConfig)
+    return config
+
+
+def _sampling(project: Project, config: Any) -> dict[str, Any]:
+    """How the round's policies answer: an online run's own sampling, or for an offline one the
+    online defaults with the project's overrides."""
+    from training import ppo
+
+    if isinstance(config, ppo.OnlineConfig):
+        return {name: getattr(config, name) for name in SAMPLING_FIELDS}
+    defaults = ppo.OnlineConfig()
+    overrides = optimizer_overrides(project)
+    return {name: overrides.get(name, getattr(defaults, name)) for name in SAMPLING_FIELDS}
+
+
+def _round_prompts(training_round: TrainingRound, directory: Path) -> Path:
+    """The prompts the policy trains on, all but the held-out ones; written once, so that a
+    taken-over round trains on the same prompts."""
+    project = training_round.project
     prompts_file = directory / "prompts.jsonl"
-    if not prompts_file.exists():  # a taken-over round trains on the same prompts
+    if not prompts_file.exists():
         held_out = held_out_prompts(project, training_settings(project).held_out_prompts)
         TrainingRound.objects.filter(pk=training_round.pk).update(held_out_prompt_ids=held_out)
         training_round.held_out_prompt_ids = held_out
         _write_prompts(prompts_file, Prompt.objects.filter(project=project).exclude(pk__in=held_out).iterator())
-    prompts = ppo.load_prompts(prompts_file)
+    return prompts_file
+
+
+def _round_preferences(training_round: TrainingRound, directory: Path) -> Path:
+    """An offline round's data: the project's aggregated pairs (the reward model's, in the export
+    format) less those on held-out prompts, which the policy must not have seen."""
+    assert training_round.reward_model is not None
+    preferences_file = directory / "preferences.jsonl"
+    if not preferences_file.exists():
+        held_out = set(
+            Comparison.objects.filter(prompt_id__in=training_round.held_out_prompt_ids).values_list("pk", flat=True)
+        )
+        source = Path(training_round.reward_model.data["file"])
+        partial = preferences_file.with_suffix(".partial")
+        with source.open() as rows, partial.open("w") as handle:
+            for row in rows:
+                if row.strip() and json.loads(row)["comparison_id"] not in held_out:
+                    handle.write(row)
+        partial.replace(preferences_file)
+    return preferences_file
+
+
+def _train_offline(
+    training_round: TrainingRound, config: Any, previous: PolicyVersion, prompts: Sequence[Any], directory: Path,
+    out: Path, lease: Heartbeat, stop_after: int | None,
+) -> dict[str, Any]:  # fmt: skip
+    """DPO, IPO or KTO on the pairs, then the proxy figures of the previous and the new policy under
+    this round's reward model: the baseline is what PPO's first step would have measured."""
+    from training import dpo, evaluation, ppo
+
+    preferences = dpo.load_preferences(_round_preferences(training_round, directory))
+    summary = dpo.train(config, preferences, out, progress=lease, stop_after=stop_after)
+    if "stopped_at" in summary:
+        return summary
+    assert training_round.reward_model is not None
+    sampling = _sampling(training_round.project, config)
+    measure = lambda policy: evaluation.proxy_figures(  # noqa: E731
+        ppo.OnlineConfig(**sampling, policy=policy, reward_model=training_round.reward_model.artifact_path,
+                         reference=_policy_zero(training_round.project).artifact_path, seed=training_round.number),
+        prompts, episodes=PROXY_EPISODES,
+    )  # fmt: skip
+    baseline, after = measure(previous.artifact_path), measure(str(out))
+    return {
+        **summary, "training_kl": summary["kl"], "score": after["objective/score"], "kl": after["objective/kl"],
+        "response_length": after["policy/response_length"], "baseline": baseline,
+    }  # fmt: skip
+
+
+def _train_policy(training_round: TrainingRound, worker: str, lease: Heartbeat, stop_after: int | None) -> bool:
+    """The round's algorithm from the previous policy; False when stopped early (`stop_after`), the
+    checkpoint kept."""
+    from training import grpo, ppo
+
+    project = training_round.project
+    algorithm = training_settings(project).algorithm
+    previous = _latest_policy(project)
+    config = optimizer_config(training_round, previous)
+    directory = _round_dir(training_round)
+    directory.mkdir(parents=True, exist_ok=True)
+    prompts = ppo.load_prompts(_round_prompts(training_round, directory))
     out = directory / "policy"
-    summary = ppo.train(config, prompts, out, progress=lease, stop_after=stop_after)
+    if algorithm in OFFLINE_ALGORITHMS:
+        summary = _train_offline(training_round, config, previous, prompts, directory, out, lease, stop_after)
+    else:
+        trainer = ppo if algorithm == Algorithm.PPO else grpo
+        summary = trainer.train(config, prompts, out, progress=lease, stop_after=stop_after)
     if "stopped_at" in summary:
         return False
     with transaction.atomic():
         Project.objects.select_for_update().get(pk=project.pk)
         version = PolicyVersion.objects.filter(project=project).aggregate(Max("version"))["version__max"] + 1
         policy = PolicyVersion.objects.create(
-            project=project, version=version, parent=previous, round=training_round,
-            config=dataclasses.asdict(config), metrics={**summary, "metrics_file": str(out / "metrics.jsonl")},
-            artifact_path=str(out),
+            project=project, version=version, parent=previous, round=training_round, algorithm=algorithm,
+            config={**dataclasses.asdict(config), "sampling": _sampling(project, config)},
+            metrics={**summary, "metrics_file": str(out / "metrics.jsonl")}, artifact_path=str(out),
         )  # fmt: skip
         _transition(
             training_round, State.SAMPLING, worker=worker, policy=policy,
-            note=f"policy v{version}: score {summary['score']:.3f}, KL {summary['kl']:.3f}",
+            note=f"policy v{version} ({algorithm}): score {summary['score']:.3f}, KL {summary['kl']:.3f}",
         )  # fmt: skip
     return True
 
@@ -332,16 +441,16 @@ def _sample(training_round: TrainingRound, worker: str) -> None:
     assert training_round.policy is not None and training_round.policy.parent is not None
     by_id = Prompt.objects.in_bulk(training_round.held_out_prompt_ids)
     prompts = [by_id[pk] for pk in training_round.held_out_prompt_ids if pk in by_id]
-    config = training_round.policy.config  # both policies answer as PPO sampled
+    sampling = training_round.policy.config["sampling"]  # both policies answer as the round sampled
     answers = {
         key: ppo.generate(
             policy.artifact_path,
             [prompt.content for prompt in prompts],
-            max_new_tokens=config["max_new_tokens"],
-            temperature=config["temperature"],
-            top_p=config["top_p"],
+            max_new_tokens=sampling["max_new_tokens"],
+            temperature=sampling["temperature"],
+            top_p=sampling["top_p"],
             seed=training_round.number,
-            max_prompt_length=config["max_prompt_length"],
+            max_prompt_length=sampling["max_prompt_length"],
         )  # fmt: skip
         for key, policy in (("new", training_round.policy), ("old", training_round.policy.parent))
     }
@@ -377,7 +486,9 @@ def round_run(*, round_id: int, worker: str | None = None, stop_after: int | Non
         with kept_alive(lease):
             if training_round.state == State.TRAINING_REWARD_MODEL:
                 _train_reward_model(training_round, worker)
-            if training_round.state == State.RUNNING_PPO and not _run_ppo(training_round, worker, lease, stop_after):
+            if training_round.state == State.TRAINING_POLICY and not _train_policy(
+                training_round, worker, lease, stop_after
+            ):
                 return
             if training_round.state == State.SAMPLING:
                 _sample(training_round, worker)
@@ -428,10 +539,10 @@ def round_complete(*, training_round: TrainingRound) -> bool:
     rate, pairs = win_rate(training_round)
     policy = training_round.policy
     assert policy is not None
-    # The baseline is this round's first PPO step: the previous policy, sampled as PPO samples and
-    # scored by this round's reward model. Another round's scores come from another reward model,
-    # whose offset and scale are its own.
-    first = next(iter(policy.step_metrics()), {})
+    # The baseline is the previous policy, sampled as the round samples and scored by this round's
+    # reward model: an online run's first step, or what an offline round measured. Another round's
+    # scores come from another reward model, whose offset and scale are its own.
+    first = policy.metrics.get("baseline") or next(iter(policy.step_metrics()), {})
     reason = ""
     if first.get("objective/score") is not None and first.get("policy/response_length") is not None:
         reason = hacking_reason(

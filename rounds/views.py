@@ -11,15 +11,19 @@ from django.views.decorators.http import require_GET, require_POST
 from annotation import selectors
 from annotation.models import Comparison, Project
 from rounds import reward_models, services
-from rounds.models import RewardModel, TrainingRound
+from rounds.models import RewardModel, TrainingRound, TrainingSettings
 from web.charts import LineChart, line_chart
 from web.pages import HtmxRequest, render_page
 
+# What each step of a run logged that is worth a chart: the online trainers' rollouts, the offline
+# ones' implicit rewards; a chart is drawn for the keys a run has.
 STEP_CHARTS = [
-    ("objective/score", "Reward-model score per PPO step"),
-    ("objective/kl", "KL from the first policy per PPO step"),
-    ("policy/response_length", "Response length per PPO step"),
-    ("objective/entropy", "Entropy per PPO step"),
+    ("objective/score", "Reward-model score per step"),
+    ("objective/kl", "KL from the reference per step"),
+    ("policy/response_length", "Response length per step"),
+    ("objective/entropy", "Entropy per step"),
+    ("rewards/accuracy", "Implicit reward accuracy per step"),
+    ("rewards/margin", "Implicit reward margin per step"),
 ]
 SHOWN_SAMPLES = 10
 
@@ -36,7 +40,9 @@ def _across_rounds(project: Project) -> list[tuple[str, LineChart]]:
     finished = list(
         TrainingRound.objects.filter(project=project, policy__isnull=False).select_related("policy").order_by("number")
     )
-    labels = [f"round {item.number}" for item in finished]
+    labels = [
+        f"round {item.number} ({item.policy.algorithm})" if item.policy else str(item.number) for item in finished
+    ]
     metric = lambda key: [item.policy.metrics.get(key) if item.policy else None for item in finished]  # noqa: E731
     return [
         ("Proxy reward (mean reward-model score, last steps)", _chart(labels, {"score": metric("score")})),
@@ -51,9 +57,11 @@ def _across_rounds(project: Project) -> list[tuple[str, LineChart]]:
 
 def _list_context(project: Project) -> dict[str, Any]:
     listed = list(TrainingRound.objects.filter(project=project).select_related("policy").order_by("-number")[:50])
+    configured = TrainingSettings.objects.filter(project=project).first() or TrainingSettings(project=project)
     return {
         "project": project,
         "rounds": listed,
+        "algorithm": configured.get_algorithm_display(),
         # Poll while a worker moves a round; labels take hours, not seconds.
         "polling": any(item.state in TrainingRound.WORKER_STATES for item in listed),
     }
@@ -125,7 +133,9 @@ def round_detail(request: HtmxRequest, slug: str, number: int) -> HttpResponse:
         "project": training_round.project,
         "round": training_round,
         "step_charts": [
-            (title, _chart(step_labels, {key: [row.get(key) for row in steps]})) for key, title in STEP_CHARTS
+            (title, _chart(step_labels, {key: [row.get(key) for row in steps]}))
+            for key, title in STEP_CHARTS
+            if any(key in row for row in steps)
         ],
         "charts": _across_rounds(training_round.project),
         "transitions": training_round.transitions.all(),

@@ -47,7 +47,7 @@ def loop_project(tiny_backbone: str, tiny_policy: str, *, pairs: int = 60, **ppo
     project = voted_project(pairs)
     TrainingSettings.objects.create(
         project=project, min_new_comparisons=pairs // 2, policy=tiny_policy, held_out_prompts=6,
-        reward_overrides={"backbone": tiny_backbone, **TINY}, ppo_overrides={**TINY_PPO, **ppo},
+        reward_overrides={"backbone": tiny_backbone, **TINY}, optimizer_overrides={**TINY_PPO, **ppo},
     )  # fmt: skip
     return project
 
@@ -78,7 +78,11 @@ def test_a_round_runs_resumes_after_a_killed_worker_and_closes_on_the_human_verd
 
     services.round_run(round_id=training_round.pk, worker="doomed", stop_after=1)  # dies after PPO step 1
     training_round.refresh_from_db()
-    assert (training_round.state, training_round.lease_owner, training_round.step) == (State.RUNNING_PPO, "doomed", 1)
+    assert (training_round.state, training_round.lease_owner, training_round.step) == (
+        State.TRAINING_POLICY,
+        "doomed",
+        1,
+    )
     assert training_round.reward_model.status == RewardModel.Status.SUCCEEDED
     policy_dir = Path(artifacts) / project.slug / "rounds" / "1" / "policy"
     assert (policy_dir / "checkpoint.pt").exists()
@@ -95,7 +99,7 @@ def test_a_round_runs_resumes_after_a_killed_worker_and_closes_on_the_human_verd
     assert training_round.state == State.LABELING, training_round.error
     assert states(training_round) == [
         ("", State.WAITING_FOR_LABELS), (State.WAITING_FOR_LABELS, State.TRAINING_REWARD_MODEL),
-        (State.TRAINING_REWARD_MODEL, State.RUNNING_PPO), (State.RUNNING_PPO, State.SAMPLING),
+        (State.TRAINING_REWARD_MODEL, State.TRAINING_POLICY), (State.TRAINING_POLICY, State.SAMPLING),
         (State.SAMPLING, State.LABELING),
     ]  # fmt: skip
     assert list(training_round.transitions.values_list("worker", flat=True))[-2:] == ["rescuer", "rescuer"]
@@ -148,9 +152,9 @@ def test_a_round_whose_ppo_step_raises_is_marked_failed_with_its_error(tiny_back
     assert "batch_size 3 is not a multiple of minibatches 2" in training_round.error
     assert (training_round.lease_owner, training_round.lease_expires_at) == ("", None)
     assert training_round.finished_at is not None and training_round.policy is None
-    assert states(training_round)[-1] == (State.RUNNING_PPO, State.FAILED)
+    assert states(training_round)[-1] == (State.TRAINING_POLICY, State.FAILED)
     assert services.rounds_check()["started"] == []  # no retry loop on a broken configuration
-    TrainingSettings.objects.filter(project=project).update(ppo_overrides={**TINY_PPO, "batch_size": 4})
+    TrainingSettings.objects.filter(project=project).update(optimizer_overrides={**TINY_PPO, "batch_size": 4})
     retry = services.round_start(project=project)  # the admin, once it is fixed: the labels still count
     assert (retry.number, retry.state) == (2, State.TRAINING_REWARD_MODEL)
 
@@ -211,7 +215,7 @@ def test_one_round_per_project_even_when_two_workers_race(no_queue):
 
     # Two workers claiming the same round: one gets the lease.
     training_round = TrainingRound.objects.get(project=project)
-    TrainingRound.objects.filter(pk=training_round.pk).update(state=State.RUNNING_PPO)
+    TrainingRound.objects.filter(pk=training_round.pk).update(state=State.TRAINING_POLICY)
     claims: list[str] = []
     barrier = threading.Barrier(2)
 
@@ -321,14 +325,14 @@ def test_win_rate_comes_from_the_aggregated_labels_and_sets_the_flag(tmp_path, n
 @pytest.mark.django_db
 def test_a_worker_that_lost_its_lease_cannot_move_the_round():
     project = make_project(pairs=0)
-    training_round = TrainingRound.objects.create(project=project, number=1, state=State.RUNNING_PPO)
+    training_round = TrainingRound.objects.create(project=project, number=1, state=State.TRAINING_POLICY)
     assert services.round_claim(round_id=training_round.pk, worker="first") is not None
     expire_lease(training_round)
     assert services.round_claim(round_id=training_round.pk, worker="second") is not None
     with pytest.raises(LeaseLost):
         services._transition(training_round, State.SAMPLING, worker="first")
     training_round.refresh_from_db()
-    assert training_round.state == State.RUNNING_PPO and not RoundTransition.objects.exists()
+    assert training_round.state == State.TRAINING_POLICY and not RoundTransition.objects.exists()
 
 
 @pytest.mark.django_db
@@ -344,7 +348,7 @@ def test_round_pages_for_admins_only_with_plots_transitions_and_escaped_output(
                 for s in range(1, 6))
     )  # fmt: skip
     PolicyVersion.objects.filter(pk=training_round.policy_id).update(
-        metrics={"score": 0.5, "kl": 0.05, "response_length": 10, "metrics_file": str(metrics_file)}
+        algorithm="grpo", metrics={"score": 0.5, "kl": 0.05, "response_length": 10, "metrics_file": str(metrics_file)}
     )
     RoundTransition.objects.create(training_round=training_round, from_state="sampling", to_state="labeling")
     prompt = make_prompt(project, "say hi")
@@ -355,11 +359,14 @@ def test_round_pages_for_admins_only_with_plots_transitions_and_escaped_output(
     client.force_login(admin_user)
     page = client.get(f"/projects/{project.slug}/rounds/1/").content.decode()
     assert page.count("<polyline") >= 5  # four per-step plots + the across-rounds ones with data
-    assert "Reward-model score per PPO step" in page and "Human win rate over the predecessor" in page
+    assert "Reward-model score per step" in page and "Human win rate over the predecessor" in page
+    assert "per GRPO step" in page and "round 1 (grpo)" in page, "which algorithm produced the policy"
+    assert "Implicit reward accuracy" not in page, "charts only for what the run logged"
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script>alert(1)" not in page
     assert "<td>sampling</td><td>labeling</td>" in page
     listing = client.get(f"/projects/{project.slug}/rounds/").content.decode()
     assert f'href="/projects/{project.slug}/rounds/1/"' in listing and "Start round" in listing
+    assert "<td>GRPO</td>" in listing
     dashboard = client.get(f"/projects/{project.slug}/dashboard/").content.decode()
     assert f'href="/projects/{project.slug}/rounds/"' in dashboard
     assert client.get(f"/projects/{project.slug}/rounds/2/").status_code == 404
@@ -507,14 +514,16 @@ def test_a_rounds_reward_model_is_trained_by_the_round_never_by_its_own_task_or_
     services.round_run(round_id=training_round.pk, worker="rescuer", stop_after=1)
     training_round.refresh_from_db()
     model.refresh_from_db()
-    assert (training_round.state, training_round.lease_owner) == (State.RUNNING_PPO, "rescuer"), training_round.error
+    assert (training_round.state, training_round.lease_owner) == (State.TRAINING_POLICY, "rescuer"), (
+        training_round.error
+    )
     assert model.status == RewardModel.Status.SUCCEEDED, model.error
     assert model.attempts == 2 and model.step == model.total_steps > 4 and model.finished_at is not None
     assert model.metrics["accuracy"] is not None and model.data["pairs"] == 60
     assert Path(model.artifact_path, "member_0", "config.json").exists() and not checkpoint.exists()
     losses = json.loads((checkpoint.parent / "losses.json").read_text())
     assert len(losses) == model.total_steps  # steps 1-4 from the dead worker, the rest from the rescuer
-    assert states(training_round)[-1] == (State.TRAINING_REWARD_MODEL, State.RUNNING_PPO)
+    assert states(training_round)[-1] == (State.TRAINING_REWARD_MODEL, State.TRAINING_POLICY)
     assert queued_models == [other.pk]  # nothing ever queued the round's version
 
 
