@@ -151,6 +151,8 @@ def test_a_tiny_policy_improves_the_hidden_gold_score(
     rise = figures(f"{estimator}.proxy_rise", mean(rises))
     gold_change = figures(f"{estimator}.gold_change", mean(gold_after) - gold_before)
     win_rate = figures(f"{estimator}.gold_win_rate", mean(wins))
-    # Seen pooled over 3 seeds, seed offsets 0-4, 1 and 2 threads: see the commit that set these.
+    # Seen pooled over 3 seeds, seed offsets 0-4, 1 and 2 threads (2 threads gave the same figures):
+    # GRPO rise 0.66 to 1.54, gold +0.68 to +0.76, win rate 0.75 to 0.77; RLOO rise 0.19 to 1.75,
+    # gold +0.33 to +0.73, win rate 0.64 to 0.76 (its worst, offset 1, at 10 steps was +0.24 and 0.61).
     assert rise > 0
-    assert gold_change > 0.2 and win_rate > 0.6
+    assert gold_change > 0.15 and win_rate > 0.55
