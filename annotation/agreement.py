@@ -179,6 +179,31 @@ def labeler_table(votes: Votes) -> list[dict[str, Any]]:
     return rows
 
 
+def ai_agreement(
+    votes: Votes, ai: npt.NDArray[np.bool_], consistent: npt.NDArray[np.int8]
+) -> dict[int, dict[str, Any]]:
+    """Per AI labeler index: how often its decided votes (A or B) match the human majority on the
+    same comparison (where the humans have one), and how often its verdict survived swapping the
+    two answers (`consistent`: 1 yes, 0 no, -1 not recorded)."""
+    human = ~ai
+    n_items = int(votes.item.max()) + 1 if len(votes) else 0
+    counts = np.zeros((n_items, len(CHOICES)), dtype=np.int64)
+    np.add.at(counts, (votes.item[human], votes.choice[human]), 1)
+    human_label, _ = majority(counts)
+    rows = {}
+    for labeler in np.unique(votes.labeler[ai]):
+        mine = ai & (votes.labeler == labeler)
+        compared = mine & votes.has_winner & (human_label[votes.item] >= 0)
+        recorded = mine & (consistent >= 0)
+        rows[int(labeler)] = {
+            "agreement_with_humans": _mean(votes.choice[compared] == human_label[votes.item[compared]]),
+            "agreement_with_humans_items": int(compared.sum()),
+            "position_consistency": _mean(consistent[recorded] == 1),
+            "position_consistency_items": int(recorded.sum()),
+        }
+    return rows
+
+
 def pairwise_cohen(votes: Votes, *, min_shared: int = 20) -> list[dict[str, Any]]:
     """Cohen's kappa for every pair of labelers who voted on at least `min_shared` common items.
 

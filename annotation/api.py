@@ -66,6 +66,9 @@ class VoteAPI(APIView):
         rationale = serializers.CharField(allow_blank=True, default="", max_length=services.MAX_RATIONALE_LENGTH)
         flags = serializers.ListField(child=serializers.ChoiceField(choices=Vote.Flag.values), default=list)
         time_spent_ms = serializers.IntegerField(min_value=0, max_value=services.MAX_TIME_SPENT_MS, required=False)
+        judgment = serializers.DictField(
+            required=False, help_text="AI labelers only, and required of them: the judge's record of its verdict."
+        )
 
     @extend_schema_serializer(component_name="Vote")
     class OutputSerializer(serializers.Serializer):
@@ -73,6 +76,7 @@ class VoteAPI(APIView):
         assignment = serializers.IntegerField(source="assignment_id")
         choice = serializers.CharField(help_text="Canonical: a, b, tie or both_bad.")
         strength = serializers.IntegerField()
+        source = serializers.CharField(help_text="human or ai: the account's kind.")  # type: ignore[assignment]  # a field named like Field.source
         created_at = serializers.DateTimeField()
 
     @extend_schema(
@@ -206,6 +210,9 @@ class ExportAPI(APIView):
         include_ties = serializers.BooleanField(default=False)
         min_gold_accuracy = serializers.FloatField(min_value=0, max_value=1, required=False)
         pseudonymize = serializers.BooleanField(default=True)
+        source = serializers.ChoiceField(  # type: ignore[assignment]  # a field named like Field.source
+            choices=export.SOURCES, default="all", help_text="Whose votes make the labels: human, ai or all."
+        )
 
     @extend_schema(
         operation_id="export_get",
@@ -232,6 +239,7 @@ class ExportAPI(APIView):
                 min_confidence=options["min_confidence"],
                 include_ties=options["include_ties"],
                 min_gold_accuracy=options.get("min_gold_accuracy"),
+                source=options["source"],
             ),
             pseudonymize=options["pseudonymize"],
         )

@@ -20,8 +20,11 @@ from web.pages import HtmxRequest, render_page
 REVIEW_PAGE = 25
 LABELER_COLUMNS = [
     ("username", "Labeler"),
+    ("kind", "Kind"),
     ("votes", "Votes"),
     ("agreement", "Agreement (leave-one-out)"),
+    ("agreement_with_humans", "AI: agreement with the human majority"),
+    ("position_consistency", "AI: same verdict with the answers swapped"),
     ("gold_accuracy", "Gold accuracy"),
     ("trust", "Trust (Dawid-Skene)"),
     ("median_seconds", "Median s/vote"),
@@ -81,22 +84,26 @@ def _history_chart(project: Project) -> Any:
 
 
 def _rounds_chart(project: Project) -> Any:
-    latest: dict[int, dict] = {}
-    for round_number, figures in (
+    """Agreement per training round: the humans' among themselves, and each AI labeler's with the
+    human majority, so an admin sees whether the AI agrees with people as often as they do."""
+    latest: dict[int, tuple[dict, list]] = {}
+    for round_number, figures, labelers in (
         AgreementSnapshot.objects.filter(project=project, round__isnull=False)
         .order_by("round", "computed_at")
-        .values_list("round", "figures")
+        .values_list("round", "figures", "labelers")
     ):
         if round_number is not None:
-            latest[round_number] = figures
+            latest[round_number] = (figures, labelers)
     rounds = sorted(latest)
-    return line_chart(
-        [f"round {number}" for number in rounds],
-        {
-            "Krippendorff's alpha (nominal)": [latest[number].get("alpha_nominal") for number in rounds],
-            "percent agreement": [latest[number].get("percent_agreement") for number in rounds],
-        },
-    )
+    series = {
+        "Krippendorff's alpha (nominal)": [latest[number][0].get("alpha_nominal") for number in rounds],
+        "percent agreement": [latest[number][0].get("percent_agreement") for number in rounds],
+    }
+    ai_names = sorted({row["username"] for _, rows in latest.values() for row in rows if row.get("kind") == "ai"})
+    for name in ai_names:
+        by_round = [{row["username"]: row for row in latest[number][1]}.get(name, {}) for number in rounds]
+        series[f"{name} with the humans"] = [row.get("agreement_with_humans") for row in by_round]
+    return line_chart([f"round {number}" for number in rounds], series)
 
 
 def _review_queryset(project: Project) -> Any:

@@ -25,6 +25,7 @@ from annotation.selectors import latest_snapshot
 
 Format = Literal["jsonl", "parquet"]
 FORMATS = ("jsonl", "parquet")
+SOURCES = ("all", "human", "ai")  # whose votes an export counts
 BATCH_ROWS = 2000
 FIRST_BATCH_ROWS = 50  # a download starts at once; later batches are bigger
 
@@ -37,6 +38,7 @@ class PreferenceFilters:
     min_confidence: float = 0.0
     include_ties: bool = False
     min_gold_accuracy: float | None = None  # None: the project's own threshold
+    source: str = "all"  # whose votes make the labels: human, ai or all
 
 
 def _stream(sql: str, params: list[Any]) -> Iterator[tuple[Any, ...]]:
@@ -112,8 +114,12 @@ def preference_rows(project: Project, filters: PreferenceFilters) -> Iterator[di
     """One row per comparison with a decided label: the adjudicated one, else the majority of the
     counted votes. A comparison whose top votes are shared, or below min_confidence, is left out."""
     excluded = excluded_labelers(project, filters.min_gold_accuracy)
-    params: list[Any] = [*excluded, project.pk]
+    params: list[Any] = [*excluded]
     labeler_filter = f"AND v.labeler_id NOT IN ({', '.join(['%s'] * len(excluded))})" if excluded else ""
+    if filters.source != "all":
+        labeler_filter += " AND v.source = %s"
+        params.append(filters.source)
+    params.append(project.pk)
     counting = _COUNTS_LATERAL if connection.vendor == "postgresql" else _COUNTS_GROUPED
     round_filter = ""
     if filters.round is not None:
@@ -241,7 +247,7 @@ def kto_schema(project: Project) -> pa.Schema:
 
 _VOTES_SQL = """
 SELECT v.id, v.comparison_id, v.labeler_id, v.choice, v.strength, v.winner_id, v.shown_left_id,
-       c.response_a_id, v.rationale, v.flags, v.time_spent_ms, v.created_at, c.round
+       c.response_a_id, v.rationale, v.flags, v.time_spent_ms, v.created_at, c.round, v.source
 FROM annotation_vote v JOIN annotation_comparison c ON c.id = v.comparison_id
 WHERE c.project_id = %s {round_filter}
 ORDER BY c.id, v.id
@@ -260,6 +266,7 @@ VOTE_SCHEMA = pa.schema(
         ("time_spent_ms", pa.int64()),
         ("created_at", pa.string()),
         ("round", pa.int64()),
+        ("source", pa.string()),
     ]  # fmt: skip
 )
 
@@ -271,14 +278,18 @@ def pseudonym(labeler_id: int) -> str:
     return digest.hexdigest()[:16]
 
 
-def vote_rows(project: Project, *, round_number: int | None = None, pseudonymize: bool = True) -> Iterator[dict]:
+def vote_rows(
+    project: Project, *, round_number: int | None = None, pseudonymize: bool = True, source: str = "all"
+) -> Iterator[dict]:
     params: list[Any] = [project.pk]
-    round_filter = ""
+    conditions = ""
     if round_number is not None:
-        round_filter, params = "AND c.round = %s", [*params, round_number]
-    for row in _stream(_VOTES_SQL.format(round_filter=round_filter), params):
+        conditions, params = "AND c.round = %s", [*params, round_number]
+    if source != "all":
+        conditions, params = conditions + " AND v.source = %s", [*params, source]
+    for row in _stream(_VOTES_SQL.format(round_filter=conditions), params):
         (vote_id, comparison_id, labeler_id, choice, strength, _winner, shown_left, response_a,
-         rationale, flags, time_spent_ms, created_at, round_value) = row  # fmt: skip
+         rationale, flags, time_spent_ms, created_at, round_value, source) = row  # fmt: skip
         yield {
             "vote_id": vote_id,
             "comparison_id": comparison_id,
@@ -291,6 +302,7 @@ def vote_rows(project: Project, *, round_number: int | None = None, pseudonymize
             "time_spent_ms": time_spent_ms,
             "created_at": created_at.isoformat() if hasattr(created_at, "isoformat") else str(created_at),
             "round": round_value,
+            "source": source,
         }
 
 
@@ -363,7 +375,7 @@ def export_stream(
     (`kto`) or raw votes (`votes`)."""
     filters = filters or PreferenceFilters()
     if votes:
-        rows = vote_rows(project, round_number=filters.round, pseudonymize=pseudonymize)
+        rows = vote_rows(project, round_number=filters.round, pseudonymize=pseudonymize, source=filters.source)
         schema = VOTE_SCHEMA
     elif kto:
         rows, schema = kto_rows(preference_rows(project, filters)), kto_schema(project)

@@ -13,6 +13,8 @@ from annotation.importing import SOURCE_MAX_LENGTH
 
 LABELERS_GROUP = "labelers"
 ADMINS_GROUP = "admins"
+# Labelers of kind "ai": a model judging by the project's constitution through the same API.
+AI_LABELERS_GROUP = "ai-labelers"
 
 
 def content_hash(*parts: Any) -> str:
@@ -45,6 +47,16 @@ class Project(models.Model):
     )
     members = models.ManyToManyField(
         settings.AUTH_USER_MODEL, blank=True, related_name="member_projects", help_text="Read when members-only."
+    )
+    constitution = models.TextField(
+        blank=True,
+        help_text="Markdown list of the principles AI labelers judge by, one per item; tag a harm principle (harm).",
+    )
+    constitution_mode = models.CharField(
+        max_length=10,
+        choices=[("all", "All principles"), ("sampled", "One sampled principle per judgment")],
+        default="all",
+        help_text="Whether each AI judgment uses every principle or one sampled principle (Constitutional AI).",
     )
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -195,6 +207,18 @@ class Vote(models.Model):
     # NULL, not "", means "no key", so the partial unique constraint below ignores keyless votes.
     idempotency_key = models.CharField(max_length=200, null=True, blank=True)  # noqa: DJ001
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    source = models.CharField(
+        max_length=5,
+        choices=[("human", "Human"), ("ai", "AI")],
+        default="human",
+        help_text="Whose vote: the account's kind.",
+    )
+    judgment = models.JSONField(
+        null=True,
+        blank=True,
+        help_text="An AI vote's judgment: judge, template_version, constitution_version, probability_a, consistent, "
+        "parse_failed, principles.",
+    )
 
     class Meta:
         constraints = [

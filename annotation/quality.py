@@ -3,6 +3,7 @@ labeler table with gold accuracy and trust, Cohen's kappa per labeler pair, and 
 comparison's aggregated label. Pure numpy over annotation.agreement and annotation.aggregation;
 services.agreement_refresh reads the votes and stores what this returns."""
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +12,16 @@ import numpy as np
 import numpy.typing as npt
 
 from annotation.aggregation import dawid_skene
-from annotation.agreement import CHOICES, Votes, labeler_table, majority, pairwise_cohen, project_figures, value_counts
+from annotation.agreement import (
+    CHOICES,
+    Votes,
+    ai_agreement,
+    labeler_table,
+    majority,
+    pairwise_cohen,
+    project_figures,
+    value_counts,
+)
 
 # A comparison goes to the review queue when no choice has a majority or under this share agrees.
 REVIEW_BELOW_SHARE = 0.67
@@ -32,13 +42,17 @@ class ProjectVotes:
     labeler_ids: npt.NDArray[np.int64]  # labeler index -> user id
     strength: npt.NDArray[np.int64]
     rounds: npt.NDArray[np.int64]  # per vote: its comparison's round, -1 outside rounds
+    ai: npt.NDArray[np.bool_]  # per vote: an AI labeler's
+    consistent: npt.NDArray[np.int8]  # per AI vote: 1 when its verdict survived the swap, 0 not; -1 for people's
+    judges: dict[int, dict[str, Any]]  # per AI labeler index: the judge and template of its latest vote
 
     @classmethod
     def from_rows(cls, rows: Sequence[tuple[Any, ...]]) -> "ProjectVotes":
         """From rows of (comparison id, labeler id, choice, strength, winner id, shown-left id,
-        time spent ms, gold choice, round), as selectors.project_vote_rows reads them."""
-        columns = list(zip(*rows, strict=True)) if rows else [()] * 9
-        comparison, labeler, choice, strength, winner, shown_left, time_ms, gold, rounds = columns
+        time spent ms, gold choice, round, source, judgment), as selectors.project_vote_rows reads
+        them, in vote order."""
+        columns = list(zip(*rows, strict=True)) if rows else [()] * 11
+        comparison, labeler, choice, strength, winner, shown_left, time_ms, gold, rounds, source, judgment = columns
         comparison_ids, item = np.unique(np.array(comparison, dtype=np.int64), return_inverse=True)
         labeler_ids, labeler_index = np.unique(np.array(labeler, dtype=np.int64), return_inverse=True)
         choice_index = np.array([CHOICES.index(c) for c in choice], dtype=np.int64)
@@ -56,12 +70,25 @@ class ProjectVotes:
             seconds=np.array(time_ms, dtype=np.float64) / 1000,
             gold_correct=np.where(gold_choice < 0, -1, (gold_choice == choice_index).astype(np.int8)).astype(np.int8),
         )
+        # SQLite hands JSON back as text.
+        judgments = [json.loads(j) if isinstance(j, str) else j for j in judgment]
+        judges = {
+            int(index): {"judge": j.get("judge"), "template_version": j.get("template_version")}
+            for index, j in zip(labeler_index, judgments, strict=True)
+            if j
+        }
         return cls(
             votes=votes,
             comparison_ids=comparison_ids,
             labeler_ids=labeler_ids,
             strength=strength_array,
             rounds=np.array([-1 if r is None else r for r in rounds], dtype=np.int64),
+            ai=np.array([s == "ai" for s in source], dtype=bool),
+            consistent=np.array(
+                [-1 if not j or j.get("consistent") is None else int(bool(j["consistent"])) for j in judgments],
+                dtype=np.int8,
+            ),
+            judges=judges,
         )
 
     def subset(self, mask: npt.NDArray[np.bool_]) -> Votes:
@@ -94,11 +121,16 @@ def quality_report(
     votes = loaded.votes
     not_gold = votes.gold_correct < 0
 
-    def named(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    ai_labelers = set(votes.labeler[loaded.ai].tolist())
+
+    def named(rows: list[dict[str, Any]], ai_figures: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
         for row in rows:
             row["labeler_index"] = index = int(row["labeler"])
             row["labeler"] = int(loaded.labeler_ids[index])
             row["username"] = usernames.get(row["labeler"], "?")
+            row["kind"] = "ai" if index in ai_labelers else "human"
+            if index in ai_labelers:
+                row.update(ai_figures.get(index, {}), **loaded.judges.get(index, {}))
         return rows
 
     table = labeler_table(votes)
@@ -111,7 +143,7 @@ def quality_report(
     }
     counted = not_gold & ~np.isin(votes.labeler, list(excluded))
     aggregates, trust, split = _aggregate(loaded, counted)
-    for row in named(table):
+    for row in named(table, ai_agreement(loaded.subset(not_gold), loaded.ai[not_gold], loaded.consistent[not_gold])):
         row["trust"] = trust.get(row["labeler_index"])
         row["excluded"] = row["labeler_index"] in excluded
     pairs = pairwise_cohen(loaded.subset(not_gold))
@@ -120,8 +152,10 @@ def quality_report(
         pair["second"] = usernames.get(int(loaded.labeler_ids[int(pair["second"])]), "?")
     rounds = []
     for round_number in sorted(set(loaded.rounds[loaded.rounds >= 0].tolist())):
-        in_round = loaded.subset(not_gold & (loaded.rounds == round_number))
-        rounds.append(RoundQuality(round_number, project_figures(in_round), named(labeler_table(in_round))))
+        chosen = not_gold & (loaded.rounds == round_number)
+        in_round = loaded.subset(chosen)
+        ai_figures = ai_agreement(in_round, loaded.ai[chosen], loaded.consistent[chosen])
+        rounds.append(RoundQuality(round_number, project_figures(in_round), named(labeler_table(in_round), ai_figures)))
     return QualityReport(
         figures={**project_figures(loaded.subset(not_gold)), "split_pairs": split},
         labelers=table,

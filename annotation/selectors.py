@@ -12,7 +12,16 @@ from django.db.models.functions import Coalesce
 from django.http import Http404
 from django.utils import timezone
 
-from annotation.models import ADMINS_GROUP, LABELERS_GROUP, AgreementSnapshot, Assignment, Comparison, Project, Vote
+from annotation.models import (
+    ADMINS_GROUP,
+    AI_LABELERS_GROUP,
+    LABELERS_GROUP,
+    AgreementSnapshot,
+    Assignment,
+    Comparison,
+    Project,
+    Vote,
+)
 
 
 def _roles(user: User) -> set[str]:
@@ -20,14 +29,20 @@ def _roles(user: User) -> set[str]:
     request checks access in several places."""
     roles = getattr(user, "_flywheel_roles", None)
     if roles is None:
-        roles = set(user.groups.filter(name__in=[LABELERS_GROUP, ADMINS_GROUP]).values_list("name", flat=True))
+        names = [LABELERS_GROUP, ADMINS_GROUP, AI_LABELERS_GROUP]
+        roles = set(user.groups.filter(name__in=names).values_list("name", flat=True))
         user._flywheel_roles = roles  # type: ignore[attr-defined]  # a per-request cache on the user object
     return roles
 
 
 def labeler_or_none(user: User | AnonymousUser) -> User | None:
     """The user when they may label (in the labelers or admins group), else None."""
-    return user if isinstance(user, User) and _roles(user) else None
+    return user if isinstance(user, User) and _roles(user) - {AI_LABELERS_GROUP} else None
+
+
+def labeler_kind(user: User) -> str:
+    """ "ai" for an AI labeler's account, "human" for everyone else's."""
+    return "ai" if AI_LABELERS_GROUP in _roles(user) else "human"
 
 
 def admin_or_none(user: User | AnonymousUser) -> User | None:
@@ -165,7 +180,7 @@ def projects_with_uncounted_votes(*, voted_before: datetime) -> list[int]:
 
 _PROJECT_VOTES_SQL = """
 SELECT v.comparison_id, v.labeler_id, v.choice, v.strength, v.winner_id, v.shown_left_id, v.time_spent_ms,
-       c.gold_choice, c.round
+       c.gold_choice, c.round, v.source, v.judgment
 FROM annotation_vote v JOIN annotation_comparison c ON c.id = v.comparison_id
 WHERE c.project_id = %(project)s
 ORDER BY v.id

@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 MAX_TIME_SPENT_MS = 24 * 3600 * 1000
 SCREEN_CHOICES = ("left", "right", "tie", "both_bad")
 MAX_RATIONALE_LENGTH = 5000
+MAX_JUDGMENT_LENGTH = 10_000
 MAX_IDEMPOTENCY_KEY_LENGTH = Vote._meta.get_field("idempotency_key").max_length
 # Overlap is a PositiveSmallIntegerField, PostgreSQL's smallint: psycopg would send 65537 as 1.
 MAX_OVERLAP = BaseDatabaseOperations.integer_field_ranges[Project._meta.get_field("overlap").get_internal_type()][1]
@@ -351,9 +352,13 @@ def vote_submit(
     flags: list[str] | None = None,
     time_spent_ms: int | None = None,
     idempotency_key: str | None = None,
+    judgment: dict[str, Any] | None = None,
     now: datetime | None = None,
 ) -> tuple[Vote, bool]:
     """Record the labeler's verdict on their assignment; returns (vote, created).
+
+    The vote's source is the account's kind; an AI labeler's vote carries its `judgment` (judge,
+    template version, probabilities), which a person's may not.
 
     `choice` is what the labeler saw ("left", "right", "tie", "both_bad"); the vote stores the
     winning Response, so the screen order never leaks into the data. The same idempotency key
@@ -369,6 +374,13 @@ def vote_submit(
         raise InvalidVote("flags", f"{unknown_flags[0]!r} is not one of {', '.join(Vote.Flag.values)}")
     if time_spent_ms is not None and not 0 <= time_spent_ms <= MAX_TIME_SPENT_MS:
         raise InvalidVote("time_spent_ms", f"{time_spent_ms} is outside 0..{MAX_TIME_SPENT_MS}")
+    source = selectors.labeler_kind(labeler)
+    if (judgment is not None) != (source == "ai"):
+        raise InvalidVote("judgment", "is required of an AI labeler's vote" if source == "ai" else "is for AI labelers")
+    if judgment is not None:
+        problem = _json_problem(judgment, max_length=MAX_JUDGMENT_LENGTH)
+        if problem:
+            raise InvalidVote("judgment", problem)
     for name, text, limit in (
         ("rationale", rationale, MAX_RATIONALE_LENGTH),
         ("idempotency_key", idempotency_key or "", MAX_IDEMPOTENCY_KEY_LENGTH),
@@ -421,6 +433,8 @@ def vote_submit(
             time_spent_ms=time_spent_ms if time_spent_ms is not None else _elapsed_ms(_from_db_time(leased_at), now),
             idempotency_key=idempotency_key or None,
             created_at=now,
+            source=source,
+            judgment=judgment,
         )
         with connection.cursor() as cursor:
             cursor.execute(
@@ -438,6 +452,8 @@ def vote_submit(
                     "time_spent_ms": vote.time_spent_ms,
                     "idempotency_key": vote.idempotency_key,
                     "created_at": _db_time(now),
+                    "source": source,
+                    "judgment": json.dumps(judgment) if judgment is not None else None,
                 },
             )
             inserted = cursor.fetchone()
@@ -452,6 +468,19 @@ def vote_submit(
             cursor.execute(sql.MARK_VOTED, {"assignment": assignment_id})
         transaction.on_commit(lambda: agreement_schedule(project_id=project_id))
     return vote, True
+
+
+def _json_problem(value: object, *, max_length: int) -> str | None:
+    """What PostgreSQL's jsonb would refuse (NUL, non-finite numbers) or what is too long."""
+    try:
+        encoded = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return "holds a value JSON cannot carry (NaN or infinity)"
+    if "\\u0000" in encoded:
+        return "holds a NUL character"
+    if len(encoded) > max_length:
+        return f"is {len(encoded):,} characters as JSON, over the limit of {max_length:,}"
+    return None
 
 
 def _elapsed_ms(start: datetime, end: datetime) -> int:

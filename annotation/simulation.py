@@ -182,9 +182,11 @@ def _refusal(what: str, status: int, body: Any) -> SimulationError:
     return SimulationError(f"{what} answered {status}: {detail}")
 
 
-def _bot(
-    session: _Session, slug: str, score: Score, noise: float, rng: random.Random, budget: _Budget, stop: threading.Event
-) -> BotResult:
+# A labeler's decision: the claim as the API answers it in, the vote's body out.
+Decide = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def _labeler(session: _Session, slug: str, decide: Decide, budget: _Budget, stop: threading.Event) -> BotResult:
     votes = refused = refused_in_a_row = 0
     while not stop.is_set() and budget.take():
         status, claim = session.post(f"/api/v1/projects/{slug}/assignments/")
@@ -200,11 +202,8 @@ def _bot(
             break
         if status != 201:
             raise _refusal(f"claim in project {slug!r}", status, claim)
-        verdict = judge(score, claim["left"]["text"], claim["right"]["text"], noise=noise, rng=rng)
         status, vote = session.post(
-            f"/api/v1/assignments/{claim['assignment']}/vote/",
-            {"choice": verdict.choice, "strength": verdict.strength},
-            key=uuid.uuid4().hex,
+            f"/api/v1/assignments/{claim['assignment']}/vote/", decide(claim), key=uuid.uuid4().hex
         )
         if status == 409:
             budget.give_back()
@@ -218,6 +217,29 @@ def _bot(
     return BotResult(votes=votes, refused=refused)
 
 
+def run_labelers(
+    *, base_url: str, project_slug: str, labelers: dict[str, tuple[str, Decide]], max_votes: int | None = None
+) -> Summary:
+    """Run one labeler per name (its API token and its decision), each in its own thread on its own
+    connection, claiming and voting until the project has nothing left for it or `max_votes` votes
+    are cast in all. The first error stops the others and is raised as SimulationError."""
+    budget, stop = _Budget(max_votes), threading.Event()
+
+    def work(name: str) -> BotResult:
+        token, decide = labelers[name]
+        try:
+            return _labeler(_Session(base_url, token), project_slug, decide, budget, stop)
+        except SimulationError as error:
+            stop.set()
+            raise SimulationError(f"{name}: {error}") from None
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, len(labelers))) as pool:
+        futures = {name: pool.submit(work, name) for name in labelers}
+        results = {name: future.result() for name, future in futures.items()}
+    return Summary(bots=results, elapsed_s=time.perf_counter() - start)
+
+
 def run_bots(
     *,
     base_url: str,
@@ -228,23 +250,19 @@ def run_bots(
     max_votes: int | None = None,
     seed: int | None = None,
 ) -> Summary:
-    """Run one bot per (name, API token), each in its own thread on its own connection, claiming
-    and voting by `score` until the project has nothing left for it or `max_votes` votes are cast
-    in all. The first bot error stops the others and is raised as SimulationError."""
+    """Simulated labelers, one per (name, API token), voting by `score` with Bradley-Terry noise
+    (run_labelers runs them)."""
     if noise < 0:
         raise SimulationError(f"noise must be 0 or more, got {noise}")
-    budget, stop = _Budget(max_votes), threading.Event()
 
-    def work(name: str) -> BotResult:
+    def decider(name: str) -> Decide:
         rng = random.Random(None if seed is None else f"{seed}:{name}")
-        try:
-            return _bot(_Session(base_url, tokens[name]), project_slug, score, noise, rng, budget, stop)
-        except SimulationError as error:
-            stop.set()
-            raise SimulationError(f"{name}: {error}") from None
 
-    start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=max(1, len(tokens))) as pool:
-        futures = {name: pool.submit(work, name) for name in tokens}
-        results = {name: future.result() for name, future in futures.items()}
-    return Summary(bots=results, elapsed_s=time.perf_counter() - start)
+        def decide(claim: dict[str, Any]) -> dict[str, Any]:
+            verdict = judge(score, claim["left"]["text"], claim["right"]["text"], noise=noise, rng=rng)
+            return {"choice": verdict.choice, "strength": verdict.strength}
+
+        return decide
+
+    labelers = {name: (token, decider(name)) for name, token in tokens.items()}
+    return run_labelers(base_url=base_url, project_slug=project_slug, labelers=labelers, max_votes=max_votes)

@@ -95,9 +95,11 @@ OTHER_LIVE_LEASES = LIVE_LEASES.format(comparison="%(comparison)s") + " AND l.id
 # the vote (the labeler's idempotency key taken meanwhile), so the caller can answer 409, not 500.
 INSERT_VOTE = """
     INSERT INTO annotation_vote (comparison_id, labeler_id, assignment_id, choice, winner_id, strength,
-                                 shown_left_id, rationale, flags, time_spent_ms, idempotency_key, created_at)
+                                 shown_left_id, rationale, flags, time_spent_ms, idempotency_key, created_at,
+                                 source, judgment)
     VALUES (%(comparison_id)s, %(labeler_id)s, %(assignment_id)s, %(choice)s, %(winner_id)s, %(strength)s,
-            %(shown_left_id)s, %(rationale)s, %(flags)s, %(time_spent_ms)s, %(idempotency_key)s, %(created_at)s)
+            %(shown_left_id)s, %(rationale)s, %(flags)s, %(time_spent_ms)s, %(idempotency_key)s, %(created_at)s,
+            %(source)s, %(judgment)s)
     ON CONFLICT DO NOTHING
     RETURNING id
 """

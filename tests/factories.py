@@ -62,8 +62,9 @@ def api_client_for(user) -> APIClient:
     return client
 
 
-def label_all(project, labelers, decide) -> None:
-    """Labelers take turns claiming until nothing is left; decide(labeler, comparison) -> canonical choice."""
+def label_all(project, labelers, decide, judgment=None) -> None:
+    """Labelers take turns claiming until nothing is left; decide(labeler, comparison) -> canonical
+    choice, and for AI labelers judgment(labeler, comparison) -> the vote's judgment."""
     busy = True
     while busy:
         busy = False
@@ -79,6 +80,7 @@ def label_all(project, labelers, decide) -> None:
                 labeler=labeler,
                 choice=screen.get(canonical, canonical),
                 strength=1 + assignment.comparison.pk % 3,
+                judgment=judgment(labeler, assignment.comparison) if judgment else None,
             )
 
 

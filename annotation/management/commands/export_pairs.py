@@ -3,7 +3,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from annotation.export import FORMATS, Format, PreferenceFilters, export_stream
+from annotation.export import FORMATS, SOURCES, Format, PreferenceFilters, export_stream
 from annotation.models import Project
 
 
@@ -31,6 +31,9 @@ class Command(BaseCommand):
             "--min-gold-accuracy", type=float, help="Leave out labelers below this gold accuracy (default: project's)."
         )
         parser.add_argument("--no-pseudonymize", action="store_true", help="Raw votes with real labeler ids.")
+        parser.add_argument(
+            "--source", choices=SOURCES, default="all", help="Whose votes make the labels: human, ai or all (default)."
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         slug = str(options["project_slug"])
@@ -49,6 +52,7 @@ class Command(BaseCommand):
             min_confidence=min_confidence,
             include_ties=bool(options["include_ties"]),
             min_gold_accuracy=options["min_gold_accuracy"],
+            source=options["source"],
         )
         partial = out_file.with_name(out_file.name + ".partial")
         size = 0

@@ -1,0 +1,170 @@
+"""AI labelers on the Django side: accounts of kind ai whose votes carry their judgment, the
+agreement rows that measure them against the humans (checked against hand-computed values on a
+crafted vote set), the export's source filter, and the API's rule that only an AI sends a judgment."""
+
+from io import StringIO
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.test import Client
+from rest_framework.test import APIClient
+
+from annotation.ai_labeling import ai_labeler_create, ai_labeler_name, constitution_version
+from annotation.auth import token_issue
+from annotation.export import PreferenceFilters, preference_rows, vote_rows
+from annotation.importing import PairRecord
+from annotation.models import Vote
+from annotation.services import agreement_refresh, labeler_create, pairs_import
+from judging.judges import TEMPLATE_VERSION
+from tests.factories import PASSWORD, api_client_for, label_all, make_project
+from tests.openai_server import save_tiny_judge, serve
+
+
+def judgment(consistent: bool) -> dict:
+    return {"judge": "tiny", "template_version": "rlaif-v1", "consistent": consistent, "probability_left": 0.7}
+
+
+@pytest.fixture
+def crafted(db):
+    """Six comparisons: three humans agree on "a" for the first four and split on the rest; the AI
+    says "a" on comparisons 1-3 and "b" on 4-6, consistent under the swap on 1, 2, 4 and 5."""
+    project = make_project(pairs=6, overlap=4)
+    humans = [labeler_create(username=f"human{i}", password=PASSWORD) for i in range(3)]
+    ai = ai_labeler_create(name="ai-tiny")
+    order = {pk: index for index, pk in enumerate(sorted(project.comparisons.values_list("pk", flat=True)))}
+
+    def decide(labeler, comparison):
+        index = order[comparison.pk]
+        if labeler == ai:
+            return "a" if index < 3 else "b"
+        return "a" if index < 4 else ["a", "b", "tie"][humans.index(labeler)]
+
+    label_all(
+        project,
+        [*humans, ai],
+        decide,
+        judgment=lambda labeler, c: judgment(order[c.pk] % 3 != 2) if labeler == ai else None,
+    )
+    return project, humans, ai
+
+
+def test_agreement_rows_carry_kind_and_the_ai_figures(crafted):
+    project, humans, ai = crafted
+    snapshot = agreement_refresh(project_id=project.pk)
+    rows = {row["username"]: row for row in snapshot.labelers}
+    assert {rows[h.username]["kind"] for h in humans} == {"human"}
+    assert "agreement_with_humans" not in rows["human0"]
+    row = rows["ai-tiny"]
+    assert row["kind"] == "ai"
+    # The humans have a majority on comparisons 1-4 only ("a"); the AI matches it on 1-3.
+    assert (row["agreement_with_humans"], row["agreement_with_humans_items"]) == (0.75, 4)
+    # Consistent on 4 of its 6 votes.
+    assert row["position_consistency"] == pytest.approx(4 / 6) and row["position_consistency_items"] == 6
+    assert (row["judge"], row["template_version"]) == ("tiny", "rlaif-v1")
+    boss = labeler_create(username="boss", password=PASSWORD, admin=True)
+    body = api_client_for(boss).get(f"/api/v1/projects/{project.slug}/agreement/")
+    assert {r["username"]: r["kind"] for r in body.json()["labelers"]}["ai-tiny"] == "ai"
+    browser = Client()
+    browser.force_login(boss)
+    page = browser.get(f"/projects/{project.slug}/dashboard/").content.decode()
+    assert "AI: agreement with the human majority" in page and "0.750 <small" in page and "tiny, rlaif-v1" in page
+
+
+def test_export_source_chooses_whose_votes_make_the_labels(crafted):
+    project, _, _ = crafted
+    labels = {}
+    for source in ("human", "ai", "all"):
+        rows = preference_rows(project, PreferenceFilters(source=source))
+        labels[source] = {row["comparison_id"]: row["label"] for row in rows}
+    assert sorted(labels["ai"].values()) == ["a", "a", "a", "b", "b", "b"]
+    assert sorted(labels["human"].values()) == ["a", "a", "a", "a"], "the humans split on two: no label"
+    assert sorted(labels["all"].values()) == ["a", "a", "a", "a", "b", "b"], "the AI's vote decides the splits"
+    raw = list(vote_rows(project, source="ai"))
+    assert len(raw) == 6 and {row["source"] for row in raw} == {"ai"}
+    assert {row["source"] for row in vote_rows(project)} == {"human", "ai"}
+
+
+@pytest.mark.django_db
+def test_only_an_ai_labeler_sends_a_judgment_and_it_must(alice):
+    project = make_project(pairs=2, overlap=2)
+    ai = ai_labeler_create(name=ai_labeler_name("openai:http://x#Judge-1"))
+    assert ai.username == "ai-judge-1" and not ai.has_usable_password()
+    for user, body in ((alice, {"judgment": judgment(True)}), (ai, {})):
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Token {token_issue(user=user).key}")
+        assignment = client.post(f"/api/v1/projects/{project.slug}/assignments/").json()["assignment"]
+        response = client.post(f"/api/v1/assignments/{assignment}/vote/", {"choice": "left", **body}, format="json")
+        assert response.status_code == 400 and "judgment" in response.json(), response.content
+    assert not Vote.objects.exists()
+
+
+def test_the_constitution_version_changes_with_its_text():
+    assert constitution_version("- Be honest.") == constitution_version("- Be honest.")
+    assert constitution_version("- Be honest.") != constitution_version("- Be kind.")
+
+
+CONSTITUTION = "- Prefer the answer that is more helpful.\n- Prefer the answer that does no harm. (harm)"
+
+
+def ai_project(pairs: int = 4):
+    project = make_project(pairs=pairs, overlap=2)
+    project.constitution = CONSTITUTION
+    project.save(update_fields=["constitution"])
+    return project
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_local_judge_labels_a_project_through_a_live_server(live_server, tmp_path):
+    project = ai_project()
+    judge = save_tiny_judge(str(tmp_path / "judge"))
+    call_command("ai_label", project.slug, "--judge", judge, "--url", live_server.url, "--name", "ai-tiny")
+    votes = list(Vote.objects.filter(comparison__project=project))
+    assert len(votes) == 4 and {vote.source for vote in votes} == {"ai"}
+    for vote in votes:
+        assert vote.judgment["template_version"] == TEMPLATE_VERSION and vote.judgment["judge"] == judge
+        assert vote.judgment["constitution_version"] == constitution_version(CONSTITUTION)
+        assert len(vote.judgment["order_probabilities"]) == 2, "both orders were judged"
+    # The same judge on the same pairs votes the same: greedy, no sampling.
+    again = ai_project()
+    again.comparisons.all().delete()
+    for comparison in project.comparisons.select_related("prompt", "response_a", "response_b"):
+        pairs_import(project=again, records=[PairRecord(line=1, prompt=comparison.prompt.content,
+                                                        response_a=comparison.response_a.text,
+                                                        response_b=comparison.response_b.text)])  # fmt: skip
+    call_command("ai_label", again.slug, "--judge", judge, "--url", live_server.url, "--name", "ai-tiny")
+
+    def verdicts(rows):
+        return {(vote.comparison.prompt.content, vote.winner.text if vote.winner else None) for vote in rows}
+
+    assert verdicts(votes) == verdicts(Vote.objects.filter(comparison__project=again))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_openai_compatible_judge_labels_and_its_failures_write_no_vote(live_server, tmp_path, monkeypatch):
+    project = ai_project(pairs=3)
+    with serve(save_tiny_judge(str(tmp_path / "judge"))) as server:
+        spec = f"openai:{server.base_url}#tiny"
+        monkeypatch.setenv("FLYWHEEL_JUDGE_API_KEY", "wrong")
+        with pytest.raises(CommandError, match="401"):
+            call_command("ai_label", project.slug, "--judge", spec, "--url", live_server.url)
+        assert not Vote.objects.exists()
+
+        monkeypatch.setenv("FLYWHEEL_JUDGE_API_KEY", server.api_key)
+        server.delay = 3.0
+        with pytest.raises(CommandError, match="(?i)time"):
+            call_command("ai_label", project.slug, "--judge", spec, "--url", live_server.url, "--timeout", "0.5")
+        assert not Vote.objects.exists()
+
+        server.delay, server.fixed_text = 0.0, "I cannot decide."
+        out = StringIO()
+        call_command(
+            "ai_label", project.slug, "--judge", spec, "--url", live_server.url, "--max-votes", "1", stdout=out
+        )
+        assert Vote.objects.get().judgment["parse_failed"] is True
+        assert "could not be read (counted as even), in all its votes here: 1 of 1" in out.getvalue()
+
+        server.fixed_text = None
+        call_command("ai_label", project.slug, "--judge", spec, "--url", live_server.url)
+    votes = Vote.objects.filter(comparison__project=project)
+    assert votes.count() == 3 and all(vote.judgment["judge"] == spec for vote in votes)
+    assert sum(vote.judgment["parse_failed"] for vote in votes) == 1
