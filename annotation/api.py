@@ -211,7 +211,9 @@ class ExportAPI(APIView):
         min_gold_accuracy = serializers.FloatField(min_value=0, max_value=1, required=False)
         pseudonymize = serializers.BooleanField(default=True)
         source = serializers.ChoiceField(  # type: ignore[assignment]  # a field named like Field.source
-            choices=export.SOURCES, default="all", help_text="Whose votes make the labels: human, ai or all."
+            choices=export.SOURCES,
+            required=False,
+            help_text="Whose votes make the labels: human, ai or all; by default the project's setting (ai_votes).",
         )
 
     @extend_schema(
@@ -239,7 +241,7 @@ class ExportAPI(APIView):
                 min_confidence=options["min_confidence"],
                 include_ties=options["include_ties"],
                 min_gold_accuracy=options.get("min_gold_accuracy"),
-                source=options["source"],
+                source=options.get("source"),
             ),
             pseudonymize=options["pseudonymize"],
         )

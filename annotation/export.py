@@ -38,7 +38,7 @@ class PreferenceFilters:
     min_confidence: float = 0.0
     include_ties: bool = False
     min_gold_accuracy: float | None = None  # None: the project's own threshold
-    source: str = "all"  # whose votes make the labels: human, ai or all
+    source: str | None = None  # whose votes make the labels: human, ai or all; None: the project's setting
 
 
 def _stream(sql: str, params: list[Any]) -> Iterator[tuple[Any, ...]]:
@@ -116,9 +116,11 @@ def preference_rows(project: Project, filters: PreferenceFilters) -> Iterator[di
     excluded = excluded_labelers(project, filters.min_gold_accuracy)
     params: list[Any] = [*excluded]
     labeler_filter = f"AND v.labeler_id NOT IN ({', '.join(['%s'] * len(excluded))})" if excluded else ""
-    if filters.source != "all":
+    # AI votes that are suggestions (Project.ai_votes) make labels only when asked for.
+    source = filters.source or ("all" if project.ai_votes == "count" else "human")
+    if source != "all":
         labeler_filter += " AND v.source = %s"
-        params.append(filters.source)
+        params.append(source)
     params.append(project.pk)
     counting = _COUNTS_LATERAL if connection.vendor == "postgresql" else _COUNTS_GROUPED
     round_filter = ""
@@ -279,13 +281,14 @@ def pseudonym(labeler_id: int) -> str:
 
 
 def vote_rows(
-    project: Project, *, round_number: int | None = None, pseudonymize: bool = True, source: str = "all"
+    project: Project, *, round_number: int | None = None, pseudonymize: bool = True, source: str | None = None
 ) -> Iterator[dict]:
+    """Every vote (of one source when asked), with the source it came from."""
     params: list[Any] = [project.pk]
     conditions = ""
     if round_number is not None:
         conditions, params = "AND c.round = %s", [*params, round_number]
-    if source != "all":
+    if source not in (None, "all"):
         conditions, params = conditions + " AND v.source = %s", [*params, source]
     for row in _stream(_VOTES_SQL.format(round_filter=conditions), params):
         (vote_id, comparison_id, labeler_id, choice, strength, _winner, shown_left, response_a,

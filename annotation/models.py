@@ -58,6 +58,13 @@ class Project(models.Model):
         default="all",
         help_text="Whether each AI judgment uses every principle or one sampled principle (Constitutional AI).",
     )
+    ai_votes = models.CharField(
+        max_length=10,
+        choices=[("count", "Count like people's"), ("suggest", "Suggestions beside people's")],
+        default="count",
+        help_text="count: AI votes fill overlap slots and make labels; suggest: they take no slot, and "
+        "aggregation and export leave them out unless asked (export source=ai or all).",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

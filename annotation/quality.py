@@ -114,10 +114,12 @@ class QualityReport:
 
 
 def quality_report(
-    loaded: ProjectVotes, *, usernames: dict[int, str], gold_min_accuracy: float | None
+    loaded: ProjectVotes, *, usernames: dict[int, str], gold_min_accuracy: float | None, ai_counts: bool = True
 ) -> QualityReport:
     """Gold votes count only for gold accuracy; labelers under `gold_min_accuracy` on gold are kept
-    out of the aggregated labels (not out of the agreement figures)."""
+    out of the aggregated labels (not out of the agreement figures). The project's agreement
+    figures are the humans' among themselves; AI votes make aggregated labels only when
+    `ai_counts` (otherwise they are suggestions, measured in the labeler rows)."""
     votes = loaded.votes
     not_gold = votes.gold_correct < 0
 
@@ -141,7 +143,7 @@ def quality_report(
         and row["gold_accuracy"] is not None
         and row["gold_accuracy"] < gold_min_accuracy
     }
-    counted = not_gold & ~np.isin(votes.labeler, list(excluded))
+    counted = not_gold & ~np.isin(votes.labeler, list(excluded)) & (~loaded.ai | ai_counts)
     aggregates, trust, split = _aggregate(loaded, counted)
     for row in named(table, ai_agreement(loaded.subset(not_gold), loaded.ai[not_gold], loaded.consistent[not_gold])):
         row["trust"] = trust.get(row["labeler_index"])
@@ -157,7 +159,7 @@ def quality_report(
         ai_figures = ai_agreement(in_round, loaded.ai[chosen], loaded.consistent[chosen])
         rounds.append(RoundQuality(round_number, project_figures(in_round), named(labeler_table(in_round), ai_figures)))
     return QualityReport(
-        figures={**project_figures(loaded.subset(not_gold)), "split_pairs": split},
+        figures={**project_figures(loaded.subset(not_gold & ~loaded.ai)), "split_pairs": split},
         labelers=table,
         labeler_pairs=pairs,
         rounds=rounds,

@@ -399,7 +399,9 @@ def vote_submit(
         # waited would still look live, and a claim that took its place would overfill the pair.
         now = now or timezone.now()
         (_, status, expires_at, left_is_a, leased_at,
-         comparison_id, response_a, response_b, vote_count, origin, project_id, overlap) = row  # fmt: skip
+         comparison_id, response_a, response_b, vote_count, origin, project_id, overlap, ai_votes) = row  # fmt: skip
+        # A suggestion takes no overlap slot: the people's votes still fill the comparison.
+        takes_a_slot = not (source == "ai" and ai_votes == "suggest")
         if idempotency_key:
             earlier = Vote.objects.filter(labeler=labeler, idempotency_key=idempotency_key).first()
             if earlier is not None:
@@ -409,7 +411,7 @@ def vote_submit(
         if status == Assignment.Status.VOTED:
             raise AlreadyVoted("you have already voted on this comparison")
         live = status == Assignment.Status.OPEN and _from_db_time(expires_at) > now
-        if not live and origin != Comparison.Origin.GOLD:
+        if not live and origin != Comparison.Origin.GOLD and takes_a_slot:
             others = _fetch_one(
                 sql.OTHER_LIVE_LEASES, {"comparison": comparison_id, "now": _db_time(now), "assignment": assignment_id}
             )
@@ -464,7 +466,8 @@ def vote_submit(
                     raise IdempotencyKeyReused("this Idempotency-Key was already used for another assignment")
                 raise AlreadyVoted("you have already voted on this comparison")
             vote.pk = inserted[0]
-            cursor.execute(sql.COUNT_VOTE, {"comparison": comparison_id})
+            if takes_a_slot:
+                cursor.execute(sql.COUNT_VOTE, {"comparison": comparison_id})
             cursor.execute(sql.MARK_VOTED, {"assignment": assignment_id})
         transaction.on_commit(lambda: agreement_schedule(project_id=project_id))
     return vote, True
@@ -503,6 +506,7 @@ def agreement_refresh(*, project_id: int, now: datetime | None = None) -> Agreem
         loaded,
         usernames=selectors.usernames_by_id(user_ids=loaded.labeler_ids.tolist()),
         gold_min_accuracy=project.gold_min_accuracy,
+        ai_counts=project.ai_votes == "count",
     )
     if report.aggregates:
         _store_aggregates(report.aggregates)

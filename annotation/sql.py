@@ -80,7 +80,7 @@ VOTE_LOCK = "FOR UPDATE OF c, a"
 
 LOCK_FOR_VOTE = """
     SELECT a.id, a.status, a.expires_at, a.left_is_a, a.created_at,
-           c.id, c.response_a_id, c.response_b_id, c.vote_count, c.origin, c.project_id, p.overlap
+           c.id, c.response_a_id, c.response_b_id, c.vote_count, c.origin, c.project_id, p.overlap, p.ai_votes
     FROM annotation_assignment a
     JOIN annotation_comparison c ON c.id = a.comparison_id
     JOIN annotation_project p ON p.id = c.project_id

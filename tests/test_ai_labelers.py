@@ -168,3 +168,21 @@ def test_an_openai_compatible_judge_labels_and_its_failures_write_no_vote(live_s
     votes = Vote.objects.filter(comparison__project=project)
     assert votes.count() == 3 and all(vote.judgment["judge"] == spec for vote in votes)
     assert sum(vote.judgment["parse_failed"] for vote in votes) == 1
+
+
+def test_suggestions_take_no_slot_and_make_no_label_unless_asked(db):
+    project = make_project(pairs=2, overlap=1)
+    project.ai_votes = "suggest"
+    project.save(update_fields=["ai_votes"])
+    ai, human = ai_labeler_create(name="ai-suggests"), labeler_create(username="human0", password=PASSWORD)
+    label_all(project, [ai], lambda labeler, comparison: "b", judgment=lambda labeler, comparison: judgment(True))
+    assert list(project.comparisons.values_list("vote_count", flat=True)) == [0, 0], "no overlap slot taken"
+    label_all(project, [human], lambda labeler, comparison: "a")
+    assert Vote.objects.filter(source="human").count() == 2, "the people still get every pair"
+    snapshot = agreement_refresh(project_id=project.pk)
+    assert snapshot.figures["labelers"] == 1, "the project's agreement figures are the humans'"
+    assert set(project.comparisons.values_list("aggregate__majority_choice", flat=True)) == {"a"}
+    assert {row["label"] for row in preference_rows(project, PreferenceFilters())} == {"a"}
+    assert {row["label"] for row in preference_rows(project, PreferenceFilters(source="ai"))} == {"b"}
+    ai_row = next(row for row in snapshot.labelers if row["kind"] == "ai")
+    assert (ai_row["agreement_with_humans"], ai_row["agreement_with_humans_items"]) == (0.0, 2)

@@ -32,7 +32,10 @@ class Command(BaseCommand):
         )
         parser.add_argument("--no-pseudonymize", action="store_true", help="Raw votes with real labeler ids.")
         parser.add_argument(
-            "--source", choices=SOURCES, default="all", help="Whose votes make the labels: human, ai or all (default)."
+            "--source",
+            choices=SOURCES,
+            help="Whose votes make the labels: human, ai or all (default: the project's "
+            "setting: AI votes count unless they are suggestions).",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
