@@ -8,6 +8,7 @@ import hashlib
 import random
 import re
 import secrets
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from django.contrib.auth.models import Group, User
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     from judging import judges
 
 from annotation import auth, simulation
+from annotation.importing import PairRecord
 from annotation.models import AI_LABELERS_GROUP, Project
 from annotation.services import InvalidInput, labeler_create
 
@@ -113,3 +115,55 @@ def ai_label(
     return simulation.run_labelers(
         base_url=base_url, project_slug=project.slug, labelers={user.username: (token, decide)}, max_votes=max_votes
     )
+
+
+def constitutional_records(
+    *, policy: str, prompts: Sequence[Any], principles: Sequence["judges.Principle"], n: int = 1, seed: int = 0,
+    max_new_tokens: int = 128,
+) -> list[PairRecord]:  # fmt: skip
+    """The supervised stage of Constitutional AI (Bai et al. 2022): the policy answers each prompt
+    (`n` answers each), critiques its answer by a sampled principle, then revises it in light of
+    the critique. Each (revision, original) pair is a record; a revision that changed nothing is no
+    comparison and is left out."""
+    from judging import judges
+    from training import ppo
+
+    rng = random.Random(seed)
+    asked = [prompt for prompt in prompts for _ in range(n)]
+    originals = ppo.generate(policy, asked, max_new_tokens=max_new_tokens, seed=seed)
+    used = [judges.choose_principles(principles, mode="sampled", rng=rng)[0] for _ in asked]
+
+    def ask(template: str, answers: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
+        questions = [
+            [{"role": "user", "content": template.format(
+                conversation=judges.conversation_text(prompt), answer=answer, principle=principle.text,
+                critique=extra[index] if extra else "",
+            )}]
+            for index, (prompt, answer, principle) in enumerate(zip(asked, answers, used, strict=True))
+        ]  # fmt: skip
+        return ppo.generate(policy, questions, max_new_tokens=max_new_tokens, seed=seed)
+
+    critiques = ask(CRITIQUE, originals)
+    revisions = ask(REVISION, originals, critiques)
+    return [
+        PairRecord(
+            line=index + 1, prompt=prompt, response_a=revision, response_b=original, source_a="revision",
+            source_b="original",
+            meta={"principle": principle.text, "critique": critique[:MAX_META_TEXT], "revision_side": "a"},
+        )
+        for index, (prompt, original, critique, revision, principle) in enumerate(
+            zip(asked, originals, critiques, revisions, used, strict=True)
+        )
+        if revision.strip() and revision.strip() != original.strip()
+    ]  # fmt: skip
+
+
+MAX_META_TEXT = 2000
+CRITIQUE = (
+    "{conversation}\n\nAnswer: {answer}\n\nCritique this answer by the principle: {principle}\n"
+    "Say what it does wrong, briefly."
+)
+REVISION = (
+    '{conversation}\n\nAnswer: {answer}\n\nCritique by the principle "{principle}": {critique}\n\n'
+    "Rewrite the answer so that it follows the principle. Give only the new answer."
+)

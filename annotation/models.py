@@ -119,6 +119,7 @@ class Comparison(models.Model):
         IMPORTED = "imported"
         GOLD = "gold"
         ROUND_SAMPLE = "round_sample"
+        CONSTITUTIONAL = "constitutional"  # a policy's answer against its own revision by a principle
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="comparisons")
     prompt = models.ForeignKey(Prompt, on_delete=models.CASCADE, related_name="comparisons")

@@ -202,9 +202,12 @@ def pairs_import_file(
     return project, ImportResult(result.created, result.duplicates, tuple(errors))
 
 
-def pairs_import(*, project: Project, records: list[PairRecord], round_number: int | None = None) -> ImportResult:
+def pairs_import(
+    *, project: Project, records: list[PairRecord], round_number: int | None = None, origin: str | None = None
+) -> ImportResult:
     """Write parsed pairs in one transaction; pairs already present (either order) are skipped.
-    With `round_number`, the pairs are a training round's samples (new policy against previous)."""
+    With `round_number`, the pairs are a training round's samples (new policy against previous);
+    `origin` names another origin (constitutional revisions)."""
     with transaction.atomic():
         existing = set(Comparison.objects.filter(project=project).values_list("content_hash", flat=True))
         prompt_ids = dict(Prompt.objects.filter(project=project).values_list("content_hash", "id"))
@@ -243,7 +246,7 @@ def pairs_import(*, project: Project, records: list[PairRecord], round_number: i
                     response_a=responses[2 * index],
                     response_b=responses[2 * index + 1],
                     meta=record.meta,
-                    origin=_origin(record, round_number),
+                    origin=origin or _origin(record, round_number),
                     round=round_number,
                     gold_choice=record.gold_choice,
                     content_hash=pair_hash,

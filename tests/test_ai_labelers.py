@@ -2,6 +2,7 @@
 agreement rows that measure them against the humans (checked against hand-computed values on a
 crafted vote set), the export's source filter, and the API's rule that only an AI sends a judgment."""
 
+import json
 from io import StringIO
 
 import pytest
@@ -186,3 +187,21 @@ def test_suggestions_take_no_slot_and_make_no_label_unless_asked(db):
     assert {row["label"] for row in preference_rows(project, PreferenceFilters(source="ai"))} == {"b"}
     ai_row = next(row for row in snapshot.labelers if row["kind"] == "ai")
     assert (ai_row["agreement_with_humans"], ai_row["agreement_with_humans_items"]) == (0.0, 2)
+
+
+@pytest.mark.django_db
+def test_constitutional_pairs_revise_every_answer_and_add_each_pair_once(tiny_policy, tmp_path):
+    project = ai_project(pairs=0)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"question w{i} w{i + 1}"}) + "\n" for i in range(4)))
+    out = StringIO()
+    options = ["--policy", tiny_policy, "--prompts", str(prompts), "--max-new-tokens", "8"]
+    call_command("constitutional_pairs", project.slug, *options, stdout=out)
+    pairs = list(project.comparisons.select_related("response_a", "response_b"))
+    assert pairs and all(pair.origin == "constitutional" for pair in pairs), out.getvalue()
+    assert all(pair.response_a.text != pair.response_b.text for pair in pairs), "every revision differs"
+    assert {pair.response_a.source for pair in pairs} == {"revision"}
+    assert all(pair.meta["principle"] in CONSTITUTION for pair in pairs)
+    call_command("constitutional_pairs", project.slug, *options, stdout=out)
+    assert project.comparisons.count() == len(pairs), "the same pairs again add nothing (content hash)"
+    assert f"0 constitutional pairs added, {len(pairs)} already there" in out.getvalue()
