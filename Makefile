@@ -31,7 +31,7 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy annotation bench config rounds tests training web
+	$(VENV)/bin/mypy annotation bench config judging rounds tests training web
 
 bench-labeling: install
 	$(PY) bench/labeling_load.py
