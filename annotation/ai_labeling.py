@@ -8,19 +8,23 @@ import hashlib
 import random
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from django.conf import settings
 from django.contrib.auth.models import Group, User
 from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
 
 if TYPE_CHECKING:
     from judging import judges
 
 from annotation import auth, simulation
 from annotation.importing import PairRecord
-from annotation.models import AI_LABELERS_GROUP, Project
+from annotation.models import AI_LABELERS_GROUP, AILabelingRun, Project
 from annotation.services import InvalidInput, labeler_create
+from config.celery import delay_best_effort
 
 MAX_NAME_LENGTH = 150  # User.username
 
@@ -103,6 +107,7 @@ def ai_label(
     max_votes: int | None = None,
     chain_of_thought: bool = False,
     timeout: float = 60.0,
+    on_vote: Callable[[], None] = lambda: None,
 ) -> simulation.Summary:
     """Run the AI labeler until the queue is empty for it or `max_votes` votes are cast. A judge
     that fails (bad key, timeout, an endpoint error) stops the run with JudgeError before that
@@ -113,7 +118,11 @@ def ai_label(
     decide = ai_decider(judges.load_judge(judge, timeout=timeout), project, chain_of_thought=chain_of_thought)
     token = auth.token_issue(user=user).key
     return simulation.run_labelers(
-        base_url=base_url, project_slug=project.slug, labelers={user.username: (token, decide)}, max_votes=max_votes
+        base_url=base_url,
+        project_slug=project.slug,
+        labelers={user.username: (token, decide)},
+        max_votes=max_votes,
+        on_vote=on_vote,
     )
 
 
@@ -167,3 +176,49 @@ REVISION = (
     '{conversation}\n\nAnswer: {answer}\n\nCritique by the principle "{principle}": {critique}\n\n'
     "Rewrite the answer so that it follows the principle. Give only the new answer."
 )
+
+
+def ai_run_start(
+    *, project: Project, judge: str, max_votes: int | None = None, chain_of_thought: bool = False
+) -> AILabelingRun:
+    """Queue an AI labeler for the dashboard; a worker of the `ai` queue runs it (ai_run)."""
+    from annotation.tasks import ai_label_task
+
+    if not judge.strip():
+        raise InvalidInput("judge", "name a model or an openai: endpoint")
+    if not project.constitution.strip():
+        raise InvalidInput("constitution", f"project {project.slug!r} has none: give it principles to judge by")
+    with transaction.atomic():
+        run = AILabelingRun.objects.create(
+            project=project, judge=judge.strip(), name=ai_labeler_name(judge.strip()), max_votes=max_votes,
+            chain_of_thought=chain_of_thought,
+        )  # fmt: skip
+        transaction.on_commit(lambda: delay_best_effort(ai_label_task, run.pk))
+    return run
+
+
+def ai_run(*, run_id: int) -> None:
+    """Work the queue as the run says, counting votes as they are cast; the run ends succeeded or
+    failed with the judge's or the server's error."""
+    claimed = AILabelingRun.objects.filter(pk=run_id, status=AILabelingRun.Status.QUEUED).update(
+        status=AILabelingRun.Status.RUNNING
+    )
+    if not claimed:
+        return  # run already, or running elsewhere
+    run = AILabelingRun.objects.select_related("project").get(pk=run_id)
+
+    def counted() -> None:
+        AILabelingRun.objects.filter(pk=run_id).update(votes=F("votes") + 1)
+
+    try:
+        ai_label(
+            project=run.project, judge=run.judge, base_url=settings.FLYWHEEL_API_URL, name=run.name,
+            max_votes=run.max_votes, chain_of_thought=run.chain_of_thought,
+            on_vote=counted,
+        )  # fmt: skip
+    except Exception as error:  # noqa: BLE001 - a failed run is recorded, never left running
+        AILabelingRun.objects.filter(pk=run_id).update(
+            status=AILabelingRun.Status.FAILED, error=f"{type(error).__name__}: {error}", finished_at=timezone.now()
+        )
+        return
+    AILabelingRun.objects.filter(pk=run_id).update(status=AILabelingRun.Status.SUCCEEDED, finished_at=timezone.now())

@@ -10,7 +10,7 @@ from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
-from annotation import selectors, services
+from annotation import ai_labeling, selectors, services
 from annotation.agreement import CHOICES
 from annotation.models import AggregatedLabel, AgreementSnapshot, Comparison, Project
 from annotation.quality import REVIEW_BELOW_SHARE
@@ -63,6 +63,7 @@ def dashboard(request: HtmxRequest, slug: str) -> HttpResponse:
         # Counted when the snapshot was computed: counting here would scan every aggregate.
         "review_count": snapshot.figures.get("split_pairs", 0) if snapshot else 0,
         "members": selectors.project_member_names(project=project),
+        "ai_runs": project.ai_runs.order_by("-created_at")[:10],
     }
     return render_page(request, "annotation/dashboard.html", context, partial="labelers")
 
@@ -213,4 +214,25 @@ def access(request: HtmxRequest, slug: str) -> HttpResponse:
         messages.info(
             request, "Access saved: " + ("members-only." if project.members_only else "open to every labeler.")
         )
+    return redirect("dashboard", slug=slug)
+
+
+@require_POST
+@login_required
+def ai_labeler_add(request: HtmxRequest, slug: str) -> HttpResponse:
+    """Queue an AI labeler on the project: a worker of the `ai` queue works the queue with it."""
+    selectors.admin_required(request.user)
+    project = get_object_or_404(Project, slug=slug)
+    max_votes = request.POST.get("max_votes", "").strip()
+    try:
+        if max_votes and (not max_votes.isdigit() or int(max_votes) < 1):
+            raise services.InvalidInput("max_votes", f"{max_votes!r} is not a positive whole number")
+        run = ai_labeling.ai_run_start(
+            project=project, judge=request.POST.get("judge", ""), max_votes=int(max_votes) if max_votes else None,
+            chain_of_thought=request.POST.get("chain_of_thought") == "on",
+        )  # fmt: skip
+    except services.InvalidInput as error:
+        messages.error(request, str(error))
+    else:
+        messages.info(request, f"AI labeler {run.name} queued.")
     return redirect("dashboard", slug=slug)

@@ -294,3 +294,27 @@ class AggregatedLabel(models.Model):
         if self.adjudicated_choice:
             return 1.0
         return self.ds_confidence if self.ds_choice and self.ds_confidence is not None else self.majority_share
+
+
+class AILabelingRun(models.Model):
+    """An AI labeler at work, started from the dashboard and run by a worker of the `ai` queue."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="ai_runs")
+    judge = models.CharField(max_length=500, help_text="The judge spec (annotation.ai_labeling.ai_label).")
+    name = models.CharField(max_length=150, help_text="The AI labeler's account.")
+    chain_of_thought = models.BooleanField(default=False)
+    max_votes = models.PositiveIntegerField(null=True, blank=True)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)
+    votes = models.PositiveIntegerField(default=0, help_text="Cast so far.")
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.name} on {self.project_id} ({self.status})"

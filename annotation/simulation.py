@@ -186,7 +186,9 @@ def _refusal(what: str, status: int, body: Any) -> SimulationError:
 Decide = Callable[[dict[str, Any]], dict[str, Any]]
 
 
-def _labeler(session: _Session, slug: str, decide: Decide, budget: _Budget, stop: threading.Event) -> BotResult:
+def _labeler(
+    session: _Session, slug: str, decide: Decide, budget: _Budget, stop: threading.Event, on_vote: Callable[[], None]
+) -> BotResult:
     votes = refused = refused_in_a_row = 0
     while not stop.is_set() and budget.take():
         status, claim = session.post(f"/api/v1/projects/{slug}/assignments/")
@@ -214,11 +216,17 @@ def _labeler(session: _Session, slug: str, decide: Decide, budget: _Budget, stop
         if status not in (200, 201):
             raise _refusal(f"vote on assignment {claim['assignment']}", status, vote)
         votes, refused_in_a_row = votes + 1, 0
+        on_vote()
     return BotResult(votes=votes, refused=refused)
 
 
 def run_labelers(
-    *, base_url: str, project_slug: str, labelers: dict[str, tuple[str, Decide]], max_votes: int | None = None
+    *,
+    base_url: str,
+    project_slug: str,
+    labelers: dict[str, tuple[str, Decide]],
+    max_votes: int | None = None,
+    on_vote: Callable[[], None] = lambda: None,
 ) -> Summary:
     """Run one labeler per name (its API token and its decision), each in its own thread on its own
     connection, claiming and voting until the project has nothing left for it or `max_votes` votes
@@ -228,7 +236,7 @@ def run_labelers(
     def work(name: str) -> BotResult:
         token, decide = labelers[name]
         try:
-            return _labeler(_Session(base_url, token), project_slug, decide, budget, stop)
+            return _labeler(_Session(base_url, token), project_slug, decide, budget, stop, on_vote)
         except SimulationError as error:
             stop.set()
             raise SimulationError(f"{name}: {error}") from None

@@ -12,6 +12,7 @@ urlpatterns = [
     path("projects/<slug:slug>/import/", dashboard.import_upload, name="import-upload"),
     path("projects/<slug:slug>/agreement/refresh/", dashboard.refresh, name="agreement-refresh"),
     path("projects/<slug:slug>/access/", dashboard.access, name="project-access"),
+    path("projects/<slug:slug>/ai-labelers/", dashboard.ai_labeler_add, name="ai-labeler-add"),
     path("comparisons/<int:comparison_id>/adjudicate/", dashboard.adjudicate, name="adjudicate"),
     path("api/v1/projects/<slug:slug>/assignments/", api.ClaimAPI.as_view(), name="api-claim"),
     path("api/v1/assignments/<int:assignment_id>/vote/", api.VoteAPI.as_view(), name="api-vote"),

@@ -187,6 +187,8 @@ CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "inte
 CELERY_TASK_ROUTES = {
     "rounds.tasks.reward_model_train_task": {"queue": "gpu"},
     "rounds.tasks.round_run_task": {"queue": "gpu"},
+    # An AI labeler holds a judge model for as long as the queue lasts: its own workers.
+    "annotation.tasks.ai_label_task": {"queue": "ai"},
 }
 CELERY_BEAT_SCHEDULE = {
     "reward-models-reclaim": {"task": "rounds.tasks.reward_models_reclaim_task", "schedule": 60.0},
@@ -205,6 +207,9 @@ CACHES = {
     if REDIS_URL
     else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
 }
+
+# Where workers reach the web server's API: AI labelers work the queue over HTTP like people.
+FLYWHEEL_API_URL = env_str("FLYWHEEL_API_URL") or "http://127.0.0.1:8000"
 
 # Labeling defaults; every project can override overlap and lease length.
 FLYWHEEL_DEFAULT_OVERLAP = env_int("FLYWHEEL_DEFAULT_OVERLAP", 3)

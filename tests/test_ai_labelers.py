@@ -3,6 +3,7 @@ agreement rows that measure them against the humans (checked against hand-comput
 crafted vote set), the export's source filter, and the API's rule that only an AI sends a judgment."""
 
 import json
+import time
 from io import StringIO
 
 import pytest
@@ -14,11 +15,12 @@ from annotation.ai_labeling import ai_labeler_create, ai_labeler_name, constitut
 from annotation.auth import token_issue
 from annotation.export import PreferenceFilters, preference_rows, vote_rows
 from annotation.importing import PairRecord
-from annotation.models import Vote
+from annotation.models import AILabelingRun, Vote
 from annotation.services import agreement_refresh, labeler_create, pairs_import
 from judging.judges import TEMPLATE_VERSION
 from tests.factories import PASSWORD, api_client_for, label_all, make_project
 from tests.openai_server import save_tiny_judge, serve
+from tests.workers import celery_worker
 
 
 def judgment(consistent: bool) -> dict:
@@ -205,3 +207,25 @@ def test_constitutional_pairs_revise_every_answer_and_add_each_pair_once(tiny_po
     call_command("constitutional_pairs", project.slug, *options, stdout=out)
     assert project.comparisons.count() == len(pairs), "the same pairs again add nothing (content hash)"
     assert f"0 constitutional pairs added, {len(pairs)} already there" in out.getvalue()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_dashboard_adds_an_ai_labeler_that_a_worker_of_the_ai_queue_runs(live_server, admin_user, tmp_path):
+    project = ai_project(pairs=3)
+    judge = save_tiny_judge(str(tmp_path / "judge"))
+    browser = Client()
+    browser.force_login(admin_user)
+    refused = browser.post(f"/projects/{project.slug}/ai-labelers/", {"judge": judge, "max_votes": "0"}, follow=True)
+    assert "is not a positive whole number" in refused.content.decode() and not AILabelingRun.objects.exists()
+    with celery_worker("ai", FLYWHEEL_API_URL=live_server.url) as worker:
+        page = browser.post(f"/projects/{project.slug}/ai-labelers/", {"judge": judge, "max_votes": "2"}, follow=True)
+        assert "queued" in page.content.decode()
+        run = AILabelingRun.objects.get()
+        deadline = time.monotonic() + 120
+        while run.status in ("queued", "running") and time.monotonic() < deadline:
+            time.sleep(0.5)
+            run.refresh_from_db()
+    assert (run.status, run.votes, run.error) == ("succeeded", 2, ""), worker.output[-3000:]
+    assert Vote.objects.filter(source="ai", labeler__username=run.name).count() == 2
+    dashboard = browser.get(f"/projects/{project.slug}/dashboard/").content.decode()
+    assert f"<td>{run.name}</td>" in dashboard and "succeeded" in dashboard
