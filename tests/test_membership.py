@@ -197,6 +197,9 @@ def test_admin_sets_access_in_the_django_admin(open_project, admin_user, alice, 
         "lease_seconds": open_project.lease_seconds,
         "gold_rate": open_project.gold_rate,
         "gold_min_accuracy": "",
+        "constitution": "",
+        "constitution_mode": "all",
+        "ai_votes": "count",
     }
     response = client.post(url, {**fields, "members_only": "on", "members": [alice.pk]})
     assert response.status_code == 302
