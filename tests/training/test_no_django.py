@@ -1,5 +1,5 @@
-"""training/ is the Django-free core: a GPU box runs it from an exported file with no Django
-installed. Every module of the package must import with Django absent."""
+"""training/ and judging/ are the Django-free cores: a GPU box runs them from an exported file with
+no Django installed. Every module of both packages must import with Django absent."""
 
 import json
 import pkgutil
@@ -7,14 +7,27 @@ import subprocess
 import sys
 from pathlib import Path
 
+import judging
 import training
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_every_training_module_imports_without_django():
-    modules = sorted(f"training.{info.name}" for info in pkgutil.walk_packages(training.__path__))
-    assert {"training.reward", "training.ppo", "training.cli", "training.backbones", "training.hacking"} <= set(modules)
+def test_every_training_and_judging_module_imports_without_django():
+    modules = sorted(
+        f"{package.__name__}.{info.name}"
+        for package in (training, judging)
+        for info in pkgutil.walk_packages(package.__path__)
+    )
+    expected = {
+        "training.reward",
+        "training.ppo",
+        "training.grpo",
+        "training.dpo",
+        "training.evaluation",
+        "judging.judges",
+    }
+    assert expected <= set(modules)
     # A fresh interpreter, as this one has Django loaded: a None entry in sys.modules makes any
     # `import django` (and `import django.anything`) raise ImportError.
     script = (
