@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 
 from annotation import auth, simulation
 from annotation.importing import PairRecord
-from annotation.models import AI_LABELERS_GROUP, AILabelingRun, Project
-from annotation.services import InvalidInput, labeler_create
+from annotation.models import AI_LABELERS_GROUP, AILabelingRun, Comparison, Project
+from annotation.services import ImportResult, InvalidInput, labeler_create, pairs_import, vote_on
 from config.celery import delay_best_effort
 
 MAX_NAME_LENGTH = 150  # User.username
@@ -167,6 +167,31 @@ def constitutional_records(
     ]  # fmt: skip
 
 
+def constitutional_import(
+    *, project: Project, records: list[PairRecord], policy: str, label_revision: bool = False
+) -> ImportResult:
+    """The pairs into the project's queue as comparisons of origin constitutional (once each, by
+    content hash). With `label_revision`, an AI labeler of the policy's votes for each revision, as
+    Constitutional AI takes the revision to be the better answer."""
+    result = pairs_import(project=project, records=records, origin=Comparison.Origin.CONSTITUTIONAL)
+    if label_revision:
+        labeler = ai_labeler_create(name=ai_labeler_name(f"constitutional {policy}"))
+        pending = (
+            Comparison.objects.filter(project=project, origin=Comparison.Origin.CONSTITUTIONAL)
+            .exclude(votes__labeler=labeler)
+            .select_related("project")
+        )
+        for comparison in pending:
+            principle = comparison.meta.get("principle", "")
+            vote_on(
+                comparison=comparison, labeler=labeler, choice="a", rationale=comparison.meta.get("critique", ""),
+                judgment={"judge": f"constitutional:{policy}", "template_version": REVISION_VERSION,
+                          "constitution_version": constitution_version(principle), "principles": [principle]},
+            )  # fmt: skip
+    return result
+
+
+REVISION_VERSION = "cai-revision-v1"  # bump with CRITIQUE or REVISION
 MAX_META_TEXT = 2000
 CRITIQUE = (
     "{conversation}\n\nAnswer: {answer}\n\nCritique this answer by the principle: {principle}\n"

@@ -340,6 +340,25 @@ def _lease(
     return None if row is None else selectors.assignment_for_display(assignment_id=row[0])
 
 
+def vote_on(
+    *, comparison: Comparison, labeler: User, choice: str, judgment: dict[str, Any] | None = None, rationale: str = ""
+) -> Vote:
+    """A vote on a given comparison (choice canonical: a, b, tie or both_bad), through the same
+    lease and vote as a claim would: an AI labeler's vote on a pair it made itself (constitutional
+    revisions). None is cast when the comparison has no room left for the labeler."""
+    now = timezone.now()
+    expires = now + timedelta(seconds=comparison.project.lease_seconds)
+    assignment = _lease(comparison.pk, comparison.vote_count, comparison.project.overlap, labeler, now, expires)
+    if assignment is None:
+        raise AlreadyVoted(f"comparison {comparison.pk} has no room for {labeler.username}")
+    screen = {"a": "left", "b": "right"} if assignment.left_is_a else {"a": "right", "b": "left"}
+    vote, _ = vote_submit(
+        assignment_id=assignment.pk, labeler=labeler, choice=screen.get(choice, choice), judgment=judgment,
+        rationale=rationale,
+    )  # fmt: skip
+    return vote
+
+
 def assignment_skip(*, assignment: Assignment) -> None:
     """Give the comparison back; this labeler is not offered it again."""
     Assignment.objects.filter(pk=assignment.pk, status=Assignment.Status.OPEN).update(status=Assignment.Status.SKIPPED)

@@ -207,6 +207,12 @@ def test_constitutional_pairs_revise_every_answer_and_add_each_pair_once(tiny_po
     call_command("constitutional_pairs", project.slug, *options, stdout=out)
     assert project.comparisons.count() == len(pairs), "the same pairs again add nothing (content hash)"
     assert f"0 constitutional pairs added, {len(pairs)} already there" in out.getvalue()
+    assert not Vote.objects.exists()
+    call_command("constitutional_pairs", project.slug, *options, "--label-revision", stdout=out)
+    votes = Vote.objects.select_related("winner")
+    assert len(votes) == len(pairs) and {vote.source for vote in votes} == {"ai"}
+    assert {vote.winner.source for vote in votes} == {"revision"}, "the AI vote is for the revision"
+    assert all(vote.judgment["principles"][0] in CONSTITUTION for vote in votes)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -229,3 +235,20 @@ def test_the_dashboard_adds_an_ai_labeler_that_a_worker_of_the_ai_queue_runs(liv
     assert Vote.objects.filter(source="ai", labeler__username=run.name).count() == 2
     dashboard = browser.get(f"/projects/{project.slug}/dashboard/").content.decode()
     assert f"<td>{run.name}</td>" in dashboard and "succeeded" in dashboard
+
+
+def test_gold_checks_apply_to_an_ai_labeler_as_to_people(db):
+    project = make_project(pairs=4, overlap=2)
+    project.gold_rate, project.gold_min_accuracy = 1.0, 0.8
+    project.save()
+    gold = [PairRecord(line=i, prompt=f"gold {i}", response_a=f"right {i}", response_b=f"wrong {i}", gold_choice="a")
+            for i in range(3)]  # fmt: skip
+    pairs_import(project=project, records=gold)
+    ai, person = ai_labeler_create(name="ai-careless"), labeler_create(username="careful", password=PASSWORD)
+    label_all(
+        project, [ai, person], lambda labeler, comparison: "b" if labeler == ai else "a",
+        judgment=lambda labeler, comparison: judgment(True) if labeler == ai else None,
+    )  # fmt: skip
+    rows = {row["username"]: row for row in agreement_refresh(project_id=project.pk).labelers}
+    assert (rows["ai-careless"]["gold_accuracy"], rows["ai-careless"]["gold_items"]) == (0.0, 3)
+    assert rows["ai-careless"]["excluded"] and not rows["careful"]["excluded"]

@@ -2,9 +2,8 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from annotation.ai_labeling import constitutional_records
-from annotation.models import Comparison, Project
-from annotation.services import pairs_import
+from annotation.ai_labeling import constitutional_import, constitutional_records
+from annotation.models import Project
 
 
 def _positive(value: str) -> int:
@@ -29,9 +28,12 @@ class Command(BaseCommand):
         parser.add_argument("--n", type=_positive, default=1, help="Answers (and revisions) per prompt.")
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--max-new-tokens", type=_positive, default=128)
+        parser.add_argument(
+            "--label-revision", action="store_true", help="Also cast an AI vote for each revision (Constitutional AI)."
+        )
 
     def handle(self, *args: object, project_slug: str, policy: str, prompts: Path, principles: Path | None,
-               n: int, seed: int, max_new_tokens: int, **options: object) -> None:  # fmt: skip
+               n: int, seed: int, max_new_tokens: int, label_revision: bool, **options: object) -> None:  # fmt: skip
         from judging import judges
         from training import ppo
 
@@ -49,7 +51,7 @@ class Command(BaseCommand):
             )  # fmt: skip
         except (OSError, ValueError) as error:
             raise CommandError(str(error)) from None
-        result = pairs_import(project=project, records=records, origin=Comparison.Origin.CONSTITUTIONAL)
+        result = constitutional_import(project=project, records=records, policy=policy, label_revision=label_revision)
         self.stdout.write(
             f"{result.created} constitutional pairs added, {result.duplicates} already there, "
             f"{len(ppo.load_prompts(prompts)) * n - len(records)} revisions identical to their original left out."
