@@ -1,16 +1,10 @@
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from annotation import ai_labeling, simulation
+from annotation.management.arguments import positive_int
 from annotation.models import Project, Vote
 from annotation.services import InvalidInput
 from judging.judges import JudgeError
-
-
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise ValueError(value)
-    return number
 
 
 class Command(BaseCommand):
@@ -28,7 +22,7 @@ class Command(BaseCommand):
             "OpenAI-compatible chat-completions endpoint (key in FLYWHEEL_JUDGE_API_KEY).",
         )
         parser.add_argument("--url", default="http://127.0.0.1:8000", help="The running server.")
-        parser.add_argument("--max-votes", type=_positive, help="Stop after this many votes.")
+        parser.add_argument("--max-votes", type=positive_int, help="Stop after this many votes.")
         parser.add_argument("--name", help="The AI labeler's account (default: ai- and the judge's name).")
         parser.add_argument(
             "--timeout", type=float, default=60.0, help="Seconds an endpoint judge may take per request (default 60)."

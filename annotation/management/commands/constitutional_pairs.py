@@ -3,14 +3,8 @@ from pathlib import Path
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from annotation.ai_labeling import constitutional_import, constitutional_records
+from annotation.management.arguments import positive_int
 from annotation.models import Project
-
-
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise ValueError(value)
-    return number
 
 
 class Command(BaseCommand):
@@ -25,9 +19,9 @@ class Command(BaseCommand):
         parser.add_argument("--policy", required=True, help="Model id, local path or smollm2-135m.")
         parser.add_argument("--prompts", type=Path, required=True, help='JSON Lines with a "prompt" per line.')
         parser.add_argument("--principles", type=Path, help="Markdown list of principles (default: the constitution).")
-        parser.add_argument("--n", type=_positive, default=1, help="Answers (and revisions) per prompt.")
+        parser.add_argument("--n", type=positive_int, default=1, help="Answers (and revisions) per prompt.")
         parser.add_argument("--seed", type=int, default=0)
-        parser.add_argument("--max-new-tokens", type=_positive, default=128)
+        parser.add_argument("--max-new-tokens", type=positive_int, default=128)
         parser.add_argument(
             "--label-revision", action="store_true", help="Also cast an AI vote for each revision (Constitutional AI)."
         )

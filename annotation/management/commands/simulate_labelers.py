@@ -5,15 +5,9 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from rest_framework.authtoken.models import Token
 
 from annotation import simulation
+from annotation.management.arguments import positive_int
 from annotation.models import LABELERS_GROUP, Project
 from annotation.services import labeler_create
-
-
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise ValueError(value)
-    return number
 
 
 class Command(BaseCommand):
@@ -24,7 +18,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("project_slug")
-        parser.add_argument("--labelers", type=_positive, default=3, help="How many bots (default 3).")
+        parser.add_argument("--labelers", type=positive_int, default=3, help="How many bots (default 3).")
         parser.add_argument(
             "--preference", required=True, help="Hidden scoring function: marker:WORD, length or shorter."
         )
@@ -36,7 +30,7 @@ class Command(BaseCommand):
             f"{simulation.AGREEMENT_NOISE}: about 73%% agreement between bots on marker pairs.",
         )
         parser.add_argument("--url", default="http://127.0.0.1:8000", help="The running server.")
-        parser.add_argument("--max-votes", type=_positive, help="Stop after this many votes in all.")
+        parser.add_argument("--max-votes", type=positive_int, help="Stop after this many votes in all.")
         parser.add_argument("--seed", type=int, help="Seed of the bots' noise.")
 
     def handle(
