@@ -139,31 +139,33 @@ DPO = {"learning_rate": 3e-3, "epochs": 3, "batch_size": 8, "max_length": 64, "b
        "max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0, "reward_max_length": 32}  # fmt: skip
 GRPO = {"steps": 16, "learning_rate": 5e-3, "batch_size": 4, "group_size": 4, "max_new_tokens": MAX_NEW_TOKENS,
         "temperature": 1.0, "beta": 0.05, "checkpoint_every": 4, "reward_max_length": 32}  # fmt: skip
-SEEDS = 1  # one-round projects per algorithm (pooled when more)
 
 
 @pytest.mark.statistical
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.parametrize(("algorithm", "overrides"), [("dpo", DPO), ("grpo", GRPO)])
+# One-round projects per algorithm, their figures pooled: GRPO learns less reliably from one seed
+# (at seed offset 2 alone it gained +0.01 gold, win rate 0.53), so it pools two.
+@pytest.mark.parametrize(("algorithm", "overrides", "seeds"), [("dpo", DPO, 1), ("grpo", GRPO, 2)])
 def test_a_dpo_round_and_a_grpo_round_each_beat_their_predecessor(
-    live_server, tiny_backbone, tiny_policy, tmp_path, settings, seed_offset, figures, algorithm, overrides
+    live_server, tiny_backbone, tiny_policy, tmp_path, settings, seed_offset, figures, algorithm, overrides, seeds
 ):
     settings.ARTIFACTS_DIR = tmp_path / "artifacts"
     held_out = [f"question w{i} w{j}" for i in range(20) for j in (5, 9)]
     gains, win_rates = [], []
     with celery_worker("gpu,default", ARTIFACTS_DIR=str(settings.ARTIFACTS_DIR)) as worker:
-        for run in range(SEEDS):
+        for run in range(seeds):
             (training_round,) = run_rounds(
-                live_server, worker, slug=f"{algorithm}-{run}", seed=SEEDS * seed_offset + run, policy=tiny_policy,
+                live_server, worker, slug=f"{algorithm}-{run}", seed=seeds * seed_offset + run, policy=tiny_policy,
                 backbone=tiny_backbone, algorithm=algorithm, overrides=overrides, count=1,
             )  # fmt: skip
             gains.append(mean_gold(training_round.policy.artifact_path, held_out) - mean_gold(tiny_policy, held_out))
             win_rates.append(training_round.win_rate)
             metrics = training_round.policy.metrics
             assert metrics["score"] is not None and metrics["kl"] is not None, "proxy figures for the charts"
-    gain = figures(f"loop.{algorithm}.gold_gain", sum(gains) / SEEDS)
-    win_rate = figures(f"loop.{algorithm}.win_rate", sum(win_rates) / SEEDS)
-    # Seen on seed offsets 0-4 (1 and 2 threads): see the README's statistical tests section.
+    gain = figures(f"loop.{algorithm}.gold_gain", sum(gains) / seeds)
+    win_rate = figures(f"loop.{algorithm}.win_rate", sum(win_rates) / seeds)
+    # Seen on seed offsets 0-4 (1 and 2 threads): dpo gold +2.91 to +3.17, win rate 0.90 to 1.00;
+    # grpo (2 seeds pooled) gold +1.77 to +3.18, win rate 0.83 to 0.97. Margins: 1.77 and 0.33.
     assert gain > 0, gains
     assert win_rate > 0.5, win_rates
 
