@@ -89,6 +89,18 @@ def peak_memory_mib(device: Any) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
+def synchronize(device: Any) -> None:
+    """Wait for the GPU's queued work, so that a timer read next measures it."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def ratio(a: float, b: float) -> float | None:
+    return round(a / b, 3) if b else None
+
+
 def run_side(script: str, name: str, setup: Any, input_flag: str, input_path: Path) -> dict[str, Any]:
     """One side of a training benchmark in a fresh interpreter, so that its peak memory is its own:
     `script --side NAME --setup JSON INPUT_FLAG PATH`, read by parse_training_args; its figures come back as the

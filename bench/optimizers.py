@@ -73,7 +73,9 @@ from bench.common import (  # noqa: E402
     log,
     parse_training_args,
     peak_memory_mib,
+    ratio,
     run_side,
+    synchronize,
     training_machine,
     write_results,
 )
@@ -148,11 +150,6 @@ class Setup:
 
 
 # --- one side, in its own process -------------------------------------------------------------
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def metric_rows(out: Path) -> list[dict[str, Any]]:
@@ -514,10 +511,6 @@ def evaluate(policy: str, reference: str, prompts: list[str], preset: Preset, de
 
 
 # --- the comparison ---------------------------------------------------------------------------
-
-
-def ratio(a: float, b: float) -> float | None:
-    return round(a / b, 3) if b else None
 
 
 def throughput_of(method: str, row: dict[str, Any]) -> float:

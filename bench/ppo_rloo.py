@@ -47,7 +47,15 @@ import tokenizers  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from bench.common import parse_training_args, peak_memory_mib, run_side, training_machine, write_results  # noqa: E402
+from bench.common import (  # noqa: E402
+    parse_training_args,
+    peak_memory_mib,
+    ratio,
+    run_side,
+    synchronize,
+    training_machine,
+    write_results,
+)
 from training import ppo, reward  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -94,11 +102,6 @@ class Setup:
 
 
 # --- one side, in its own process -------------------------------------------------------------
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def real_tokens(response: torch.Tensor, eos_token_id: int) -> int:
@@ -333,10 +336,6 @@ def make_prompts(preset: Preset, count: int = 64) -> list[str]:
     low, high = preset.prompt_words
     words = preset.vocab_size - 3
     return [" ".join(f"w{rng.randrange(words)}" for _ in range(rng.randint(low, high))) for _ in range(count)]
-
-
-def ratio(a: float, b: float) -> float | None:
-    return round(a / b, 3) if b else None
 
 
 def main(argv: list[str] | None = None) -> int:
