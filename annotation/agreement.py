@@ -185,8 +185,10 @@ def ai_agreement(
     """Per AI labeler index: how often its decided votes (A or B) match the human majority on the
     same comparison (where the humans have one), and how often its verdict survived swapping the
     two answers (`consistent`: 1 yes, 0 no, -1 not recorded)."""
+    if not ai.any():  # the usual project: no pass over its (maybe millions of) votes
+        return {}
     human = ~ai
-    n_items = int(votes.item.max()) + 1 if len(votes) else 0
+    n_items = int(votes.item.max()) + 1
     counts = np.zeros((n_items, len(CHOICES)), dtype=np.int64)
     np.add.at(counts, (votes.item[human], votes.choice[human]), 1)
     human_label, _ = majority(counts)
