@@ -15,12 +15,15 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-models.tx
 
 install: $(VENV)/.installed
 
-## The app on the embedded default (SQLite under var/, tasks in-process) with demo data.
+## The app on the embedded default (SQLite and a broker folder under var/) with demo data: the web
+## server, the workers and beat together (scripts/run-stack), stopped together by Ctrl-C.
+## `make demo SIMULATE=1` also has simulated labelers label the demo, enough to start a round.
 demo: install
 	DEBUG=1 $(PY) manage.py migrate --verbosity 0
-	DEBUG=1 $(PY) manage.py seed_demo
+	DEBUG=1 $(PY) manage.py seed_demo $(if $(SIMULATE),--simulate)
 	@echo "Open http://127.0.0.1:8000/ and log in with one of the users above."
-	DEBUG=1 $(PY) manage.py runserver 127.0.0.1:8000
+	@echo "To watch a round: make demo SIMULATE=1 (or manage.py seed_demo --simulate), then Start round on the project's Training rounds page."
+	DEBUG=1 $(PY) scripts/run-stack --port 8000
 
 ## The whole test suite, on PostgreSQL, with a real headless Chromium.
 test: install

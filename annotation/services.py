@@ -4,6 +4,7 @@ commands and tasks all call these."""
 import json
 import logging
 import random
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -17,9 +18,11 @@ from django.core.exceptions import ValidationError
 from django.core.files.uploadedfile import UploadedFile
 from django.db import connection, transaction
 from django.db.backends.base.operations import BaseDatabaseOperations
+from django.dispatch import Signal
 from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerUnavailable
 from redis import RedisError
+from rest_framework.authtoken.models import Token
 
 from annotation import selectors, sql
 from annotation.agreement import CHOICES
@@ -92,6 +95,14 @@ def labeler_create(*, username: str, password: str, admin: bool = False) -> User
             admins.permissions.add(*Permission.objects.filter(content_type__app_label="annotation"))
             user.groups.add(admins)
     return user
+
+
+def bot_token(username: str) -> str:
+    """A simulated labeler's API token; the bot is created (a labeler with a random password) when missing."""
+    user = User.objects.filter(username=username, groups__name=LABELERS_GROUP).first()
+    if user is None:
+        user = labeler_create(username=username, password=secrets.token_urlsafe(24))
+    return Token.objects.get_or_create(user=user)[0].key
 
 
 def project_check(*, slug: str, overlap: int | None = None) -> None:
@@ -517,6 +528,9 @@ def _elapsed_ms(start: datetime, end: datetime) -> int:
 
 # By name, so that this module need not import annotation.tasks, which imports it.
 AGREEMENT_REFRESH_TASK = "annotation.tasks.agreement_refresh_task"
+# Sent by the refresh task with `project_id` once a project's labels are recomputed: the rounds app
+# closes a labeling round whose pairs are all aggregated.
+agreement_refreshed = Signal()
 
 
 def agreement_refresh(*, project_id: int, now: datetime | None = None) -> AgreementSnapshot:

@@ -6,6 +6,7 @@ Celery tasks executed in-process. Set DATABASE_URL and REDIS_URL for PostgreSQL 
 
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
@@ -171,14 +172,31 @@ REDIS_URL = env_str("REDIS_URL")
 # forever. The vote is answered all the same; beat's agreement-catch-up recomputes what was missed.
 REDIS_TIMEOUT = env_float("REDIS_TIMEOUT", 0.5, minimum=0.05)
 REDIS_SOCKET_OPTIONS = {"socket_connect_timeout": REDIS_TIMEOUT, "socket_timeout": REDIS_TIMEOUT}
-CELERY_BROKER_URL = REDIS_URL or "memory://"
+CELERY_BROKER_URL = REDIS_URL or "filesystem://localhost/"
 CELERY_RESULT_BACKEND = None
-CELERY_TASK_ALWAYS_EAGER = REDIS_URL is None
+# Tasks always go to a worker, never run inside a web request (the test settings run them in-process).
+CELERY_TASK_ALWAYS_EAGER = False
 CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "default"
-CELERY_BROKER_TRANSPORT_OPTIONS = dict(REDIS_SOCKET_OPTIONS)
+CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, Any] = dict(REDIS_SOCKET_OPTIONS)
+if REDIS_URL is None:
+    # The embedded default's broker: kombu's filesystem transport, one file per message in a folder
+    # under var/, no server to run. A message leaves the folder when a worker takes it, so a worker
+    # killed mid-task loses it (a warm shutdown puts it back); the database leases make that safe:
+    # beat's rounds_check and reward_models_reclaim re-send work whose lease ran out (README).
+    BROKER_DIR = VAR_DIR / "broker"
+    for folder in ("queue", "control"):
+        (BROKER_DIR / folder).mkdir(parents=True, exist_ok=True)
+    # Beside the socket options, which a test that switches to a Redis broker still needs.
+    CELERY_BROKER_TRANSPORT_OPTIONS.update(
+        data_folder_in=str(BROKER_DIR / "queue"),
+        data_folder_out=str(BROKER_DIR / "queue"),
+        control_folder=str(BROKER_DIR / "control"),
+    )
+    CELERY_WORKER_ENABLE_REMOTE_CONTROL = False  # no broadcast on a folder: no mingle, gossip or inspect
+    CELERY_BEAT_SCHEDULE_FILENAME = str(BROKER_DIR / "celerybeat-schedule")
 CELERY_BROKER_CONNECTION_TIMEOUT = REDIS_TIMEOUT
 # One retry reconnects a producer whose connection died with a restarted Redis; more would only keep
 # a request waiting on a Redis that is down.

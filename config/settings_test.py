@@ -7,6 +7,8 @@ os.environ.setdefault("SECRET_KEY", "test-only-secret-key-not-for-production-use
 
 from config.settings import *  # noqa: E402,F403
 
+# Tasks run in-process, on commit, unless a test starts a real worker (tests/workers.py).
+CELERY_TASK_ALWAYS_EAGER = REDIS_URL is None  # noqa: F405
 # The test client speaks plain HTTP.
 SECURE_SSL_REDIRECT = False
 SESSION_COOKIE_SECURE = False

@@ -36,6 +36,16 @@ class LeasedRun(models.Model):
     def progress(self) -> float:
         return self.step / self.total_steps if self.total_steps else 0.0
 
+    @property
+    def time_left(self) -> str:
+        """ "about 3 min left" at the pace since it started; empty before there is a pace or once done."""
+        from training.cli import duration, seconds_left
+
+        if self.started_at is None or self.finished_at is not None:
+            return ""
+        left = seconds_left((timezone.now() - self.started_at).total_seconds(), self.step, self.total_steps)
+        return "" if left is None else f"about {duration(left)} left"
+
     def lease_live(self, now: datetime | None = None) -> bool:
         return self.lease_expires_at is not None and self.lease_expires_at > (now or timezone.now())
 

@@ -6,6 +6,8 @@ under its own lease (rounds.services), so no task of the version's own is ever q
 neither a stray task nor beat's reclaim touches it."""
 
 import dataclasses
+import itertools
+import math
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -21,24 +23,48 @@ from annotation.models import Project
 from config.celery import delay_best_effort
 from rounds.leases import Heartbeat, LeaseLost, kept_alive, lease_claim, worker_name
 from rounds.models import LEASE, RewardModel, TrainingRound
+from training import reward_config  # torch-free: torch is imported where training runs
 
 
 class TrainingBusy(Exception):
-    """The project already has a reward model queued or training."""
+    """The project already has a reward model queued or training, or too few labels to train one."""
+
+
+def labeled_pairs(project: Project, *, up_to: int) -> int:
+    """The project's pairs with a decided preference (what a reward model trains on), counted up to `up_to`."""
+    return sum(1 for _ in itertools.islice(preference_rows(project, PreferenceFilters()), up_to))
+
+
+def data_shortfall(project: Project, config: Any) -> str | None:
+    """Why the project's labels cannot train a reward model with this (resolved) config yet, or None
+    when they can: it needs MIN_TRAIN_PAIRS pairs once `eval_fraction` of the prompts is held out."""
+    needed = math.ceil(reward_config.MIN_TRAIN_PAIRS / (1 - config.eval_fraction))
+    have = labeled_pairs(project, up_to=needed)
+    if have >= needed:
+        return None
+    return (
+        f"{have} labeled pairs with a preference (ties, both-bad and split votes do not count); a reward model needs "
+        f"at least {needed}: {reward_config.MIN_TRAIN_PAIRS} to train on once {config.eval_fraction:.0%} of the "
+        "prompts are held out"
+    )
+
+
+def resolved_config(overrides: dict[str, Any] | None) -> reward_config.RewardConfig:
+    """The config a version trains with: the overrides on FLYWHEEL_REWARD_BACKBONE, the backbone's
+    defaults filled in now, so that the version records the values it trains with."""
+    fields = {spec.name for spec in dataclasses.fields(reward_config.RewardConfig)}
+    unknown = sorted(set(overrides or {}) - fields)
+    if unknown:
+        raise ValueError(f"unknown reward model setting {unknown[0]!r}")
+    config = reward_config.RewardConfig(**{"backbone": settings.FLYWHEEL_REWARD_BACKBONE, **(overrides or {})})
+    return reward_config.resolve_defaults(config)[0]
 
 
 def reward_model_create(*, project: Project, overrides: dict[str, Any] | None = None) -> RewardModel:
     """The project's next version, queued; whoever creates it has it trained."""
-    from training import reward  # torch is imported where training runs, never in web processes
-
-    fields = {spec.name for spec in dataclasses.fields(reward.RewardConfig)}
-    unknown = sorted(set(overrides or {}) - fields)
-    if unknown:
-        raise ValueError(f"unknown reward model setting {unknown[0]!r}")
-    # The backbone's defaults are filled in now, so that the version records the values it trains with.
-    config, _ = reward.resolve_defaults(
-        reward.RewardConfig(**{"backbone": settings.FLYWHEEL_REWARD_BACKBONE, **(overrides or {})})
-    )
+    config = resolved_config(overrides)
+    if shortfall := data_shortfall(project, config):
+        raise TrainingBusy(f"project {project.slug!r} cannot train a reward model yet: {shortfall}")
     try:
         with transaction.atomic():
             Project.objects.select_for_update().get(pk=project.pk)

@@ -50,7 +50,15 @@ from rounds.models import (
     TrainingRound,
     TrainingSettings,
 )
-from rounds.reward_models import TrainingBusy, failed, reward_model_create, reward_model_train, succeeded
+from rounds.reward_models import (
+    TrainingBusy,
+    data_shortfall,
+    failed,
+    resolved_config,
+    reward_model_create,
+    reward_model_train,
+    succeeded,
+)
 from training.hacking import hacking_reason
 
 State = TrainingRound.State
@@ -121,13 +129,25 @@ def _enqueue(training_round: TrainingRound) -> None:
     transaction.on_commit(lambda: delay_best_effort(round_run_task, training_round.pk))
 
 
-def _promote_if_ready(training_round: TrainingRound, *, worker: str) -> bool:
+def round_shortfall(project: Project) -> str | None:
+    """What a round of the project waits for, or None when it can train: enough new aggregated
+    comparisons (the trigger), and labeled pairs enough for its reward model."""
+    settings_row = training_settings(project)
+    needed, new = settings_row.min_new_comparisons, new_aggregated_count(project)
+    missing = [f"{new} of {needed} new aggregated comparisons"] if new < needed else []
+    try:
+        shortfall = data_shortfall(project, resolved_config(settings_row.reward_overrides))
+    except ValueError as error:  # a typo in the settings: the round waits until it is fixed
+        shortfall = f"the training settings: {error}"
+    return "; ".join(missing + ([shortfall] if shortfall else [])) or None
+
+
+def promote_if_ready(training_round: TrainingRound, *, worker: str) -> bool:
     """waiting_for_labels -> training_reward_model once the project has enough new labels."""
     project = training_round.project
-    needed = training_settings(project).min_new_comparisons
-    new = new_aggregated_count(project)
-    if new < needed:
+    if round_shortfall(project) is not None:
         return False
+    needed, new = training_settings(project).min_new_comparisons, new_aggregated_count(project)
     try:
         with transaction.atomic():
             _transition(
@@ -154,7 +174,7 @@ def round_start(*, project: Project) -> TrainingRound:
             )
     except IntegrityError:
         raise RoundBusy(f"project {project.slug!r} already has a round in progress") from None
-    _promote_if_ready(training_round, worker=worker)
+    promote_if_ready(training_round, worker=worker)
     return training_round
 
 
@@ -263,7 +283,12 @@ def optimizer_overrides(project: Project) -> dict[str, Any]:
     """The project's settings of its algorithm, checked before any training: a typo, or a setting
     the algorithm does not have, fails the round at once."""
     settings_row = training_settings(project)
-    overrides = settings_row.optimizer_overrides
+    # Flat fields apply to every algorithm; a key named after one ({"ppo": {...}}) holds its own.
+    raw = settings_row.optimizer_overrides
+    section = raw.get(settings_row.algorithm, {})
+    if not isinstance(section, dict):
+        raise ValueError(f"the {settings_row.algorithm!r} section of the training settings must be an object")
+    overrides = {name: value for name, value in raw.items() if name not in Algorithm.values} | section
     known = {field.name for field in dataclasses.fields(_config_class(settings_row.algorithm))} - ROUND_OWNED_FIELDS
     if settings_row.algorithm in OFFLINE_ALGORITHMS:
         known |= set(SAMPLING_FIELDS)
@@ -595,7 +620,7 @@ def _check_project(
             except RoundBusy:
                 pass
     elif training_round.state == State.WAITING_FOR_LABELS:
-        if _promote_if_ready(training_round, worker=worker):
+        if promote_if_ready(training_round, worker=worker):
             done["promoted"].append(training_round.pk)
     elif training_round.state == State.LABELING:
         if round_complete(training_round=training_round):
@@ -639,3 +664,75 @@ def _fail(training_round: TrainingRound, *, worker: str, note: str, error: str, 
             pk__in=TrainingRound.objects.filter(pk=training_round.pk).values("reward_model"),
             status__in=[RewardModel.Status.QUEUED, RewardModel.Status.RUNNING],
         ).update(**failed(f"round {training_round.number} failed: {error}"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """Where a round stands, for its pages and `run_round`: the phase, its steps when it counts
+    them, and the time left at the pace since the phase began."""
+
+    phase: str
+    detail: str = ""
+    step: int = 0
+    total: int = 0
+    seconds_left: float | None = None
+
+    @property
+    def left(self) -> str:
+        from training.cli import duration
+
+        return "" if self.seconds_left is None else f"about {duration(self.seconds_left)} left"
+
+    def line(self) -> str:
+        steps = f" {self.step}/{self.total}" if self.total else ""
+        return ", ".join(part for part in (f"{self.phase}{steps}", self.detail, self.left) if part)
+
+
+def round_progress(training_round: TrainingRound) -> Progress | None:
+    """None once the round is over."""
+    from training.cli import seconds_left
+
+    state, since = training_round.state, training_round.state_since
+    elapsed = lambda: (timezone.now() - since).total_seconds()  # noqa: E731
+    if state == State.WAITING_FOR_LABELS:
+        return Progress("waiting for labels", round_shortfall(training_round.project) or "enough: training starts")
+    if state == State.TRAINING_REWARD_MODEL:
+        model = training_round.reward_model_id and RewardModel.objects.filter(pk=training_round.reward_model_id).first()
+        if not model or not model.total_steps:
+            return Progress("reward model", "loading the labels and the backbone")
+        return Progress(
+            f"reward model v{model.version}", "", model.step, model.total_steps,
+            seconds_left(elapsed(), model.step, model.total_steps),
+        )  # fmt: skip
+    if state == State.TRAINING_POLICY:
+        name = training_settings(training_round.project).get_algorithm_display()
+        if not training_round.total_steps:
+            return Progress(name, "loading the models")
+        return Progress(
+            f"{name} steps", "", training_round.step, training_round.total_steps,
+            seconds_left(elapsed(), training_round.step, training_round.total_steps),
+        )  # fmt: skip
+    if state == State.SAMPLING:
+        count = len(training_round.held_out_prompt_ids)
+        return Progress("sampling", f"both policies answer {count} held-out prompts")
+    if state == State.LABELING:
+        _, aggregated = win_rate(training_round)
+        return Progress("labeling", f"{aggregated} of {training_round.samples} pairs labeled and aggregated")
+    return None
+
+
+def round_after_refresh(*, project_id: int, **_: Any) -> None:
+    """After an agreement refresh (the annotation.services.agreement_refreshed signal), without
+    waiting for beat's next check: the project's waiting round trains once its labels suffice, and
+    its labeling round is done once its last pair is aggregated."""
+    training_round = (
+        TrainingRound.objects.filter(project_id=project_id, state__in=[State.WAITING_FOR_LABELS, State.LABELING])
+        .select_related("project", "policy__parent")
+        .first()
+    )
+    if training_round is None:
+        return
+    if training_round.state == State.WAITING_FOR_LABELS:
+        promote_if_ready(training_round, worker=worker_name())
+    else:
+        round_complete(training_round=training_round)

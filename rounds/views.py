@@ -55,20 +55,47 @@ def _across_rounds(project: Project) -> list[tuple[str, LineChart]]:
     ]
 
 
+def _poll_every(rounds: list[TrainingRound]) -> int | None:
+    """Seconds between refreshes of a page that shows these rounds: often while a worker moves one,
+    now and then while one waits for people, not at all once they are over."""
+    if any(item.state in TrainingRound.WORKER_STATES for item in rounds):
+        return 2
+    return 10 if any(item.active for item in rounds) else None
+
+
 def _list_context(project: Project) -> dict[str, Any]:
     listed = list(TrainingRound.objects.filter(project=project).select_related("policy").order_by("-number")[:50])
+    for item in listed:
+        item.now = services.round_progress(item) if item.active else None  # type: ignore[attr-defined]
     configured = TrainingSettings.objects.filter(project=project).first() or TrainingSettings(project=project)
     return {
         "project": project,
         "rounds": listed,
         "algorithm": configured.get_algorithm_display(),
-        # Poll while a worker moves a round; labels take hours, not seconds.
-        "polling": any(item.state in TrainingRound.WORKER_STATES for item in listed),
+        "poll_every": _poll_every(listed),
+        "shown": _shown(listed),
     }
+
+
+def _shown(rounds: list[TrainingRound]) -> str:
+    """What a polled page was drawn for: when it changes (a round moved on), the page reloads whole,
+    charts and samples with it."""
+    return ",".join(f"{item.number}:{item.state}" for item in rounds if item.active or item is rounds[0])
+
+
+def _moved_on(request: HtmxRequest, shown: str) -> HttpResponse | None:
+    """htmx's answer to a poll of a page that is out of date: reload it."""
+    if request.htmx and request.GET.get("shown") not in (None, shown):
+        response = HttpResponse(status=204)
+        response["HX-Refresh"] = "true"
+        return response
+    return None
 
 
 def _render_list(request: HtmxRequest, project: Project) -> HttpResponse:
     context = _list_context(project)
+    if moved_on := _moved_on(request, context["shown"]):
+        return moved_on
     if not request.htmx:  # the charts change only when a round ends: the polled table leaves them out
         context["charts"] = _across_rounds(project)
     return render_page(request, "rounds/rounds.html", context, partial="round-table")
@@ -129,9 +156,12 @@ def round_detail(request: HtmxRequest, slug: str, number: int) -> HttpResponse:
         .select_related("prompt", "response_a", "response_b", "aggregate")
         .order_by("id")[:SHOWN_SAMPLES]
     )
+    if moved_on := _moved_on(request, training_round.state):
+        return moved_on
+    if request.htmx:  # the polled status: state, progress and figures
+        return render_page(request, "rounds/round.html", _status_context(training_round), partial="status")
     context = {
-        "project": training_round.project,
-        "round": training_round,
+        **_status_context(training_round),
         "step_charts": [
             (title, _chart(step_labels, {key: [row.get(key) for row in steps]}))
             for key, title in STEP_CHARTS
@@ -140,10 +170,19 @@ def round_detail(request: HtmxRequest, slug: str, number: int) -> HttpResponse:
         "charts": _across_rounds(training_round.project),
         "transitions": training_round.transitions.all(),
         "samples": samples,
+    }
+    return render_page(request, "rounds/round.html", context)
+
+
+def _status_context(training_round: TrainingRound) -> dict[str, Any]:
+    return {
+        "project": training_round.project,
+        "round": training_round,
+        "progress": services.round_progress(training_round),
+        "poll_every": _poll_every([training_round]),
         # While labeling, the verdict so far: (win rate, pairs aggregated).
         "so_far": services.win_rate(training_round) if training_round.state == TrainingRound.State.LABELING else None,
     }
-    return render_page(request, "rounds/round.html", context)
 
 
 @require_GET
@@ -165,7 +204,8 @@ def reward_model_train(request: HtmxRequest, slug: str) -> HttpResponse:
     selectors.admin_required(request.user)
     project = get_object_or_404(Project, slug=slug)
     try:
-        model = reward_models.reward_model_start(project=project)
+        configured = TrainingSettings.objects.filter(project=project).first()  # the rounds' reward settings
+        model = reward_models.reward_model_start(project=project, overrides=configured and configured.reward_overrides)
         messages.info(request, f"Reward model v{model.version} queued.")
     except reward_models.TrainingBusy as error:
         messages.error(request, str(error))

@@ -48,5 +48,22 @@ def test_seed_demo_prints_working_credentials_and_is_idempotent(capsys):
     assert Comparison.objects.filter(project=project).count() >= 30
     assert project.guidelines
     call_command("seed_demo")
-    assert "0 comparisons added, 36 already there" in capsys.readouterr().out
-    assert Comparison.objects.filter(project=project).count() == 36
+    assert "0 comparisons added, 100 already there" in capsys.readouterr().out
+    assert Comparison.objects.filter(project=project).count() == 100
+
+
+@pytest.mark.django_db
+def test_the_demo_is_set_for_a_round_of_every_algorithm_on_a_cpu():
+    from rounds import services
+    from rounds.models import Algorithm
+
+    call_command("seed_demo")
+    project = Project.objects.get(slug="demo")
+    settings_row = services.training_settings(project)
+    assert (settings_row.policy, settings_row.reward_overrides["backbone"]) == ("smollm2-135m", "minilm-l6")
+    assert settings_row.min_new_comparisons < Comparison.objects.filter(project=project).count()
+    for algorithm in Algorithm.values:  # each algorithm's section names only fields it has
+        settings_row.algorithm = algorithm
+        settings_row.save()
+        overrides = services.optimizer_overrides(project)
+        assert overrides["max_new_tokens"] == 32, algorithm

@@ -221,7 +221,7 @@ def test_the_dashboard_refresh_says_it_could_not_be_scheduled(admin_user, silent
 
 @pytest.mark.django_db(transaction=True)
 def test_training_starts_answer_at_once_while_redis_is_down_and_beat_sends_them_later(admin_user, redis_server):
-    project = voted_project(8)
+    project = voted_project(60)
     TrainingSettings.objects.create(project=project, min_new_comparisons=1)
     client = Client()
     client.force_login(admin_user)

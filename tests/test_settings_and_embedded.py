@@ -1,24 +1,6 @@
 """Settings from the environment, `check --deploy`, and the embedded SQLite default for one user."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def manage(*args: str, env: dict[str, str], timeout: int = 120) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL", "DEBUG", "SECRET_KEY"}}
-    clean.pop("DJANGO_SETTINGS_MODULE", None)
-    return subprocess.run(
-        [sys.executable, "manage.py", *args],
-        cwd=ROOT,
-        env={**clean, **env},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+from tests.workers import manage
 
 
 def test_check_deploy_passes_with_production_like_settings():
@@ -62,13 +44,13 @@ def test_embedded_default_runs_on_sqlite_for_one_labeler(tmp_path):
     )
     result = manage("shell", "-v", "0", "-c", script, env=env)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["36", "36"]
+    assert result.stdout.split() == ["100", "100"]
     assert (tmp_path / "flywheel.sqlite3").exists()
     # Export and agreement work on SQLite too (the GROUP BY form of the export query).
     exported = manage("export_pairs", "demo", str(tmp_path / "demo.jsonl"), env=env)
     assert exported.returncode == 0, exported.stderr
     rows = (tmp_path / "demo.jsonl").read_text().splitlines()
-    assert len(rows) == 36 and all('"chosen"' in row for row in rows)
+    assert len(rows) == 100 and all('"chosen"' in row for row in rows)
 
 
 # Every statement of annotation/sql.py, with its named parameters, and the agreement refresh
@@ -124,8 +106,8 @@ services.vote_submit(assignment_id=gold.pk, labeler=alice, choice="left", now=la
 while (assignment := services.assignment_claim(project=demo, labeler=alice)) is not None:
     services.vote_submit(assignment_id=assignment.pk, labeler=alice, choice="right", strength=2)
 snapshot = services.agreement_refresh(project_id=demo.pk)
-assert snapshot.figures["votes"] == Vote.objects.filter(comparison__project=demo).count() == 36
-assert AggregatedLabel.objects.filter(comparison__project=demo).count() == 36
+assert snapshot.figures["votes"] == Vote.objects.filter(comparison__project=demo).count() == 100
+assert AggregatedLabel.objects.filter(comparison__project=demo).count() == 100
 tight_snapshot = services.agreement_refresh(project_id=tight.pk)
 assert tight_snapshot.figures["votes"] == 1, "gold votes count for gold accuracy only"
 assert {row["username"]: row["gold_items"] for row in tight_snapshot.labelers} == {"alice": 1, "bob": 0}

@@ -12,6 +12,21 @@ import redis
 from django.db import connection
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def manage(*args: str, env: dict[str, str], timeout: int = 120) -> subprocess.CompletedProcess:
+    """`manage.py` in a process of its own, on `env` alone: none of this process's database, Redis or
+    Django settings, so an env of {"FLYWHEEL_VAR_DIR": ...} is the embedded default."""
+    return subprocess.run(
+        [sys.executable, "manage.py", *args], cwd=ROOT, env={**clean_environment(), **env}, capture_output=True,
+        text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def clean_environment() -> dict[str, str]:
+    drop = {"DATABASE_URL", "REDIS_URL", "DEBUG", "SECRET_KEY", "DJANGO_SETTINGS_MODULE"}
+    return {name: value for name, value in os.environ.items() if name not in drop}
 
 
 @dataclass
@@ -41,7 +56,7 @@ def celery_worker(queues: str, **env: str) -> Iterator[Worker]:
     process = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "config", "worker", "--pool", "solo", "--queues", queues,
          "--without-mingle", "--without-gossip", "--loglevel", "INFO"],
-        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings_test", "DATABASE_URL": url,
              "REDIS_URL": REDIS_URL, **env},
     )  # fmt: skip

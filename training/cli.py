@@ -5,6 +5,7 @@ progress bar on stderr."""
 import argparse
 import dataclasses
 import sys
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,10 +37,41 @@ def flags_given(config_class: type, options: Mapping[str, Any]) -> dict[str, Any
     }
 
 
+def duration(seconds: float) -> str:
+    """A time left as people say it: "45 s", "3 min", "1 h 20 min"."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
+
+
+def seconds_left(elapsed: float, done: int, total: int) -> float | None:
+    """The time the rest takes at the pace so far; None before there is a pace."""
+    return elapsed / done * (total - done) if done > 0 and elapsed > 0 else None
+
+
+class _Pace:
+    """When the bar's current run of steps began: a step that goes back (a new run) starts again."""
+
+    started, drawn, first_step, last_step = 0.0, 0.0, 0, 0
+
+
 def progress_bar(step: int, total: int, text: str) -> None:
+    """A bar on stderr with the time left at the pace since the first step it was shown."""
+    now = time.monotonic()
+    if step <= _Pace.last_step or not _Pace.started:
+        _Pace.started, _Pace.first_step = now, step
+    _Pace.last_step = step
+    if now - _Pace.drawn < 0.25 and step != total:  # many quick steps: redraw four times a second
+        return
+    _Pace.drawn = now
+    left = seconds_left(now - _Pace.started, step - _Pace.first_step, total - _Pace.first_step)
+    eta = f" about {duration(left)} left" if left is not None and step < total else ""
     width = 30
     filled = int(width * step / max(total, 1))
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{total} {text}")
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{total} {text}{eta}\033[K")
     if step == total:
         sys.stderr.write("\n")
+        _Pace.started = 0.0
     sys.stderr.flush()

@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from rounds.models import RewardModel
 from rounds.reward_models import TrainingBusy, reward_model_run, reward_model_start
-from tests.factories import TINY, make_project, voted_project
+from tests.factories import TINY, voted_project
 from tests.workers import celery_worker
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,7 +40,12 @@ def test_a_version_trains_from_the_votes_and_records_its_metrics(tiny_backbone, 
 @pytest.mark.django_db
 def test_one_training_per_project_at_a_time(tiny_backbone, artifacts, monkeypatch):
     monkeypatch.setattr("rounds.tasks.reward_model_train_task.delay", lambda pk: None)  # nobody consumes
-    project = make_project(pairs=1)
+    # One labeled pair is no training set: refused at the start, with what is missing, nothing queued.
+    few = voted_project(30)
+    with pytest.raises(TrainingBusy, match="30 labeled pairs with a preference .* needs at least 56: 50 to train on"):
+        reward_model_start(project=few, overrides={"backbone": tiny_backbone})
+    assert not RewardModel.objects.filter(project=few).exists()
+    project = voted_project(60)
     reward_model_start(project=project, overrides={"backbone": tiny_backbone})
     with pytest.raises(TrainingBusy):
         reward_model_start(project=project, overrides={"backbone": tiny_backbone})
@@ -91,7 +96,7 @@ def test_command_trains_on_the_embedded_default(tiny_backbone, artifacts, capsys
 @pytest.mark.django_db
 def test_command_flags_left_out_keep_the_settings_backbone_and_the_config_defaults(settings, capsys):
     settings.FLYWHEEL_REWARD_BACKBONE = "settings-backbone"
-    project = make_project(pairs=1)  # not committed: the queued task never runs
+    project = voted_project(60)  # not committed: the queued task never runs
     call_command("train_reward_model", project.slug, "--max-length", "32", "--lora", "--no-gradient-checkpointing")
     assert "reward model v1 is queued" in capsys.readouterr().out
     config = RewardModel.objects.get(project=project).config
@@ -135,11 +140,16 @@ def test_dashboard_button_trains_and_the_table_shows_progress(tiny_backbone, art
     assert labeler.post(f"/projects/{project.slug}/reward-models/train/").status_code == 403
 
 
-@pytest.mark.django_db(transaction=True)
-def test_too_few_pairs_fail_with_what_is_missing(tiny_backbone, artifacts):
+@pytest.mark.django_db
+def test_too_few_pairs_are_refused_on_the_dashboard_with_what_is_missing(tiny_backbone, admin_user, settings):
     """The dashboard once trained on the one voted pair and said "succeeded"."""
+    from django.test import Client
+
+    settings.FLYWHEEL_REWARD_BACKBONE = tiny_backbone
     project = voted_project(20)
-    model = reward_model_start(project=project, overrides={"backbone": tiny_backbone, **TINY})
-    model.refresh_from_db()
-    assert model.status == RewardModel.Status.FAILED
-    assert "training pairs after holding out" in model.error and "at least 50 are needed" in model.error
+    client = Client()
+    client.force_login(admin_user)
+    page = client.post(f"/projects/{project.slug}/reward-models/train/", follow=True).content.decode()
+    assert "cannot train a reward model yet: 20 labeled pairs with a preference" in page
+    assert "needs at least 56: 50 to train on once 10% of the prompts are held out" in page
+    assert not RewardModel.objects.filter(project=project).exists()

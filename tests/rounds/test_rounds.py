@@ -173,20 +173,56 @@ def test_unknown_ppo_settings_fail_the_round_naming_the_setting(tiny_backbone, t
 
 @pytest.mark.django_db
 def test_a_round_waits_for_enough_new_labels(no_queue, django_capture_on_commit_callbacks):
-    project = make_project(pairs=6, overlap=1)
+    project = make_project(pairs=60, overlap=1)
     TrainingSettings.objects.create(project=project, min_new_comparisons=4)
     training_round = services.round_start(project=project)
     assert training_round.state == State.WAITING_FOR_LABELS and no_queue == []
     assert services.rounds_check()["promoted"] == []
-    label_all(project, [labeler_create(username="solo", password=PASSWORD)], lambda labeler, comparison: "a")
+    # It says what it waits for: the trigger, and the labeled pairs its reward model needs.
+    progress = services.round_progress(training_round)
+    assert progress is not None and progress.phase == "waiting for labels"
+    assert progress.detail.startswith("0 of 4 new aggregated comparisons; 0 labeled pairs with a preference")
+    assert "a reward model needs at least 56" in progress.detail
+    solo = labeler_create(username="solo", password=PASSWORD)
+    label_all(project, [solo], lambda labeler, comparison: "a")
     agreement_refresh(project_id=project.pk)
-    assert services.new_aggregated_count(project) == 6
+    assert services.new_aggregated_count(project) == 60
     with django_capture_on_commit_callbacks(execute=True):
         assert services.rounds_check()["promoted"] == [training_round.pk]
     training_round.refresh_from_db()
     assert training_round.state == State.TRAINING_REWARD_MODEL and no_queue == [training_round.pk]
-    assert training_round.aggregated_at_start == 6
+    assert training_round.aggregated_at_start == 60
     assert services.new_aggregated_count(project) == 0  # counted from this round's reward model on
+
+
+@pytest.mark.django_db
+def test_the_agreement_refresh_task_moves_a_round_on_without_waiting_for_beat(
+    no_queue, django_capture_on_commit_callbacks
+):
+    from annotation.tasks import agreement_refresh_task
+
+    project = make_project(pairs=60, overlap=1)
+    TrainingSettings.objects.create(project=project, min_new_comparisons=60)
+    waiting = services.round_start(project=project)
+    label_all(project, [labeler_create(username="solo", password=PASSWORD)], lambda labeler, comparison: "a")
+    with django_capture_on_commit_callbacks(execute=True):
+        agreement_refresh_task(project.pk)  # what a worker runs 30 s after the votes
+    waiting.refresh_from_db()
+    assert waiting.state == State.TRAINING_REWARD_MODEL and no_queue == [waiting.pk]
+
+    # A labeling round: done once the refresh after its last vote aggregated its pairs.
+    other = make_project(pairs=0, overlap=1)
+    labeling = labeling_round(other)
+    prompts = [make_prompt(other, f"q{i}") for i in range(4)]
+    answers = services.sample_records(labeling, prompts, [f"n{i}" for i in range(4)], [f"o{i}" for i in range(4)])
+    services.samples_insert(training_round=labeling, records=answers)
+    agreement_refresh_task(other.pk)
+    labeling.refresh_from_db()
+    assert labeling.state == State.LABELING  # nothing labeled yet
+    label_all(other, [labeler_create(username="judge", password=PASSWORD)], lambda labeler, comparison: "a")
+    agreement_refresh_task(other.pk)
+    labeling.refresh_from_db()
+    assert labeling.state == State.DONE and labeling.win_rate is not None
 
 
 @pytest.mark.django_db(transaction=True)
@@ -402,7 +438,7 @@ def test_the_start_button_opens_a_round_once(admin_user, no_queue):
 
 @pytest.mark.django_db
 def test_beat_requeues_a_round_nobody_holds_and_fails_one_that_kills_its_workers(no_queue):
-    project = make_project(pairs=2)
+    project = voted_project(60)  # labels enough for a reward model
     TrainingSettings.objects.create(project=project, min_new_comparisons=0)
     training_round = services.round_start(project=project)
     # Its task message was lost: nobody ever claimed it. Within a lease period that is normal...
@@ -442,7 +478,7 @@ def test_an_admin_abandons_a_round_nobody_will_finish_labeling(admin_user, alice
 
 @pytest.mark.django_db(transaction=True)
 def test_the_lease_is_kept_alive_between_steps_and_a_stolen_one_stops_the_worker(no_queue):
-    project = make_project(pairs=2)
+    project = voted_project(60)  # labels enough for a reward model
     TrainingSettings.objects.create(project=project, min_new_comparisons=0)
     training_round = services.round_claim(round_id=services.round_start(project=project).pk, worker="loader")
     lease = Heartbeat(training_round, "loader")

@@ -1,13 +1,9 @@
-import secrets
-
-from django.contrib.auth.models import User
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from rest_framework.authtoken.models import Token
 
 from annotation import simulation
 from annotation.management.arguments import positive_int
-from annotation.models import LABELERS_GROUP, Project
-from annotation.services import labeler_create
+from annotation.models import Project
+from annotation.services import bot_token
 
 
 class Command(BaseCommand):
@@ -53,7 +49,7 @@ class Command(BaseCommand):
             raise CommandError(f"--noise must be 0 or more, got {noise}")
         if not Project.objects.filter(slug=project_slug).exists():
             raise CommandError(f"No project {project_slug!r}.")
-        tokens = {name: _token(name) for name in (f"sim-{project_slug}-{i}" for i in range(labelers))}
+        tokens = {name: bot_token(name) for name in (f"sim-{project_slug}-{i}" for i in range(labelers))}
         try:
             summary = simulation.run_bots(
                 base_url=url,
@@ -73,11 +69,3 @@ class Command(BaseCommand):
         for name, bot in summary.bots.items():
             refused = f", {bot.refused} refused" if bot.refused else ""
             self.stdout.write(f"  {name:<30} {bot.votes} votes{refused}")
-
-
-def _token(username: str) -> str:
-    """The bot's API token; the bot is created (a labeler with a random password) when missing."""
-    user = User.objects.filter(username=username, groups__name=LABELERS_GROUP).first()
-    if user is None:
-        user = labeler_create(username=username, password=secrets.token_urlsafe(24))
-    return Token.objects.get_or_create(user=user)[0].key
