@@ -205,7 +205,8 @@ def reward_model_train(request: HtmxRequest, slug: str) -> HttpResponse:
     project = get_object_or_404(Project, slug=slug)
     try:
         configured = TrainingSettings.objects.filter(project=project).first()  # the rounds' reward settings
-        model = reward_models.reward_model_start(project=project, overrides=configured and configured.reward_overrides)
+        overrides = configured.reward_overrides if configured else None
+        model = reward_models.reward_model_start(project=project, overrides=overrides)
         messages.info(request, f"Reward model v{model.version} queued.")
     except reward_models.TrainingBusy as error:
         messages.error(request, str(error))
