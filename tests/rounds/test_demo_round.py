@@ -17,12 +17,14 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
 from tests.factories import PASSWORD, TINY
 from tests.test_browser import CHROMIUM, CHROMIUM_FLAGS
+from tests.test_browser import log_in as browser_log_in
 from tests.workers import ROOT, clean_environment, manage
 
 PPO = {"batch_size": 8, "minibatches": 2, "learning_rate": 1e-3, "checkpoint_every": 2, "temperature": 1.0}
@@ -124,13 +126,8 @@ def browser() -> Iterator[Page]:
 
 
 def log_in(page: Page, url: str, username: str) -> None:
-    page.context.clear_cookies()
-    page.goto(f"{url}/accounts/login/")
-    page.keyboard.type(username)
-    page.keyboard.press("Tab")
-    page.keyboard.type(PASSWORD)
-    page.keyboard.press("Enter")
-    page.wait_for_url(f"{url}/")
+    page.context.clear_cookies()  # whoever was logged in before
+    browser_log_in(page, SimpleNamespace(url=url), username)
 
 
 @pytest.mark.browser
