@@ -51,11 +51,17 @@ class ClaimAPI(APIView):
     def post(self, request: Request, slug: str) -> Response:
         labeler = selectors.labeler_required(request.user)
         project = selectors.project_for_labeler(user=labeler, slug=slug)
-        assignment = services.assignment_claim(project=project, labeler=labeler)
-        if assignment is None:
+        claimed = claim_answer(labeler=labeler, project=project)
+        if claimed is None:
             return Response(status=status.HTTP_204_NO_CONTENT)
-        assignment = selectors.assignment_for_display(assignment_id=assignment.pk)
-        return Response(self.OutputSerializer(assignment).data, status=status.HTTP_201_CREATED)
+        return Response(claimed, status=status.HTTP_201_CREATED)
+
+
+def claim_answer(*, labeler: User, project: Project) -> dict | None:
+    """The claim's answer: the next assignment as ClaimAPI shows it, or None when nothing is left.
+    A vote's `?next=1` answers with the same."""
+    assignment = services.assignment_claim(project=project, labeler=labeler)
+    return None if assignment is None else ClaimAPI.OutputSerializer(assignment).data
 
 
 class VoteAPI(APIView):
@@ -70,7 +76,11 @@ class VoteAPI(APIView):
             required=False, help_text="AI labelers only, and required of them: the judge's record of its verdict."
         )
 
-    @extend_schema_serializer(component_name="Vote")
+    class QuerySerializer(serializers.Serializer):
+        next = serializers.BooleanField(
+            default=False, help_text="Claim the next assignment too and answer it as `next`: one round trip a vote."
+        )
+
     class OutputSerializer(serializers.Serializer):
         vote = serializers.IntegerField(source="pk")
         assignment = serializers.IntegerField(source="assignment_id")
@@ -79,20 +89,33 @@ class VoteAPI(APIView):
         source = serializers.CharField(help_text="human or ai: the account's kind.")  # type: ignore[assignment]  # a field named like Field.source
         created_at = serializers.DateTimeField()
 
+    # The schema's view of the answer: `next` is there only when asked for, which a serializer
+    # field cannot express at run time (a missing nullable field serializes as null), so the view
+    # adds it to the vote's own fields.
+    @extend_schema_serializer(component_name="Vote")
+    class AnswerSerializer(OutputSerializer):
+        next = ClaimAPI.OutputSerializer(
+            required=False,
+            allow_null=True,
+            help_text="Only with `?next=1`: the next assignment, as the claim answers it (renewed if you "
+            "already hold one), or null when nothing is left for you.",
+        )
+
     @extend_schema(
         operation_id="vote_submit",
         request=InputSerializer,
         parameters=[
+            QuerySerializer,
             OpenApiParameter(
                 "Idempotency-Key",
                 location=OpenApiParameter.HEADER,
                 required=False,
                 description="Retrying with the same key returns the first vote instead of adding one.",
-            )
+            ),
         ],
         responses={
-            201: OutputSerializer,
-            200: OpenApiResponse(OutputSerializer, description="Replay of an earlier request with the same key."),
+            201: AnswerSerializer,
+            200: OpenApiResponse(AnswerSerializer, description="Replay of an earlier request with the same key."),
             400: OpenApiResponse(description="A field is invalid; the body names it."),
             404: ErrorSerializer,
             409: ErrorSerializer,
@@ -100,6 +123,8 @@ class VoteAPI(APIView):
     )
     def post(self, request: Request, assignment_id: int) -> Response:
         labeler = selectors.labeler_required(request.user)
+        query = self.QuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
         data = self.InputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         key = request.headers.get("Idempotency-Key", "").strip() or None
@@ -114,9 +139,13 @@ class VoteAPI(APIView):
             return Response({field: [str(error)]}, status=status.HTTP_400_BAD_REQUEST)
         except services.LabelingError as error:
             return Response({"detail": str(error)}, status=status.HTTP_409_CONFLICT)
-        return Response(
-            self.OutputSerializer(vote).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK
-        )
+        answer = self.OutputSerializer(vote).data
+        if query.validated_data["next"]:
+            # Through the labeler's visible projects, as a claim by slug is: one whose membership was
+            # taken away since this lease has nothing left for them.
+            project = selectors.projects_for_labeler(user=labeler).filter(comparisons=vote.comparison_id).first()
+            answer["next"] = None if project is None else claim_answer(labeler=labeler, project=project)
+        return Response(answer, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
 
 class TokenRequestSerializer(AuthTokenSerializer):

@@ -191,3 +191,78 @@ def test_an_api_url_that_matches_no_route_answers_json_404(alice):
     assert response.status_code == 404
     assert response.json() == {"detail": "Not found."}
     assert "text/html" in Client().get("/no-such-page/").headers["Content-Type"]
+
+
+def vote_and_next(client, assignment: int, **headers):
+    return client.post(f"/api/v1/assignments/{assignment}/vote/?next=1", {"choice": "left"}, format="json", **headers)
+
+
+def test_vote_with_next_answers_the_vote_and_a_real_claim(alice, project):
+    client = api_client_for(alice)
+    first = claim(client, project).json()
+    response = vote_and_next(client, first["assignment"])
+    assert response.status_code == 201
+    body = response.json()
+    assert body["vote"] == Vote.objects.get().pk
+    following = body["next"]
+    assert set(following) == set(first)  # the claim's shape
+    leased = Assignment.objects.get(pk=following["assignment"])
+    assert (leased.labeler, leased.status) == (alice, Assignment.Status.OPEN)
+    assert leased.expires_at > timezone.now()
+    assert leased.comparison_id != Assignment.objects.get(pk=first["assignment"]).comparison_id
+    assert (following["left"]["text"], following["right"]["text"]) == (leased.left.text, leased.right.text)
+    # The lease it handed out is the one a plain claim now renews.
+    assert claim(client, project).json()["assignment"] == following["assignment"]
+
+
+def test_vote_with_next_is_null_when_nothing_is_left(alice):
+    project = make_project(pairs=2)
+    client = api_client_for(alice)
+    second = vote_and_next(client, claim(client, project).json()["assignment"]).json()["next"]
+    response = vote_and_next(client, second["assignment"])
+    assert response.status_code == 201
+    assert response.json()["next"] is None
+    assert claim(client, project).status_code == 204
+
+
+def test_vote_with_next_replayed_returns_the_same_vote_and_lease(alice, project):
+    client = api_client_for(alice)
+    assignment = claim(client, project).json()["assignment"]
+    first = vote_and_next(client, assignment, HTTP_IDEMPOTENCY_KEY="k1")
+    replay = vote_and_next(client, assignment, HTTP_IDEMPOTENCY_KEY="k1")
+    assert (first.status_code, replay.status_code) == (201, 200)
+    assert replay.json()["vote"] == first.json()["vote"]
+    assert replay.json()["next"]["assignment"] == first.json()["next"]["assignment"]
+    assert Vote.objects.count() == 1
+    assert Assignment.objects.filter(labeler=alice, status=Assignment.Status.OPEN).count() == 1
+
+
+def test_vote_without_next_answers_only_the_vote(alice, project):
+    client = api_client_for(alice)
+    assignment = claim(client, project).json()["assignment"]
+    response = client.post(f"/api/v1/assignments/{assignment}/vote/?next=0", {"choice": "left"}, format="json")
+    assert response.status_code == 201
+    assert "next" not in response.json()
+    assert not Assignment.objects.filter(labeler=alice, status=Assignment.Status.OPEN).exists()
+
+
+def test_vote_with_next_refused_claims_nothing(alice, bob):
+    project = make_project(pairs=2, overlap=1)
+    alices = claim(api_client_for(alice), project).json()["assignment"]
+    Assignment.objects.filter(pk=alices).update(expires_at=timezone.now() - timedelta(seconds=1))
+    bobs = claim(api_client_for(bob), project).json()["assignment"]
+    api_client_for(bob).post(f"/api/v1/assignments/{bobs}/vote/", {"choice": "left"}, format="json")
+
+    response = vote_and_next(api_client_for(alice), alices)
+    assert response.status_code == 409
+    assert set(response.json()) == {"detail"}
+    assert not Assignment.objects.filter(labeler=alice, expires_at__gt=timezone.now()).exists()
+
+
+def test_vote_with_a_bad_next_is_400_and_casts_nothing(alice, project):
+    client = api_client_for(alice)
+    assignment = claim(client, project).json()["assignment"]
+    response = client.post(f"/api/v1/assignments/{assignment}/vote/?next=maybe", {"choice": "left"}, format="json")
+    assert response.status_code == 400
+    assert "next" in response.json()
+    assert Vote.objects.count() == 0
