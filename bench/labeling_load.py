@@ -2,9 +2,9 @@
 
 What it measures, on a database of its own (dropped and recreated every run):
 
-1. Setup: `manage.py migrate`, N labelers with API tokens, and two projects (overlap 3) with enough
-   synthetic comparisons that no phase runs dry. One probe claim + vote through Django's test
-   client records the SQL each request issues (queries per request, the claim query's text).
+1. Setup, as a new user would start (issue 16): a fresh database, `manage.py migrate`, N labelers
+   with API tokens, and --pairs (4,000) synthetic pairs imported with `manage.py import_pairs`
+   (overlap 3). Nothing else warms the database: no ANALYZE but what the import does itself.
 2. gunicorn (`gunicorn -c gunicorn.conf.py config.wsgi`) on a free loopback port.
 3. N simulated labelers, one keep-alive HTTP/1.1 connection each (raw asyncio streams, no client
    library, so the generator stays cheap on a small machine). One "vote" is one claim
@@ -12,7 +12,9 @@ What it measures, on a database of its own (dropped and recreated every run):
    (`POST /api/v1/assignments/<id>/vote/`, with an Idempotency-Key so a retried vote is safe).
    a. flat out for --duration seconds (after a short warm-up): votes/s and p50/p99 latency of
       claim, vote and claim + vote.
-   b. paced: each labeler starts a vote every N / --paced-rate seconds on a fixed schedule;
+   b. flat out again for --duration seconds with one round trip a vote: the vote asks for the next
+      assignment (`?next=1`), so a claim is sent only when a labeler holds none.
+   c. paced: each labeler starts a vote (claim, then vote) every N / --paced-rate seconds on a fixed schedule;
       achieved votes/s, p50/p99 latency (from the actual start, and from the scheduled start so a
       slow server cannot hide behind late starts) and how many starts were late.
    Every response status is counted per endpoint: 201, 200 (idempotent replay), 204 (nothing
@@ -21,15 +23,19 @@ What it measures, on a database of its own (dropped and recreated every run):
    comparison with more votes than its overlap nor with votes + live leases above it,
    Comparison.vote_count equal to the real count, assignment status in step with its vote, and
    every vote the client saw acknowledged with 201 present in the database.
-5. Ceiling: gunicorn stopped, the same claim + vote transactions (the SQL assignment_claim and
+5. One probe claim + vote (and vote with `?next=1`) through Django's test client records the SQL
+   each request issues (queries per request, the claim query's text, its EXPLAIN ANALYZE).
+6. Ceiling: gunicorn stopped, the same claim + vote transactions (the SQL assignment_claim and
    vote_submit issue, rewritten by hand) run straight through psycopg on N connections spread over
-   a few client processes, flat out for the same duration, on a second project.
-6. A table on stdout and JSON in bench/results/labeling_load.json (machine, parameters, figures).
+   a few client processes, flat out for the same duration, on a second project imported only now
+   (and analyzed, the ceiling's best case), so that the HTTP phases saw the fresh import alone.
+7. A table on stdout and JSON in bench/results/labeling_load.json (machine, parameters, figures):
+   HTTP flat out with two calls and with one, each as a share of the ceiling.
 
 Everything it starts (gunicorn, client processes) is stopped at the end, on error too, and the
 whole run is bounded by --timeout.
 
-    python bench/labeling_load.py [--labelers 100] [--duration 20] [--paced-rate 200]
+    python bench/labeling_load.py [--labelers 100] [--pairs 4000] [--duration 20] [--paced-rate 20]
 """
 
 from __future__ import annotations
@@ -68,6 +74,9 @@ RESULTS = ROOT / "bench" / "results" / "labeling_load.json"
 ACCEPTABLE = frozenset({200, 201, 204, 409})
 CHOICES = ("left", "right", "tie", "both_bad")
 HTTP_SLUG = "bench-http"
+# Flat out with two calls a vote (claim, then vote), then with one (the vote's ?next=1 claims the next pair).
+FLAT_PHASES = ("flat", "flat_one_call")
+HTTP_PHASES = (*FLAT_PHASES, "paced")
 SQL_SLUG = "bench-sql"
 OVERLAP = 3
 REQUEST_TIMEOUT_S = 30.0
@@ -120,27 +129,40 @@ def _text(rng: random.Random, chars: int) -> str:
     return " ".join(words)
 
 
+def synthetic_pairs(count: int, text_chars: int) -> list[dict[str, str]]:
+    """Pairs as import lines: distinct prompts and answers of about `text_chars` characters."""
+    rng = random.Random(1)
+    pool = [_text(rng, text_chars) for _ in range(500)]
+    return [
+        {
+            "prompt": f"Prompt {i}: {pool[i % len(pool)][: text_chars // 2]}",
+            "response_a": f"[{i}a] {pool[(i * 7 + 1) % len(pool)]}",
+            "response_b": f"[{i}b] {pool[(i * 13 + 2) % len(pool)]}",
+            "source_a": "policy-a",
+            "source_b": "policy-b",
+        }
+        for i in range(count)
+    ]
+
+
 @dataclass(frozen=True)
 class Seed:
     tokens: list[str]
     labeler_ids: list[int]
     probe_token: str
     http_project_id: int
-    sql_project_id: int
 
 
 def seed(cfg: Config) -> Seed:
-    """Labelers (one shared password hash: hashing N times would take most of a minute), tokens,
-    and the two projects, through the app's own services and models."""
+    """Labelers (one shared password hash: hashing N times would take most of a minute) and tokens,
+    through the app's models, then the labeling project as a new user makes it: `import_pairs`."""
     from django.contrib.auth import get_user_model
     from django.contrib.auth.hashers import make_password
     from django.contrib.auth.models import Group
     from django.db import connection
     from rest_framework.authtoken.models import Token
 
-    from annotation import services
-    from annotation.importing import PairRecord
-    from annotation.models import LABELERS_GROUP
+    from annotation.models import LABELERS_GROUP, Project
 
     user_model = get_user_model()
     group = Group.objects.get_or_create(name=LABELERS_GROUP)[0]
@@ -151,66 +173,84 @@ def seed(cfg: Config) -> Seed:
     membership.objects.bulk_create([membership(user_id=user.pk, group_id=group.pk) for user in users])
     tokens = Token.objects.bulk_create([Token(key=binascii.hexlify(os.urandom(20)).decode(), user=u) for u in users])
 
-    rng = random.Random(1)
-    pool = [_text(rng, cfg.text_chars) for _ in range(500)]
-    project_ids = []
-    for slug, count in ((HTTP_SLUG, cfg.http_comparisons), (SQL_SLUG, cfg.sql_comparisons)):
-        project = services.project_get_or_create(slug=slug, name=slug, overlap=OVERLAP)
-        records = [
-            PairRecord(
-                line=i,
-                prompt=f"Prompt {i}: {pool[i % len(pool)][: cfg.text_chars // 2]}",
-                response_a=f"[{i}a] {pool[(i * 7 + 1) % len(pool)]}",
-                response_b=f"[{i}b] {pool[(i * 13 + 2) % len(pool)]}",
-                source_a="policy-a",
-                source_b="policy-b",
-            )
-            for i in range(count)
-        ]
-        services.pairs_import(project=project, records=records)
-        project_ids.append(project.pk)
-    with connection.cursor() as cursor:
-        cursor.execute("VACUUM ANALYZE")
+    with tempfile.NamedTemporaryFile("w", prefix="bench-pairs-", suffix=".jsonl") as pairs_file:
+        pairs_file.writelines(json.dumps(pair) + "\n" for pair in synthetic_pairs(cfg.http_comparisons, cfg.text_chars))
+        pairs_file.flush()
+        command = ["manage.py", "import_pairs", HTTP_SLUG, pairs_file.name, "--overlap", str(OVERLAP)]
+        subprocess.run([sys.executable, *command], cwd=cfg.app_root, env=app.environment(cfg.db_url), check=True)
+    http_project_id = Project.objects.get(slug=HTTP_SLUG).pk
     connection.close()
     return Seed(
         tokens=[t.key for t in tokens[:-1]],
         labeler_ids=[u.pk for u in users[:-1]],
         probe_token=tokens[-1].key,
-        http_project_id=project_ids[0],
-        sql_project_id=project_ids[1],
+        http_project_id=http_project_id,
     )
+
+
+def seed_ceiling_project(cfg: Config) -> int:
+    """The ceiling's own project, imported after the HTTP phases (which saw the fresh import alone),
+    then analyzed with the rest of the database: the ceiling is the best case."""
+    from django.db import connection
+
+    from annotation import services
+    from annotation.importing import PairRecord
+
+    project = services.project_get_or_create(slug=SQL_SLUG, name=SQL_SLUG, overlap=OVERLAP)
+    pairs = synthetic_pairs(cfg.sql_comparisons, cfg.text_chars)
+    records = [
+        PairRecord(line=i, prompt=pair["prompt"], response_a=pair["response_a"], response_b=pair["response_b"],
+                   source_a=pair["source_a"], source_b=pair["source_b"])
+        for i, pair in enumerate(pairs)
+    ]  # fmt: skip
+    services.pairs_import(project=project, records=records)
+    with connection.cursor() as cursor:
+        cursor.execute("VACUUM ANALYZE")
+    connection.close()
+    return project.pk
 
 
 @dataclass
 class Probe:
     claim_queries: list[str]
     vote_queries: list[str]
+    vote_next_queries: list[str]  # a vote with ?next=1, which claims the next pair too
     claim_sql: str  # the candidate query, for EXPLAIN ANALYZE later
 
 
 def probe_queries(token: str) -> Probe:
-    """One claim + vote through Django's test client, recording every statement."""
+    """A claim, a vote, and a vote with ?next=1 through Django's test client, recording every statement."""
     from django.db import connection
     from django.test import Client
     from django.test.utils import CaptureQueriesContext
 
     client = Client(HTTP_HOST="127.0.0.1", HTTP_AUTHORIZATION=f"Token {token}")
-    with CaptureQueriesContext(connection) as claim:
-        response = client.post(f"/api/v1/projects/{HTTP_SLUG}/assignments/")
-    assert response.status_code == 201, response.content
-    assignment = response.json()["assignment"]
-    with CaptureQueriesContext(connection) as vote:
+
+    def vote(assignment: int, query: str, key: str) -> Any:
         response = client.post(
-            f"/api/v1/assignments/{assignment}/vote/",
+            f"/api/v1/assignments/{assignment}/vote/{query}",
             data={"choice": "left", "strength": 2},
             content_type="application/json",
-            HTTP_IDEMPOTENCY_KEY="probe-1",
+            HTTP_IDEMPOTENCY_KEY=key,
         )
+        assert response.status_code == 201, response.content
+        return response.json()
+
+    # Each list is read as soon as its request is done: a request outside a capture clears the log.
+    with CaptureQueriesContext(connection) as captured:
+        response = client.post(f"/api/v1/projects/{HTTP_SLUG}/assignments/")
     assert response.status_code == 201, response.content
-    claim_queries = [q["sql"] for q in claim.captured_queries]
+    claim_queries = [q["sql"] for q in captured.captured_queries]
+    with CaptureQueriesContext(connection) as captured:
+        vote(response.json()["assignment"], "", "probe-1")
+    vote_queries = [q["sql"] for q in captured.captured_queries]
+    response = client.post(f"/api/v1/projects/{HTTP_SLUG}/assignments/")
+    with CaptureQueriesContext(connection) as captured:
+        assert vote(response.json()["assignment"], "?next=1", "probe-2")["next"] is not None
+    vote_next_queries = [q["sql"] for q in captured.captured_queries]
     candidate = next(q for q in claim_queries if "SKIP LOCKED" in q)
     connection.close()
-    return Probe(claim_queries, [q["sql"] for q in vote.captured_queries], candidate)
+    return Probe(claim_queries, vote_queries, vote_next_queries, candidate)
 
 
 def explain_claim(cfg: Config, claim_sql: str) -> str:
@@ -370,6 +410,7 @@ class HttpConnection:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.reconnects = 0
+        self.next_assignment: int | None = None  # handed out by the last vote's ?next=1
 
     async def _connect(self) -> None:
         self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
@@ -466,27 +507,33 @@ class PhaseStats:
             self.errors += 1
 
 
-async def one_vote(conn: HttpConnection, stats: PhaseStats, rng: random.Random) -> bool:
-    """Claim, then vote. Returns False when the project had nothing left for this labeler."""
-    t0 = time.perf_counter()
-    try:
-        status, body = await conn.post(f"/api/v1/projects/{HTTP_SLUG}/assignments/")
-    except Exception as error:  # noqa: BLE001 - counted, the run goes on
-        stats.record("claim", type(error).__name__)
-        return True
-    t1 = time.perf_counter()
-    stats.record("claim", status)
-    stats.claim_ms.append((t1 - t0) * 1000)
-    if status == 204:
-        stats.dry += 1
-        return False
-    if status != 201:
-        return True
-    assignment = json.loads(body)["assignment"]
+async def one_vote(conn: HttpConnection, stats: PhaseStats, rng: random.Random, one_call: bool = False) -> bool:
+    """Claim, then vote. With `one_call` the vote asks for the next assignment (`?next=1`) and the
+    claim is sent only when the labeler holds none from the vote before. Returns False when the
+    project had nothing left for this labeler."""
+    t0 = t1 = time.perf_counter()
+    assignment = conn.next_assignment if one_call else None
+    conn.next_assignment = None
+    if assignment is None:
+        try:
+            status, body = await conn.post(f"/api/v1/projects/{HTTP_SLUG}/assignments/")
+        except Exception as error:  # noqa: BLE001 - counted, the run goes on
+            stats.record("claim", type(error).__name__)
+            return True
+        t1 = time.perf_counter()
+        stats.record("claim", status)
+        stats.claim_ms.append((t1 - t0) * 1000)
+        if status == 204:
+            stats.dry += 1
+            return False
+        if status != 201:
+            return True
+        assignment = json.loads(body)["assignment"]
     payload = json.dumps({"choice": rng.choice(CHOICES), "strength": rng.randint(1, 3)}).encode()
     key = b"Idempotency-Key: " + uuid.uuid4().hex.encode() + b"\r\n"
+    query = "?next=1" if one_call else ""
     try:
-        status, body = await conn.post(f"/api/v1/assignments/{assignment}/vote/", payload, key)
+        status, body = await conn.post(f"/api/v1/assignments/{assignment}/vote/{query}", payload, key)
     except Exception as error:  # noqa: BLE001
         stats.record("vote", type(error).__name__)
         return True
@@ -495,21 +542,28 @@ async def one_vote(conn: HttpConnection, stats: PhaseStats, rng: random.Random) 
     stats.vote_ms.append((t2 - t1) * 1000)
     stats.total_ms.append((t2 - t0) * 1000)
     if status in (200, 201):
+        answer = json.loads(body)
         stats.votes += status == 201
-        stats.vote_ids.append(json.loads(body)["vote"])
+        stats.vote_ids.append(answer["vote"])
+        if one_call:
+            following = answer["next"]
+            if following is None:
+                stats.dry += 1
+                return False
+            conn.next_assignment = following["assignment"]
     elif status == 409:
         stats.refused += 1
     return True
 
 
-async def flat_out(conns: list[HttpConnection], seconds: float, name: str) -> PhaseStats:
+async def flat_out(conns: list[HttpConnection], seconds: float, name: str, one_call: bool = False) -> PhaseStats:
     stats = PhaseStats(name)
     start = time.perf_counter()
     end = start + seconds
 
     async def labeler(conn: HttpConnection, rng: random.Random) -> None:
         while time.perf_counter() < end:
-            if not await one_vote(conn, stats, rng):
+            if not await one_vote(conn, stats, rng, one_call):
                 await asyncio.sleep(0.05)
 
     await _run_labelers([labeler(c, random.Random(i)) for i, c in enumerate(conns)], seconds)
@@ -578,12 +632,14 @@ async def http_phases(cfg: Config, server: Server, seed_: Seed) -> tuple[list[Ph
     try:
         if cfg.warmup > 0:
             phases.append(await flat_out(conns, cfg.warmup, "warmup"))
-        log(f"flat out {cfg.duration} s")
-        phases.append(await _measured(server, flat_out(conns, cfg.duration, "flat")))
-        for name in ("flat", "paced"):
+        for name in HTTP_PHASES:
             if name == "paced":
                 log(f"paced {cfg.paced_rate}/s for {cfg.paced_duration} s")
                 phases.append(await _measured(server, paced(conns, cfg.paced_duration, cfg.paced_rate)))
+            else:
+                log(f"{name}: flat out {cfg.duration} s")
+                one_call = name == "flat_one_call"
+                phases.append(await _measured(server, flat_out(conns, cfg.duration, name, one_call)))
             reconnects = sum(c.reconnects for c in conns)
             phases[-1].reconnects = reconnects - sum(p.reconnects for p in phases[:-1])
             acked = [i for p in phases for i in p.vote_ids]
@@ -733,7 +789,8 @@ async def _ceiling_vote(conn: psycopg.AsyncConnection[Any], labeler: int, assign
         vote_params = {"comparison_id": comparison, "labeler_id": labeler, "assignment_id": assignment,
                        "choice": canonical.get(choice, choice), "winner_id": {"left": left, "right": right}.get(choice),
                        "strength": random.randint(1, 3), "shown_left_id": left, "rationale": "", "flags": "[]",
-                       "time_spent_ms": spent, "idempotency_key": key, "created_at": now}  # fmt: skip
+                       "time_spent_ms": spent, "idempotency_key": key, "created_at": now, "source": "human",
+                       "judgment": None}  # fmt: skip
         vote = await (await conn.execute(sql.INSERT_VOTE, vote_params)).fetchone()
         assert vote is not None
         await conn.execute(sql.COUNT_VOTE, {"comparison": comparison})
@@ -792,7 +849,7 @@ def ceiling_connections(cfg: Config) -> int:
     return max(1, min(wanted, free, cfg.labelers))
 
 
-def run_ceiling(cfg: Config, seed_: Seed) -> tuple[CeilingResult, float, int]:
+def run_ceiling(cfg: Config, seed_: Seed, project_id: int) -> tuple[CeilingResult, float, int]:
     connections = ceiling_connections(cfg)
     labelers = seed_.labeler_ids[:connections]
     procs = min(cfg.ceiling_procs, connections)
@@ -802,7 +859,7 @@ def run_ceiling(cfg: Config, seed_: Seed) -> tuple[CeilingResult, float, int]:
     with context.Pool(procs) as pool:
         pending = pool.starmap_async(
             ceiling_worker,
-            [(cfg.db_url, seed_.sql_project_id, share, start_at, cfg.duration) for share in shares],
+            [(cfg.db_url, project_id, share, start_at, cfg.duration) for share in shares],
         )
         time.sleep(max(0.0, start_at - time.time()))
         before = cpu_snapshot(None)
@@ -865,15 +922,15 @@ def print_table(result: dict[str, Any]) -> None:
         return "-" if value is None else str(value)
 
     print()
-    print(f"{'phase':<8} {'votes/s':>8} {'votes':>7} {'409':>5} {'204':>5} {'err':>4}  "
+    print(f"{'phase':<13} {'votes/s':>8} {'votes':>7} {'409':>5} {'204':>5} {'err':>4}  "
           f"{'claim p50/p99':>15} {'vote p50/p99':>15} {'claim+vote p50/p99':>19}")  # fmt: skip
-    for name in ("flat", "paced"):
+    for name in HTTP_PHASES:
         p = result["http"][name]
         cols = [f"{fmt(p[k]['p50_ms'])}/{fmt(p[k]['p99_ms'])}" for k in ("claim", "vote", "claim_plus_vote")]
-        print(f"{name:<8} {p['votes_per_s']:>8} {p['votes']:>7} {p['refused_409']:>5} {p['dry_204']:>5} "
+        print(f"{name:<13} {p['votes_per_s']:>8} {p['votes']:>7} {p['refused_409']:>5} {p['dry_204']:>5} "
               f"{p['errors']:>4}  {cols[0]:>15} {cols[1]:>15} {cols[2]:>19}")  # fmt: skip
     paced_ = result["http"]["paced"]
-    for name in ("flat", "paced"):
+    for name in HTTP_PHASES:
         print(f"{name} CPU: {result['http'][name]['cpu']}")
     scheduled = paced_["claim_plus_vote_from_schedule"]
     print(
@@ -881,7 +938,7 @@ def print_table(result: dict[str, Any]) -> None:
         f"starts late (>{LATE_TOLERANCE_MS:.0f} ms), {paced_['missed_starts']} missed, "
         f"from schedule p50/p99 {scheduled['p50_ms']}/{scheduled['p99_ms']} ms"
     )
-    for name in ("flat", "paced"):
+    for name in HTTP_PHASES:
         if result["http"][name]["errors"]:
             print(f"{name} statuses: {result['http'][name]['statuses']}")
     for name, label in (("ceiling", "ceiling, the app's SQL"),):
@@ -892,9 +949,11 @@ def print_table(result: dict[str, Any]) -> None:
                   f"{c['claim_plus_vote']['p50_ms']}/{c['claim_plus_vote']['p99_ms']} ms, "
                   f"dry {c['dry']}, errors {c['errors']}; CPU {c['cpu']}")  # fmt: skip
     if "http_to_ceiling_ratio" in result:
-        print(f"HTTP flat / ceiling: {result['http_to_ceiling_ratio']}")
-    print(f"queries per request: claim {result['queries_per_request']['claim']}, "
-          f"vote {result['queries_per_request']['vote']}")  # fmt: skip
+        print(f"HTTP flat / ceiling: two calls a vote {result['http_to_ceiling_ratio']}, "
+              f"one call a vote (?next=1) {result['http_one_call_to_ceiling_ratio']}")  # fmt: skip
+    queries = result["queries_per_request"]
+    print(f"queries per request: claim {queries['claim']}, vote {queries['vote']}, "
+          f"vote with ?next=1 {queries['vote_with_next']}")  # fmt: skip
     for name, found in result["invariants"].items():
         print(f"invariants after {name}: {found['violations']} violations {found}")
     print(f"total invariant violations: {result['invariant_violations']}")
@@ -912,7 +971,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--labelers", type=int, default=100, help="concurrent simulated labelers (default 100)")
     parser.add_argument("--duration", type=float, default=20, help="seconds of the flat-out and ceiling phases")
     parser.add_argument("--warmup", type=float, default=3, help="seconds flat out before measuring (default 3)")
-    parser.add_argument("--paced-rate", type=float, default=200, help="votes/s offered in the paced phase")
+    parser.add_argument("--paced-rate", type=float, default=20, help="votes/s offered in the paced phase (default 20)")
     parser.add_argument("--paced-duration", type=float, help="seconds of the paced phase (default: --duration)")
     parser.add_argument("--ceiling-connections", type=int, help="psycopg connections (default: --labelers, "
                         "capped by the server's free connection slots)")  # fmt: skip
@@ -921,19 +980,21 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--database", default="flywheel_bench", help="dropped and recreated (default flywheel_bench)")
     parser.add_argument("--admin-url", default=app.ADMIN_URL)
     parser.add_argument("--text-chars", type=int, default=600, help="characters per synthetic response")
-    parser.add_argument("--comparisons", type=int, help="comparisons per project (default: enough for the run)")
+    parser.add_argument("--pairs", type=int, default=4000, help="pairs imported with import_pairs for the HTTP "
+                        "phases (default 4000)")  # fmt: skip
+    parser.add_argument("--comparisons", type=int, help="comparisons of the ceiling's project (default: enough for "
+                        "the run)")  # fmt: skip
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--app-root", type=Path, default=ROOT, help="checkout of the app to benchmark (default: "
                         "this one); gunicorn.conf.py is always this checkout's")  # fmt: skip
     parser.add_argument("--timeout", type=float, help="hard limit for the whole run in seconds")
     args = parser.parse_args(argv)
     paced_duration = args.paced_duration if args.paced_duration is not None else args.duration
-    # Generous upper bounds: 700 votes/s over HTTP, 3000 votes/s for the ceiling, each comparison
-    # takes `OVERLAP` votes, plus a lease's worth per labeler.
-    http_votes = 700 * (args.duration + args.warmup) + args.paced_rate * paced_duration * 1.5
-    http_comparisons = args.comparisons or int(http_votes / OVERLAP) + 2 * args.labelers + 1000
+    # A generous upper bound: 3000 votes/s for the ceiling, each comparison takes `OVERLAP` votes,
+    # plus a lease's worth per labeler. The HTTP phases get the issue's import as it is: a claim
+    # answered 204 (counted as dry) says it ran out.
     sql_comparisons = args.comparisons or int(2 * 3000 * args.duration / OVERLAP) + 2 * args.labelers + 1000
-    timeout = args.timeout or 240 + 3 * args.duration + args.warmup + paced_duration
+    timeout = args.timeout or 300 + 4 * args.duration + args.warmup + paced_duration
     return Config(
         labelers=args.labelers,
         duration=args.duration,
@@ -945,7 +1006,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         database=args.database,
         admin_url=args.admin_url,
         text_chars=args.text_chars,
-        http_comparisons=http_comparisons,
+        http_comparisons=args.pairs,
         sql_comparisons=sql_comparisons,
         skip_ceiling=args.skip_ceiling,
         output=args.output.resolve(),
@@ -973,10 +1034,8 @@ def main(argv: list[str] | None = None) -> int:
             app.migrate(cfg.db_url, cfg.app_root)
             os.environ.update(app.environment(cfg.db_url))
             app.django_setup(cfg.app_root)
-            log(f"seeding {cfg.labelers} labelers, {cfg.http_comparisons} + {cfg.sql_comparisons} comparisons")
+            log(f"seeding {cfg.labelers} labelers; import_pairs of {cfg.http_comparisons} pairs")
             seed_ = seed(cfg)
-            probe = probe_queries(seed_.probe_token)
-            result["queries_per_request"] = {"claim": len(probe.claim_queries), "vote": len(probe.vote_queries)}
             result["setup_s"] = round(time.perf_counter() - t, 1)
             log(f"setup done in {result['setup_s']} s; starting gunicorn {result['gunicorn']}")
 
@@ -986,13 +1045,21 @@ def main(argv: list[str] | None = None) -> int:
             result["gunicorn_log_tail"] = server.log_tail(10)
             server.stop()
             result["http"] = {p.name: phase_summary(p) for p in phases}
+            probe = probe_queries(seed_.probe_token)
+            result["queries_per_request"] = {
+                "claim": len(probe.claim_queries),
+                "vote": len(probe.vote_queries),
+                "vote_with_next": len(probe.vote_next_queries),
+            }
             result["explain_claim"] = explain_claim(cfg, probe.claim_sql)
 
             if not cfg.skip_ceiling:
+                log(f"seeding the ceiling's project: {cfg.sql_comparisons} comparisons")
+                sql_project_id = seed_ceiling_project(cfg)
                 acked_sql: list[int] = []
                 for name in ("ceiling",):
                     log(f"{name}: the same transactions through psycopg for {cfg.duration} s")
-                    ceiling, ceiling_s, connections = run_ceiling(cfg, seed_)
+                    ceiling, ceiling_s, connections = run_ceiling(cfg, seed_, sql_project_id)
                     result[name] = {
                         "connections": connections,
                         "processes": min(cfg.ceiling_procs, connections),
@@ -1006,16 +1073,21 @@ def main(argv: list[str] | None = None) -> int:
                         "cpu": cpu_per_vote(ceiling.cpu, ceiling.votes),
                     }
                     acked_sql += ceiling.vote_ids
-                    result["invariants"][name] = check_invariants(cfg, seed_.sql_project_id, acked_sql)
-                result["http_to_ceiling_ratio"] = round(
-                    result["http"]["flat"]["votes_per_s"] / max(result["ceiling"]["votes_per_s"], 0.1), 3
-                )
+                    result["invariants"][name] = check_invariants(cfg, sql_project_id, acked_sql)
+                ceiling_rate = max(result["ceiling"]["votes_per_s"], 0.1)
+                result["http_to_ceiling_ratio"] = round(result["http"]["flat"]["votes_per_s"] / ceiling_rate, 3)
+                one_call = result["http"]["flat_one_call"]["votes_per_s"]
+                result["http_one_call_to_ceiling_ratio"] = round(one_call / ceiling_rate, 3)
             result["invariant_violations"] = sum(v["violations"] for v in result["invariants"].values())
-            result["probe_sql"] = {"claim": probe.claim_queries, "vote": probe.vote_queries}
+            result["probe_sql"] = {
+                "claim": probe.claim_queries,
+                "vote": probe.vote_queries,
+                "vote_with_next": probe.vote_next_queries,
+            }
             print_table(result)
             write_results(cfg.output, result)
             log(f"wrote {cfg.output.relative_to(ROOT) if cfg.output.is_relative_to(ROOT) else cfg.output}")
-            errors = sum(result["http"][name]["errors"] for name in ("flat", "paced"))
+            errors = sum(result["http"][name]["errors"] for name in HTTP_PHASES)
             return 1 if result["invariant_violations"] or errors else 0
     finally:
         if server is not None:
