@@ -266,3 +266,19 @@ def test_vote_with_a_bad_next_is_400_and_casts_nothing(alice, project):
     assert response.status_code == 400
     assert "next" in response.json()
     assert Vote.objects.count() == 0
+
+
+def test_vote_with_next_claims_nothing_in_a_project_the_labeler_can_no_longer_see(alice):
+    from annotation.services import project_access_set
+
+    project = make_project(pairs=3)
+    project_access_set(project=project, members_only=True, add=["alice"])
+    client = api_client_for(alice)
+    assignment = claim(client, project).json()["assignment"]
+    client.post(f"/api/v1/assignments/{assignment}/vote/", {"choice": "left"}, format="json", HTTP_IDEMPOTENCY_KEY="k")
+    project_access_set(project=project, remove=["alice"])
+
+    replay = vote_and_next(client, assignment, HTTP_IDEMPOTENCY_KEY="k")
+    assert replay.status_code == 200
+    assert replay.json()["next"] is None
+    assert not Assignment.objects.filter(labeler=alice, status=Assignment.Status.OPEN).exists()
