@@ -16,7 +16,7 @@ from django.contrib.auth.models import Group, Permission, User
 from django.core.cache import cache
 from django.core.exceptions import ValidationError
 from django.core.files.uploadedfile import UploadedFile
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
 from django.db.backends.base.operations import BaseDatabaseOperations
 from django.dispatch import Signal
 from django.utils import timezone
@@ -291,12 +291,14 @@ def _planner_stats_refresh(*, created: int) -> None:
     """ANALYZE the imported tables when this import alone makes their statistics stale, as autovacuum
     would at its next pass. A round's few samples into a known table are left to autovacuum: ANALYZE
     reads up to 30,000 rows a table, which on a large project costs more than the samples' insert."""
-    stale = _fetch_one(_STATS_STALE, {"created": created, "table": Comparison._meta.db_table})
-    if stale is None or not stale[0]:
-        return
     tables = ", ".join(connection.ops.quote_name(model._meta.db_table) for model in _IMPORTED_TABLES)
-    with connection.cursor() as cursor:
-        cursor.execute(f"ANALYZE {tables}")
+    try:
+        stale = _fetch_one(_STATS_STALE, {"created": created, "table": Comparison._meta.db_table})
+        if stale is not None and stale[0]:
+            with connection.cursor() as cursor:
+                cursor.execute(f"ANALYZE {tables}")
+    except DatabaseError as error:  # the pairs are committed: say so, and leave the statistics to autovacuum
+        logger.warning("ANALYZE after an import of %s pairs failed, autovacuum catches up: %r", created, error)
 
 
 def _origin(record: PairRecord, round_number: int | None) -> str:

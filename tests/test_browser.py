@@ -58,6 +58,8 @@ def page(live_server, monkeypatch):
 
 def log_in(page: Page, live_server, username: str) -> None:
     page.goto(f"{live_server.url}/accounts/login/")
+    # Autofocus lands at the first rendering after "load": on a busy machine, typing can come first.
+    page.locator("#id_username").focus()
     page.keyboard.type(username)
     page.keyboard.press("Tab")
     page.keyboard.type(PASSWORD)
