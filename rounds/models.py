@@ -39,12 +39,11 @@ class LeasedRun(models.Model):
     @property
     def time_left(self) -> str:
         """ "about 3 min left" at the pace since it started; empty before there is a pace or once done."""
-        from training.cli import duration, seconds_left
+        from training.cli import time_left
 
         if self.started_at is None or self.finished_at is not None:
             return ""
-        left = seconds_left((timezone.now() - self.started_at).total_seconds(), self.step, self.total_steps)
-        return "" if left is None else f"about {duration(left)} left"
+        return time_left((timezone.now() - self.started_at).total_seconds(), self.step, self.total_steps)
 
     def lease_live(self, now: datetime | None = None) -> bool:
         return self.lease_expires_at is not None and self.lease_expires_at > (now or timezone.now())

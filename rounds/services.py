@@ -129,11 +129,13 @@ def _enqueue(training_round: TrainingRound) -> None:
     transaction.on_commit(lambda: delay_best_effort(round_run_task, training_round.pk))
 
 
-def round_shortfall(project: Project) -> str | None:
+def round_shortfall(project: Project, *, new: int | None = None) -> str | None:
     """What a round of the project waits for, or None when it can train: enough new aggregated
-    comparisons (the trigger), and labeled pairs enough for its reward model."""
+    comparisons (the trigger; `new` when the caller counted them), and labeled pairs enough for its
+    reward model."""
     settings_row = training_settings(project)
-    needed, new = settings_row.min_new_comparisons, new_aggregated_count(project)
+    needed = settings_row.min_new_comparisons
+    new = new_aggregated_count(project) if new is None else new
     missing = [f"{new} of {needed} new aggregated comparisons"] if new < needed else []
     try:
         shortfall = data_shortfall(project, resolved_config(settings_row.reward_overrides))
@@ -145,9 +147,10 @@ def round_shortfall(project: Project) -> str | None:
 def promote_if_ready(training_round: TrainingRound, *, worker: str) -> bool:
     """waiting_for_labels -> training_reward_model once the project has enough new labels."""
     project = training_round.project
-    if round_shortfall(project) is not None:
+    new = new_aggregated_count(project)
+    if round_shortfall(project, new=new) is not None:
         return False
-    needed, new = training_settings(project).min_new_comparisons, new_aggregated_count(project)
+    needed = training_settings(project).min_new_comparisons
     try:
         with transaction.atomic():
             _transition(
@@ -675,13 +678,7 @@ class Progress:
     detail: str = ""
     step: int = 0
     total: int = 0
-    seconds_left: float | None = None
-
-    @property
-    def left(self) -> str:
-        from training.cli import duration
-
-        return "" if self.seconds_left is None else f"about {duration(self.seconds_left)} left"
+    left: str = ""  # "about 3 min left"
 
     def line(self) -> str:
         steps = f" {self.step}/{self.total}" if self.total else ""
@@ -690,19 +687,19 @@ class Progress:
 
 def round_progress(training_round: TrainingRound) -> Progress | None:
     """None once the round is over."""
-    from training.cli import seconds_left
+    from training.cli import time_left
 
-    state, since = training_round.state, training_round.state_since
-    elapsed = lambda: (timezone.now() - since).total_seconds()  # noqa: E731
+    state = training_round.state
+    elapsed = lambda: (timezone.now() - training_round.state_since).total_seconds()  # noqa: E731
     if state == State.WAITING_FOR_LABELS:
         return Progress("waiting for labels", round_shortfall(training_round.project) or "enough: training starts")
     if state == State.TRAINING_REWARD_MODEL:
-        model = training_round.reward_model_id and RewardModel.objects.filter(pk=training_round.reward_model_id).first()
-        if not model or not model.total_steps:
+        model = training_round.reward_model  # refresh_from_db drops it: read afresh after one
+        if model is None or not model.total_steps:
             return Progress("reward model", "loading the labels and the backbone")
         return Progress(
             f"reward model v{model.version}", "", model.step, model.total_steps,
-            seconds_left(elapsed(), model.step, model.total_steps),
+            time_left(elapsed(), model.step, model.total_steps),
         )  # fmt: skip
     if state == State.TRAINING_POLICY:
         name = training_settings(training_round.project).get_algorithm_display()
@@ -710,7 +707,7 @@ def round_progress(training_round: TrainingRound) -> Progress | None:
             return Progress(name, "loading the models")
         return Progress(
             f"{name} steps", "", training_round.step, training_round.total_steps,
-            seconds_left(elapsed(), training_round.step, training_round.total_steps),
+            time_left(elapsed(), training_round.step, training_round.total_steps),
         )  # fmt: skip
     if state == State.SAMPLING:
         count = len(training_round.held_out_prompt_ids)

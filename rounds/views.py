@@ -147,6 +147,10 @@ def round_detail(request: HtmxRequest, slug: str, number: int) -> HttpResponse:
         project__slug=slug,
         number=number,
     )
+    if moved_on := _moved_on(request, training_round.state):
+        return moved_on
+    if request.htmx:  # the polled status: state, progress and figures
+        return render_page(request, "rounds/round.html", _status_context(training_round), partial="status")
     steps = training_round.policy.step_metrics() if training_round.policy else []
     step_labels = [str(row.get("step", index + 1)) for index, row in enumerate(steps)]
     samples = (
@@ -156,10 +160,6 @@ def round_detail(request: HtmxRequest, slug: str, number: int) -> HttpResponse:
         .select_related("prompt", "response_a", "response_b", "aggregate")
         .order_by("id")[:SHOWN_SAMPLES]
     )
-    if moved_on := _moved_on(request, training_round.state):
-        return moved_on
-    if request.htmx:  # the polled status: state, progress and figures
-        return render_page(request, "rounds/round.html", _status_context(training_round), partial="status")
     context = {
         **_status_context(training_round),
         "step_charts": [

@@ -46,9 +46,12 @@ def duration(seconds: float) -> str:
     return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
 
 
-def seconds_left(elapsed: float, done: int, total: int) -> float | None:
-    """The time the rest takes at the pace so far; None before there is a pace."""
-    return elapsed / done * (total - done) if done > 0 and elapsed > 0 else None
+def time_left(elapsed: float, done: int, total: int) -> str:
+    """ "about 3 min left" at the pace so far (`done` of `total` steps in `elapsed` seconds); empty
+    before there is a pace, or once all are done."""
+    if done <= 0 or elapsed <= 0 or done >= total:
+        return ""
+    return f"about {duration(elapsed / done * (total - done))} left"
 
 
 class _Pace:
@@ -66,8 +69,8 @@ def progress_bar(step: int, total: int, text: str) -> None:
     if now - _Pace.drawn < 0.25 and step != total:  # many quick steps: redraw four times a second
         return
     _Pace.drawn = now
-    left = seconds_left(now - _Pace.started, step - _Pace.first_step, total - _Pace.first_step)
-    eta = f" about {duration(left)} left" if left is not None and step < total else ""
+    left = time_left(now - _Pace.started, step - _Pace.first_step, total - _Pace.first_step)
+    eta = f" {left}" if left else ""
     width = 30
     filled = int(width * step / max(total, 1))
     sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{total} {text}{eta}\033[K")
