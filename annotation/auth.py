@@ -11,6 +11,8 @@ from rest_framework.authentication import TokenAuthentication
 from rest_framework.authtoken.models import Token
 from rest_framework.exceptions import AuthenticationFailed
 
+from annotation import access_cache, selectors
+
 
 def token_lifetime() -> timedelta:
     return timedelta(hours=settings.FLYWHEEL_TOKEN_LIFETIME_HOURS)
@@ -34,10 +36,22 @@ def token_revoke(*, user: User) -> None:
 
 
 class ExpiringTokenAuthentication(TokenAuthentication):
-    """DRF's token authentication, refusing a token older than FLYWHEEL_TOKEN_LIFETIME_HOURS."""
+    """DRF's token authentication, refusing a token older than FLYWHEEL_TOKEN_LIFETIME_HOURS. The token,
+    its user and the user's roles come from the access cache when it has them (annotation/access_cache.py
+    says how a change reaches it); the expiry is checked on every request all the same."""
 
     def authenticate_credentials(self, key: str) -> tuple[AbstractBaseUser, Token]:
-        user, token = super().authenticate_credentials(key)
+        cached = access_cache.token_cached(key)
+        if cached is None:
+            user, token = super().authenticate_credentials(key)
+            roles = selectors.user_roles(user)
+            if not token_is_expired(token):
+                access_cache.token_cache_set(token, roles)
+        else:
+            user, token, roles = cached
+            selectors.roles_known(user, roles)
+            if not user.is_active:  # as DRF answers; a deactivation deletes the entry, this is the TTL's window
+                raise AuthenticationFailed("User inactive or deleted.")
         if token_is_expired(token):
             raise AuthenticationFailed("Token has expired; request a new one from /api/v1/auth/token/.")
         return user, token

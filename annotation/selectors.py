@@ -12,6 +12,7 @@ from django.db.models.functions import Coalesce
 from django.http import Http404
 from django.utils import timezone
 
+from annotation import access_cache
 from annotation.models import (
     ADMINS_GROUP,
     AI_LABELERS_GROUP,
@@ -20,19 +21,30 @@ from annotation.models import (
     Assignment,
     Comparison,
     Project,
+    Prompt,
+    Response,
     Vote,
 )
 
 
 def _roles(user: User) -> set[str]:
     """The user's groups, read once per user object (that is, once per request): a labeling
-    request checks access in several places."""
+    request checks access in several places. Token authentication brings them from the access
+    cache (roles_known)."""
     roles = getattr(user, "_flywheel_roles", None)
     if roles is None:
         names = [LABELERS_GROUP, ADMINS_GROUP, AI_LABELERS_GROUP]
         roles = set(user.groups.filter(name__in=names).values_list("name", flat=True))
-        user._flywheel_roles = roles  # type: ignore[attr-defined]  # a per-request cache on the user object
+        roles_known(user, roles)
     return roles
+
+
+def user_roles(user: User) -> set[str]:
+    return set(_roles(user))
+
+
+def roles_known(user: User, roles: set[str]) -> None:
+    user._flywheel_roles = roles  # type: ignore[attr-defined]  # a per-request cache on the user object
 
 
 def labeler_or_none(user: User | AnonymousUser) -> User | None:
@@ -82,12 +94,23 @@ def projects_for_labeler(*, user: User) -> QuerySet[Project]:
 def project_for_labeler(*, user: User | AnonymousUser, slug: str) -> Project:
     """The project when the user may label in it; 403 for a non-labeler, and 404, as for a project
     that does not exist, when it is members-only and they are not a member, so that its name and
-    existence stay hidden."""
+    existence stay hidden. As projects_for_labeler decides, from the access cache."""
     labeler = labeler_required(user)
-    try:
-        return projects_for_labeler(user=labeler).get(slug=slug)
-    except Project.DoesNotExist:
-        raise Http404("No such project.") from None
+    project = _visible(labeler, access_cache.project_cached(slug=slug))
+    if project is None:
+        raise Http404("No such project.")
+    return project
+
+
+def project_for_labeler_or_none(*, user: User, project_id: int) -> Project | None:
+    """The project by id when the labeler may see it (project_for_labeler's rule), else None."""
+    return _visible(user, access_cache.project_cached(project_id=project_id))
+
+
+def _visible(labeler: User, project: Project | None) -> Project | None:
+    if project is None or not project.members_only or admin_or_none(labeler) is not None:
+        return project
+    return project if labeler.pk in access_cache.project_member_ids(project) else None
 
 
 def assignment_current(*, project: Project, labeler: User) -> Assignment | None:
@@ -132,10 +155,55 @@ def labeler_progress(*, project: Project, labeler: User) -> Progress:
     )
 
 
+# assignment_for_display's tables, each model's columns in its own order. One hand-written join: the
+# claim answers with it on every labeling request, and compiling the ORM's select_related for it cost
+# more CPU than the rest of the claim (bench/labeling_load.py).
+_DISPLAY_JOIN = (
+    ("a", Assignment, ""),
+    ("c", Comparison, "c.id = a.comparison_id"),
+    ("pr", Prompt, "pr.id = c.prompt_id"),
+    ("ra", Response, "ra.id = c.response_a_id"),
+    ("rb", Response, "rb.id = c.response_b_id"),
+    ("p", Project, "p.id = c.project_id"),
+)
+_ASSIGNMENT_FOR_DISPLAY = "SELECT {columns} FROM {tables} WHERE a.id = %(assignment)s".format(
+    columns=", ".join(
+        f'{alias}."{field.column}"' for alias, model, _ in _DISPLAY_JOIN for field in model._meta.concrete_fields
+    ),
+    tables=" JOIN ".join(
+        f"{model._meta.db_table} {alias}" + (f" ON {on}" if on else "") for alias, model, on in _DISPLAY_JOIN
+    ),
+)
+
+
 def assignment_for_display(*, assignment_id: int) -> Assignment:
-    return Assignment.objects.select_related(
-        "comparison__prompt", "comparison__response_a", "comparison__response_b", "comparison__project"
-    ).get(pk=assignment_id)
+    """The assignment with its comparison, prompt, both responses and project loaded, as
+    select_related would load them (the backend's converters applied to every column)."""
+    with connection.cursor() as cursor:
+        cursor.execute(_ASSIGNMENT_FOR_DISPLAY, {"assignment": assignment_id})
+        row = cursor.fetchone()
+    if row is None:
+        raise Assignment.DoesNotExist(f"no assignment {assignment_id}")
+    instances: list[Any] = []
+    start = 0
+    for _, model, _ in _DISPLAY_JOIN:
+        fields = model._meta.concrete_fields
+        columns = row[start : start + len(fields)]
+        values = [_from_db_value(field, value) for field, value in zip(fields, columns, strict=True)]
+        instances.append(model.from_db(connection.alias, [field.attname for field in fields], values))
+        start += len(fields)
+    assignment, comparison, prompt, response_a, response_b, project = instances
+    comparison.prompt, comparison.response_a, comparison.response_b, comparison.project = (
+        prompt, response_a, response_b, project,
+    )  # fmt: skip
+    assignment.comparison = comparison
+    return assignment
+
+
+def _from_db_value(field: Any, value: Any) -> Any:
+    for converter in connection.ops.get_db_converters(field.cached_col) + field.get_db_converters(connection):
+        value = converter(value, field.cached_col, connection)
+    return value
 
 
 @dataclass(frozen=True)

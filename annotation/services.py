@@ -468,11 +468,11 @@ def vote_submit(
         # A suggestion takes no overlap slot: the people's votes still fill the comparison.
         takes_a_slot = not (source == "ai" and ai_votes == "suggest")
         if idempotency_key:
-            earlier = Vote.objects.filter(labeler=labeler, idempotency_key=idempotency_key).first()
+            earlier = _fetch_one(sql.VOTE_BY_KEY, {"labeler": labeler.pk, "idempotency_key": idempotency_key})
             if earlier is not None:
-                if earlier.assignment_id != assignment_id:
+                if earlier[1] != assignment_id:
                     raise IdempotencyKeyReused("this Idempotency-Key was already used for another assignment")
-                return earlier, False
+                return Vote.objects.get(pk=earlier[0]), False
         if status == Assignment.Status.VOTED:
             raise AlreadyVoted("you have already voted on this comparison")
         live = status == Assignment.Status.OPEN and _from_db_time(expires_at) > now
@@ -531,6 +531,8 @@ def vote_submit(
                     raise IdempotencyKeyReused("this Idempotency-Key was already used for another assignment")
                 raise AlreadyVoted("you have already voted on this comparison")
             vote.pk = inserted[0]
+            # What the API's ?next=1 reads of the comparison, known here; its other fields load if read.
+            vote.comparison = Comparison.from_db(connection.alias, ["id", "project_id"], [comparison_id, project_id])
             if takes_a_slot:
                 cursor.execute(sql.COUNT_VOTE, {"comparison": comparison_id})
             cursor.execute(sql.MARK_VOTED, {"assignment": assignment_id})

@@ -104,6 +104,12 @@ INSERT_VOTE = """
     RETURNING id
 """
 
+# An earlier vote with the labeler's idempotency key (annotation_vote's unique constraint on the two).
+VOTE_BY_KEY = """
+    SELECT id, assignment_id FROM annotation_vote
+    WHERE labeler_id = %(labeler)s AND idempotency_key = %(idempotency_key)s
+"""
+
 COUNT_VOTE = "UPDATE annotation_comparison SET vote_count = vote_count + 1 WHERE id = %(comparison)s"
 
 MARK_VOTED = "UPDATE annotation_assignment SET status = 'voted' WHERE id = %(assignment)s"

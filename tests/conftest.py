@@ -69,6 +69,15 @@ def _celery_configured_before_any_override():
     assert app.conf.task_always_eager is not None
 
 
+@pytest.fixture(autouse=True)
+def _empty_cache():
+    """Each test starts with an empty cache: the access cache (annotation/access_cache.py) keys projects
+    by slug and id, which the next test's rolled-back database may hand out again."""
+    from django.core.cache import cache
+
+    cache.clear()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _require_postgresql(django_db_setup, django_db_blocker):
     with django_db_blocker.unblock():
