@@ -3,6 +3,7 @@ from collections.abc import Callable
 
 import psycopg
 from django.conf import settings
+from django.contrib.messages import middleware as messages_middleware
 from django.core.exceptions import BadRequest, PermissionDenied, RequestDataTooBig, SuspiciousOperation
 from django.db import InterfaceError, OperationalError
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
@@ -84,3 +85,12 @@ def database_unavailable(*, api: bool) -> HttpResponse:
         response = HttpResponse(render_to_string("503.html"), status=503)
     response["Retry-After"] = str(RETRY_AFTER_SECONDS)
     return response
+
+
+class MessageMiddleware(messages_middleware.MessageMiddleware):
+    """Django's, for the pages only: the API shows no messages, and setting up their storage was a few
+    per cent of a labeling request's CPU (bench/labeling_load.py)."""
+
+    def process_request(self, request: HttpRequest) -> None:
+        if not request.path.startswith("/api/"):
+            super().process_request(request)

@@ -53,7 +53,7 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
-    "django.contrib.messages.middleware.MessageMiddleware",
+    "config.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
 ]
@@ -282,7 +282,7 @@ AUTH_PASSWORD_VALIDATORS = [*AUTH_PASSWORD_VALIDATORS, {"NAME": "annotation.auth
 # How long a token's user, their groups and a project's access are kept in the cache (annotation/access_cache.py):
 # every change that sends a model signal deletes its entry at once, in every process when the cache is Redis;
 # without Redis each process has its own cache, and this bounds how late another process sees a change. 0: off.
-FLYWHEEL_AUTH_CACHE_SECONDS = env_int("FLYWHEEL_AUTH_CACHE_SECONDS", 10, minimum=0)
+FLYWHEEL_AUTH_CACHE_SECONDS = env_int("FLYWHEEL_AUTH_CACHE_SECONDS", 30, minimum=0)
 SPECTACULAR_SETTINGS["SERVE_PERMISSIONS"] = ["rest_framework.permissions.IsAuthenticated"]
 # The password-reset pages are served only when mail can be sent (config/urls.py).
 EMAIL_HOST = env_str("EMAIL_HOST") or ""

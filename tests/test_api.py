@@ -7,8 +7,10 @@ import pytest
 from django.db import connection
 from django.test import Client
 from django.utils import timezone
+from rest_framework.exceptions import ValidationError
 from rest_framework.test import APIClient
 
+from annotation.api import VoteAPI, vote_input
 from annotation.models import Assignment, Vote
 from tests.factories import PASSWORD, api_client_for, make_project
 
@@ -282,3 +284,27 @@ def test_vote_with_next_claims_nothing_in_a_project_the_labeler_can_no_longer_se
     assert replay.status_code == 200
     assert replay.json()["next"] is None
     assert not Assignment.objects.filter(labeler=alice, status=Assignment.Status.OPEN).exists()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"choice": "left"},
+        {"choice": "both_bad", "strength": 3},
+        {"choice": "tie", "strength": 1},
+        {"choice": "right", "strength": True},
+        {"choice": "right", "strength": "2"},
+        {"choice": "right", "strength": 2.0},
+        {"choice": "left", "strength": 4},
+        {"choice": "Left"},
+        {"choice": "left", "rationale": "  why  ", "flags": ["unsure"]},
+    ],
+)
+def test_the_vote_inputs_shortcut_answers_as_the_serializer(body):
+    serializer = VoteAPI.InputSerializer(data=body)
+    if serializer.is_valid():
+        assert vote_input(body) == serializer.validated_data
+    else:
+        with pytest.raises(ValidationError) as refused:
+            vote_input(body)
+        assert refused.value.detail == serializer.errors
