@@ -172,6 +172,12 @@ class Assignment(models.Model):
         indexes = [
             models.Index(fields=["comparison", "status", "expires_at"], name="assignment_live"),
             models.Index(fields=["labeler", "status"], name="assignment_by_labeler"),
+            # The claim's NOT IN (annotation/sql.py CANDIDATE): what a labeler is done with, index-only.
+            models.Index(
+                fields=["labeler", "comparison"],
+                condition=Q(status__in=["voted", "skipped"]),
+                name="assignment_done_by_labeler",
+            ),
         ]
 
     def __str__(self) -> str:
