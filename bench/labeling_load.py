@@ -36,6 +36,11 @@ Everything it starts (gunicorn, client processes) is stopped at the end, on erro
 whole run is bounded by --timeout.
 
     python bench/labeling_load.py [--labelers 100] [--pairs 4000] [--duration 20] [--paced-rate 20]
+
+`--preset 1m` runs the same at 1,000,000 comparisons, built in SQL rather than imported (seed_million):
+nearly all full, and a veteran labeler whose 50,000 votes are on the comparisons the claim sorts first.
+The claim's EXPLAIN (ANALYZE, BUFFERS) plans for a new labeler and for the veteran go to
+bench/results/labeling_load_1m_plans.txt; the ceiling labels what the HTTP phases left of the same project.
 """
 
 from __future__ import annotations
@@ -71,6 +76,8 @@ from bench import app  # noqa: E402
 from bench.common import app_commit, log, time_limit, write_results  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "labeling_load.json"
+RESULTS_1M = ROOT / "bench" / "results" / "labeling_load_1m.json"
+PLANS_1M = ROOT / "bench" / "results" / "labeling_load_1m_plans.txt"
 ACCEPTABLE = frozenset({200, 201, 204, 409})
 CHOICES = ("left", "right", "tie", "both_bad")
 HTTP_SLUG = "bench-http"
@@ -103,6 +110,7 @@ class Config:
     http_comparisons: int
     sql_comparisons: int
     skip_ceiling: bool
+    preset: str
     output: Path
     timeout: float
     app_root: Path
@@ -173,12 +181,22 @@ def seed(cfg: Config) -> Seed:
     membership.objects.bulk_create([membership(user_id=user.pk, group_id=group.pk) for user in users])
     tokens = Token.objects.bulk_create([Token(key=binascii.hexlify(os.urandom(20)).decode(), user=u) for u in users])
 
-    with tempfile.NamedTemporaryFile("w", prefix="bench-pairs-", suffix=".jsonl") as pairs_file:
-        pairs_file.writelines(json.dumps(pair) + "\n" for pair in synthetic_pairs(cfg.http_comparisons, cfg.text_chars))
-        pairs_file.flush()
-        command = ["manage.py", "import_pairs", HTTP_SLUG, pairs_file.name, "--overlap", str(OVERLAP)]
-        subprocess.run([sys.executable, *command], cwd=cfg.app_root, env=app.environment(cfg.db_url), check=True)
-    http_project_id = Project.objects.get(slug=HTTP_SLUG).pk
+    if cfg.preset == "1m":
+        veteran = user_model.objects.create(username="bench-veteran", password=password)
+        membership.objects.create(user_id=veteran.pk, group_id=group.pk)
+        fillers = user_model.objects.bulk_create([user_model(username=f"bench-filler{i}", password=password)
+                                                  for i in range(OVERLAP)])  # fmt: skip
+        membership.objects.bulk_create([membership(user_id=user.pk, group_id=group.pk) for user in fillers])
+        Token.objects.create(key=binascii.hexlify(os.urandom(20)).decode(), user=veteran)
+        http_project_id = seed_million(cfg, veteran.pk, [user.pk for user in fillers])
+    else:
+        with tempfile.NamedTemporaryFile("w", prefix="bench-pairs-", suffix=".jsonl") as pairs_file:
+            pairs = synthetic_pairs(cfg.http_comparisons, cfg.text_chars)
+            pairs_file.writelines(json.dumps(pair) + "\n" for pair in pairs)
+            pairs_file.flush()
+            command = ["manage.py", "import_pairs", HTTP_SLUG, pairs_file.name, "--overlap", str(OVERLAP)]
+            subprocess.run([sys.executable, *command], cwd=cfg.app_root, env=app.environment(cfg.db_url), check=True)
+        http_project_id = Project.objects.get(slug=HTTP_SLUG).pk
     connection.close()
     return Seed(
         tokens=[t.key for t in tokens[:-1]],
@@ -186,6 +204,83 @@ def seed(cfg: Config) -> Seed:
         probe_token=tokens[-1].key,
         http_project_id=http_project_id,
     )
+
+
+# --preset 1m: a project of MILLION_COMPARISONS built in SQL (generate_series), not through the ORM or
+# import_pairs, which would take most of an hour here. Nearly every comparison is full; the rest are
+# the queue. A veteran labeler has voted on VETERAN_VOTES comparisons, all of them among the partial
+# ones that sort first in the claim's order (vote_count DESC): the worst case for their claim, which
+# must pass over every one of them.
+MILLION_COMPARISONS = 1_000_000
+VETERAN_VOTES = 50_000
+OPEN_COMPARISONS = 10_000  # no vote yet: what the HTTP phases label
+MILLION_PROMPTS = 1_000
+
+
+def seed_million(cfg: Config, veteran_id: int, filler_ids: list[int]) -> int:
+    """The 1m preset's project: comparisons 1..FULL have OVERLAP votes from the filler labelers, the next
+    VETERAN_VOTES have the veteran's vote and a filler's (vote_count 2), the last OPEN_COMPARISONS none.
+    Votes, assignments and vote_count agree, as the invariants check; then ANALYZE, as an import does."""
+    from annotation import services
+
+    project_id = services.project_get_or_create(slug=HTTP_SLUG, name=HTTP_SLUG, overlap=OVERLAP).pk
+    full = MILLION_COMPARISONS - VETERAN_VOTES - OPEN_COMPARISONS
+    text = _text(random.Random(1), cfg.text_chars)
+    params = {"project": project_id, "prompts": MILLION_PROMPTS, "comparisons": MILLION_COMPARISONS,
+              "full": full, "partial_end": full + VETERAN_VOTES, "veteran": veteran_id, "fillers": filler_ids,
+              "text": text}  # fmt: skip
+    t = time.perf_counter()
+    with psycopg.connect(cfg.db_url) as conn:
+        # Bulk load: no per-row foreign-key triggers (every reference is built valid here).
+        conn.execute("SET session_replication_role = replica")
+        for statement in MILLION_SQL:
+            conn.execute(statement, params)
+        conn.commit()
+        conn.autocommit = True
+        conn.execute("SET session_replication_role = DEFAULT")
+        conn.execute("ANALYZE")
+    log(f"1m preset: {MILLION_COMPARISONS:,} comparisons with their votes built in {time.perf_counter() - t:.0f} s")
+    return project_id
+
+
+MILLION_SQL = [
+    """INSERT INTO annotation_prompt (project_id, text, messages, content_hash)
+       SELECT %(project)s, 'Prompt ' || i || ': ' || left(%(text)s, 300), NULL, md5('prompt' || i)
+       FROM generate_series(1, %(prompts)s) i""",
+    """INSERT INTO annotation_response (prompt_id, text, source)
+       SELECT p.id, '[' || side || '] ' || %(text)s, 'policy-' || side
+       FROM annotation_prompt p CROSS JOIN (VALUES ('a'), ('b')) sides(side)
+       WHERE p.project_id = %(project)s""",
+    # Comparison i takes prompt i mod prompts and its two responses; vote_count as the votes below.
+    """INSERT INTO annotation_comparison (project_id, prompt_id, response_a_id, response_b_id, origin, round,
+                                         gold_choice, meta, content_hash, vote_count, created_at)
+       SELECT %(project)s, p.id, ra.id, rb.id, 'imported', NULL, '', '{}', md5('comparison' || i),
+              CASE WHEN i <= %(full)s THEN 3 WHEN i <= %(partial_end)s THEN 2 ELSE 0 END, now()
+       FROM generate_series(1, %(comparisons)s) i
+       JOIN (SELECT id, row_number() OVER (ORDER BY id) - 1 AS n FROM annotation_prompt
+             WHERE project_id = %(project)s) p ON p.n = i %% %(prompts)s
+       JOIN annotation_response ra ON ra.prompt_id = p.id AND ra.source = 'policy-a'
+       JOIN annotation_response rb ON rb.prompt_id = p.id AND rb.source = 'policy-b'
+       ORDER BY i""",
+    """CREATE TEMP TABLE million_voters AS
+       SELECT c.id AS comparison_id, v.labeler_id
+       FROM (SELECT id, row_number() OVER (ORDER BY id) AS i FROM annotation_comparison
+             WHERE project_id = %(project)s) c
+       CROSS JOIN LATERAL (
+           SELECT unnest(CASE WHEN c.i <= %(full)s THEN %(fillers)s::bigint[]
+                              WHEN c.i <= %(partial_end)s THEN ARRAY[%(veteran)s, (%(fillers)s::bigint[])[1]]
+                              ELSE ARRAY[]::bigint[] END) AS labeler_id) v""",
+    """INSERT INTO annotation_assignment (comparison_id, labeler_id, status, left_is_a, created_at, expires_at)
+       SELECT comparison_id, labeler_id, 'voted', true, now() - interval '1 day', now() - interval '1 day'
+       FROM million_voters ORDER BY comparison_id, labeler_id""",
+    """INSERT INTO annotation_vote (comparison_id, labeler_id, assignment_id, choice, winner_id, strength,
+                                   shown_left_id, rationale, flags, time_spent_ms, idempotency_key, created_at,
+                                   source, judgment)
+       SELECT a.comparison_id, a.labeler_id, a.id, 'a', c.response_a_id, 1, c.response_a_id, '', '[]', 1000,
+              NULL, a.created_at, 'human', NULL
+       FROM annotation_assignment a JOIN annotation_comparison c ON c.id = a.comparison_id
+       WHERE c.project_id = %(project)s ORDER BY a.id""",
+]
 
 
 def seed_ceiling_project(cfg: Config) -> int:
@@ -236,6 +331,10 @@ def probe_queries(token: str) -> Probe:
         assert response.status_code == 201, response.content
         return response.json()
 
+    # A first claim and vote fill the access cache, as every request after a labeler's first finds it.
+    warm = client.post(f"/api/v1/projects/{HTTP_SLUG}/assignments/")
+    assert warm.status_code == 201, warm.content
+    vote(warm.json()["assignment"], "", "probe-0")
     # Each list is read as soon as its request is done: a request outside a capture clears the log.
     with CaptureQueriesContext(connection) as captured:
         response = client.post(f"/api/v1/projects/{HTTP_SLUG}/assignments/")
@@ -251,6 +350,29 @@ def probe_queries(token: str) -> Probe:
     candidate = next(q for q in claim_queries if "SKIP LOCKED" in q)
     connection.close()
     return Probe(claim_queries, vote_queries, vote_next_queries, candidate)
+
+
+def explain_million(cfg: Config, seed_: Seed) -> dict[str, str]:
+    """EXPLAIN (ANALYZE, BUFFERS) of the claim's statements at 1m, as the claim sends them (in a
+    transaction rolled back, as the candidate's row lock would stay otherwise): a labeler new to the
+    project, and the veteran, whose 50,000 votes are all on comparisons that sort first."""
+    with psycopg.connect(cfg.db_url) as conn:
+        veteran = app.fetch_one(conn, "SELECT id FROM auth_user WHERE username = 'bench-veteran'")[0]
+        now = dt.datetime.now(dt.UTC)
+        plans = {}
+        for who, labeler in (("new labeler", seed_.labeler_ids[0]), ("veteran (50,000 votes)", veteran)):
+            params = {"project": seed_.http_project_id, "overlap": OVERLAP, "now": now, "labeler": labeler,
+                      "expires_at": now + dt.timedelta(minutes=10)}  # fmt: skip
+            statements = {
+                "renew": sql.RENEW_CURRENT_LEASE.format(clock=sql.POSTGRESQL_CLOCK),
+                "candidate": sql.CANDIDATE.format(passed_over="", lock="FOR UPDATE OF c SKIP LOCKED"),
+            }
+            for name, statement in statements.items():
+                query = psycopg.ClientCursor(conn).mogrify(statement, params)
+                rows = conn.execute("EXPLAIN (ANALYZE, BUFFERS) " + query).fetchall()
+                conn.rollback()
+                plans[f"{name}, {who}"] = "\n".join(row[0] for row in rows)
+    return plans
 
 
 def explain_claim(cfg: Config, claim_sql: str) -> str:
@@ -977,6 +1099,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
                         "capped by the server's free connection slots)")  # fmt: skip
     parser.add_argument("--ceiling-procs", type=int, default=2, help="client processes for the ceiling")
     parser.add_argument("--skip-ceiling", action="store_true")
+    parser.add_argument("--preset", choices=["4k", "1m"], default="4k", help="4k: --pairs pairs through import_pairs "
+                        "(default); 1m: a project of 1,000,000 comparisons built in SQL, nearly all full, and a "
+                        "veteran labeler with 50,000 votes; the claim's plans go to bench/results/")  # fmt: skip
     parser.add_argument("--database", default="flywheel_bench", help="dropped and recreated (default flywheel_bench)")
     parser.add_argument("--admin-url", default=app.ADMIN_URL)
     parser.add_argument("--text-chars", type=int, default=600, help="characters per synthetic response")
@@ -989,12 +1114,19 @@ def parse_args(argv: list[str] | None = None) -> Config:
                         "this one); gunicorn.conf.py is always this checkout's")  # fmt: skip
     parser.add_argument("--timeout", type=float, help="hard limit for the whole run in seconds")
     args = parser.parse_args(argv)
+    if args.preset == "1m":
+        args.pairs = MILLION_COMPARISONS
+        if args.output == RESULTS:
+            args.output = RESULTS_1M
     paced_duration = args.paced_duration if args.paced_duration is not None else args.duration
     # A generous upper bound: 3000 votes/s for the ceiling, each comparison takes `OVERLAP` votes,
     # plus a lease's worth per labeler. The HTTP phases get the issue's import as it is: a claim
     # answered 204 (counted as dry) says it ran out.
     sql_comparisons = args.comparisons or int(2 * 3000 * args.duration / OVERLAP) + 2 * args.labelers + 1000
-    timeout = args.timeout or 300 + 4 * args.duration + args.warmup + paced_duration
+    # The 1m preset's SQL build takes several minutes on a busy 2-core machine.
+    timeout = args.timeout or 300 + 4 * args.duration + args.warmup + paced_duration + (
+        1500 if args.preset == "1m" else 0
+    )
     return Config(
         labelers=args.labelers,
         duration=args.duration,
@@ -1009,6 +1141,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         http_comparisons=args.pairs,
         sql_comparisons=sql_comparisons,
         skip_ceiling=args.skip_ceiling,
+        preset=args.preset,
         output=args.output.resolve(),
         timeout=timeout,
         app_root=args.app_root.resolve(),
@@ -1039,6 +1172,12 @@ def main(argv: list[str] | None = None) -> int:
             result["setup_s"] = round(time.perf_counter() - t, 1)
             log(f"setup done in {result['setup_s']} s; starting gunicorn {result['gunicorn']}")
 
+            if cfg.preset == "1m":
+                plans = explain_million(cfg, seed_)
+                result["plans_1m"] = {name: plan.splitlines()[-1] for name, plan in plans.items()}
+                PLANS_1M.write_text("".join(f"== {name}\n{plan}\n\n" for name, plan in plans.items()))
+                log(f"claim plans at 1m: {result['plans_1m']}; written to {PLANS_1M.relative_to(ROOT)}")
+
             server = start_gunicorn(cfg)
             log(f"gunicorn answering on 127.0.0.1:{server.port}; warm-up {cfg.warmup} s, flat out {cfg.duration} s")
             phases, result["invariants"] = asyncio.run(http_phases(cfg, server, seed_))
@@ -1055,7 +1194,8 @@ def main(argv: list[str] | None = None) -> int:
 
             if not cfg.skip_ceiling:
                 log(f"seeding the ceiling's project: {cfg.sql_comparisons} comparisons")
-                sql_project_id = seed_ceiling_project(cfg)
+                # At 1m the ceiling labels the same project, what the HTTP phases left of its queue.
+                sql_project_id = seed_.http_project_id if cfg.preset == "1m" else seed_ceiling_project(cfg)
                 acked_sql: list[int] = []
                 for name in ("ceiling",):
                     log(f"{name}: the same transactions through psycopg for {cfg.duration} s")
