@@ -1167,7 +1167,8 @@ def main(argv: list[str] | None = None) -> int:
             app.migrate(cfg.db_url, cfg.app_root)
             os.environ.update(app.environment(cfg.db_url))
             app.django_setup(cfg.app_root)
-            log(f"seeding {cfg.labelers} labelers; import_pairs of {cfg.http_comparisons} pairs")
+            how = "built in SQL" if cfg.preset == "1m" else "through import_pairs"
+            log(f"seeding {cfg.labelers} labelers; {cfg.http_comparisons:,} pairs {how}")
             seed_ = seed(cfg)
             result["setup_s"] = round(time.perf_counter() - t, 1)
             log(f"setup done in {result['setup_s']} s; starting gunicorn {result['gunicorn']}")
