@@ -35,30 +35,41 @@ PROJECT_FIELDS = [field.attname for field in Project._meta.concrete_fields]
 _TOKEN_FIELDS = ["key", "user_id", "created"]
 
 
+# What a deleted token leaves in place of its entry, for one lifetime. Entries are filled with add(),
+# which does not overwrite it: a request that read the token just before it was revoked cannot put it
+# back after the revocation. (Other changes delete their entries; such a late fill of theirs lasts at
+# most one lifetime.)
+_REVOKED = "revoked"
+
+
 def _get(key: str) -> Any:
     if settings.FLYWHEEL_AUTH_CACHE_SECONDS <= 0:
         return None
     try:
-        return cache.get(key)
+        value = cache.get(key)
     except RedisError as error:
         logger.warning("access cache unreadable, reading the database: %r", error)
         return None
+    return None if value == _REVOKED else value
 
 
 def _set(key: str, value: Any) -> None:
     if settings.FLYWHEEL_AUTH_CACHE_SECONDS <= 0:
         return
     try:
-        cache.set(key, value, timeout=settings.FLYWHEEL_AUTH_CACHE_SECONDS)
+        cache.add(key, value, timeout=settings.FLYWHEEL_AUTH_CACHE_SECONDS)
     except RedisError as error:
         logger.warning("access cache not written: %r", error)
 
 
-def _delete(keys: list[str]) -> None:
+def _delete(keys: list[str], *, revoked: bool = False) -> None:
     if not keys:
         return
     try:
-        cache.delete_many(keys)
+        if revoked:
+            cache.set_many(dict.fromkeys(keys, _REVOKED), timeout=max(1, settings.FLYWHEEL_AUTH_CACHE_SECONDS))
+        else:
+            cache.delete_many(keys)
     except RedisError as error:  # unreadable as well, then; what Redis still holds runs out with its lifetime
         logger.warning("access cache entries not deleted, they expire within %s s: %r",
                        settings.FLYWHEEL_AUTH_CACHE_SECONDS, error)  # fmt: skip
@@ -108,8 +119,12 @@ def _forget_tokens_of(user_ids: list[int]) -> None:
     _delete([_token_cache_key(key) for key in keys])
 
 
-def _on_token_change(sender: type, instance: Token, **kwargs: Any) -> None:
+def _on_token_saved(sender: type, instance: Token, **kwargs: Any) -> None:
     _delete([_token_cache_key(instance.key)])
+
+
+def _on_token_deleted(sender: type, instance: Token, **kwargs: Any) -> None:
+    _delete([_token_cache_key(instance.key)], revoked=True)
 
 
 def _on_user_change(sender: type, instance: User, **kwargs: Any) -> None:
@@ -191,8 +206,8 @@ def _on_project_members_change(
 
 def connect() -> None:
     """AppConfig.ready(): the signals that invalidate the cache."""
-    post_save.connect(_on_token_change, sender=Token, dispatch_uid="access_cache_token_save")
-    post_delete.connect(_on_token_change, sender=Token, dispatch_uid="access_cache_token_delete")
+    post_save.connect(_on_token_saved, sender=Token, dispatch_uid="access_cache_token_save")
+    post_delete.connect(_on_token_deleted, sender=Token, dispatch_uid="access_cache_token_delete")
     post_save.connect(_on_user_change, sender=User, dispatch_uid="access_cache_user_save")
     post_delete.connect(_on_user_change, sender=User, dispatch_uid="access_cache_user_delete")
     post_save.connect(_on_group_change, sender=Group, dispatch_uid="access_cache_group_save")

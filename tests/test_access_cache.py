@@ -205,3 +205,15 @@ def test_hand_built_answers_equal_their_serializers(alice):
     voted = vote(client, claimed["assignment"]).json()
     stored = Vote.objects.get(pk=voted["vote"])
     assert voted == vote_answer(stored) == VoteAPI.OutputSerializer(stored).data
+
+
+def test_an_answer_read_before_a_revocation_is_not_cached_after_it(alice):
+    """The race of a request that read the token just before it was revoked: its fill comes after
+    the revocation's delete, and must not bring the token back for a lifetime."""
+    project = make_project(pairs=2)
+    client = api_client_for(alice)
+    token = Token.objects.select_related("user").get(user=alice)
+    token_revoke(user=alice)
+    access_cache.token_cache_set(token, {LABELERS_GROUP})  # the late fill
+    assert access_cache.token_cached(token.key) is None
+    assert claim(client, project).status_code == 401
