@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from training import cli, ppo, reward
+from training import cli, distributed, ppo, reward
 from training.ppo import Prompt
 
 LOSSES = ("dpo", "ipo", "kto")
@@ -61,11 +61,14 @@ class DPOConfig:
         default=False, metadata={"help": "Train LoRA adapters; the reference is the adapter-off policy."}
     )
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank."})
+    fsdp: bool = field(
+        default=False, metadata={"help": "Under torchrun: shard the policy over the ranks (FSDP2), not a copy each."}
+    )
     checkpoint_every: int = field(default=100, metadata={"help": "Steps between resumable checkpoints."})
     seed: int = field(default=42, metadata={"help": "Seed of the data order."})
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
+    def to_json(self, world_size: int = 1) -> str:
+        return json.dumps({**dataclasses.asdict(self), "world_size": world_size}, indent=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +187,7 @@ def collate(
 
 
 def answer_logprobs(
-    model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, answer_mask: torch.Tensor
+    model: PreTrainedModel | torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, answer_mask: torch.Tensor
 ) -> torch.Tensor:
     """Per sequence, the sum of its answer tokens' log-probabilities; prompt and padding add
     nothing. Position ids skip left padding, so left and right padding give the same sums."""
@@ -196,20 +199,25 @@ def answer_logprobs(
 
 @torch.no_grad()
 def reference_logprobs(
-    model: PreTrainedModel, sequences: Sequence[Tokenized], tokenizer: PreTrainedTokenizerBase, batch_size: int
+    model: PreTrainedModel,
+    sequences: Sequence[Tokenized],
+    tokenizer: PreTrainedTokenizerBase,
+    batch_size: int,
+    world: distributed.World = distributed.ALONE,
 ) -> torch.Tensor:
     """Every sequence's answer log-prob under `model`, in one pass before training, so that no
-    reference model stays in memory beside the policy. Batched by length (less padding)."""
+    reference model stays in memory beside the policy. Batched by length (less padding); each rank
+    scores its share and all get every one."""
     device = next(model.parameters()).device
     model.eval()
-    order = sorted(range(len(sequences)), key=lambda index: len(sequences[index].ids))
-    out = torch.zeros(len(sequences))
+    order = world.share(sorted(range(len(sequences)), key=lambda index: len(sequences[index].ids)))
+    out = torch.zeros(len(sequences), dtype=torch.float64)
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
         batch = collate([sequences[i] for i in indices], tokenizer.pad_token_id, tokenizer.padding_side, device)
         with reward.autocast_for(device):
-            out[indices] = answer_logprobs(model, *batch).float().cpu()
-    return out
+            out[indices] = answer_logprobs(model, *batch).double().cpu()
+    return world.sum(out).float()  # each entry was filled on one rank, zero on the others
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,10 +236,12 @@ def ipo_loss(chosen_logratio: torch.Tensor, rejected_logratio: torch.Tensor, bet
     return (chosen_logratio - rejected_logratio - 1 / (2 * beta)) ** 2
 
 
-def kl_reference_point(mismatched_logratio: torch.Tensor) -> torch.Tensor:
-    """KTO's z0: the batch's mean log-ratio over mismatched (prompt, answer) pairs, floored at 0,
-    and held constant (no gradient), as in the KTO paper and TRL."""
-    return mismatched_logratio.detach().mean().clamp(min=0)
+def kl_reference_point(mismatched_logratio: torch.Tensor, world: distributed.World = distributed.ALONE) -> torch.Tensor:
+    """KTO's z0: the batch's mean log-ratio over mismatched (prompt, answer) pairs (over every
+    rank's share), floored at 0, and held constant (no gradient), as in the KTO paper and TRL."""
+    count = mismatched_logratio.new_tensor(float(mismatched_logratio.numel()))
+    total = world.sum(torch.stack([mismatched_logratio.detach().sum(), count]))
+    return (total[0] / total[1]).clamp(min=0)
 
 
 def kto_loss(
@@ -325,11 +335,15 @@ def train(
     """Train the policy and save it (adapters merged) in Hugging Face format in `out`, beside
     dpo_config.json, metrics.jsonl (a row per step) and summary.json. A checkpoint in `out` is
     resumed; `stop_after` ends the run after that many steps, as a killed worker would, leaving
-    the last checkpoint behind."""
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    the last checkpoint behind. Under torchrun every rank runs this on its share of each batch;
+    rank 0 alone writes `out`."""
+    world = distributed.world()
+    device = device or world.device
     kto = config.loss == "kto"
     if config.loss not in LOSSES:
         raise ValueError(f"loss {config.loss!r}: one of {', '.join(LOSSES)}")
+    if config.fsdp and config.lora:
+        raise ValueError("--fsdp with --lora: LoRA's adapters are small enough to train on a whole copy each")
     if kto and config.batch_size < 2:
         raise ValueError(f"batch_size {config.batch_size}: KTO needs 2 or more, its KL term pairs examples up")
     if kto and not preferences.examples():
@@ -339,7 +353,8 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     if (out / "summary.json").exists():  # a redelivered task finds the work done
         return json.loads((out / "summary.json").read_text())
-    (out / "dpo_config.json").write_text(config.to_json())
+    if world.main:
+        (out / "dpo_config.json").write_text(config.to_json(world_size=world.size))
     policy, tokenizer = ppo.load_policy(config.policy, device)
     work = plan(config, preferences, tokenizer)
     checkpoint, metrics_file = out / "checkpoint.pt", out / "metrics.jsonl"
@@ -348,13 +363,18 @@ def train(
     # 1. Reference: every answer scored once by the starting policy, before any adapter exists;
     # a resumed run reads them from its checkpoint, as its policy has moved since.
     reference = (
-        state["reference"] if state else reference_logprobs(policy, work.sequences, tokenizer, 2 * config.batch_size)
+        state["reference"]
+        if state
+        else reference_logprobs(policy, work.sequences, tokenizer, 2 * config.batch_size, world)
     )
     if config.lora:
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank, task_type="CAUSAL_LM")
         policy = get_peft_model(policy, lora)  # type: ignore[assignment]  # it forwards the model's calls
+    # Dropout off (TRL's disable_dropout): at the first step the policy must equal its reference.
+    policy.eval()
+    trainer = world.wrap(policy, fsdp=config.fsdp)  # before the optimizer: FSDP replaces the parameters
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         trainable, lr=config.learning_rate, weight_decay=config.weight_decay, fused=device.type in ("cpu", "cuda")
@@ -362,54 +382,61 @@ def train(
     schedule = linear_schedule(optimizer, len(work.steps), config.warmup_ratio)
     start = 0
     if state:
-        policy.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        world.load_state_dict(policy, state["model"])
+        world.load_optimizer_state_dict(policy, optimizer, state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        reward.set_rng_state(state["rng"])
+        reward.set_rng_states(state, world)
         start = state["step"]
-    # Rows written after the checkpoint belong to steps that will run again.
-    rows = metrics_file.read_text().splitlines()[:start] if metrics_file.exists() else []
-    metrics_file.write_text("".join(row + "\n" for row in rows))
+    if world.main:  # rows written after the checkpoint belong to steps that will run again
+        rows = metrics_file.read_text().splitlines()[:start] if metrics_file.exists() else []
+        metrics_file.write_text("".join(row + "\n" for row in rows))
     desirable = torch.tensor(work.desirable, device=device)
     answer_lengths = torch.tensor([len(s.ids) - s.prompt_length for s in work.sequences], device=device)
     reference = reference.to(device)
     pad_id, side, autocast = tokenizer.pad_token_id, tokenizer.padding_side, reward.autocast_for(device)
-    # Dropout off (TRL's disable_dropout): at the first step the policy must equal its reference.
-    policy.eval()
 
     for number in range(start, len(work.steps)):
         if stop_after is not None and number >= stop_after:
             return {"stopped_at": number}
         began = time.perf_counter()
         step = work.steps[number]
+        # This rank's share of the step: its examples (KTO, with their mismatched twins) or its pairs'
+        # two answers; the loss is weighted so that DDP's average over ranks is the whole batch's mean.
+        items = len(step.sequences) if kto else len(step.sequences) // 2
+        mine, weight = world.share_or_one(range(items))
+        if kto:
+            sequences, mismatched_sequences = [step.sequences[k] for k in mine], [step.mismatched[k] for k in mine]
+        else:
+            sequences = [step.sequences[k] for k in mine] + [step.sequences[items + k] for k in mine]
         # 2. Policy: log-probs of the batch's answers, and their log-ratios to the reference.
-        batch = collate([work.sequences[i] for i in step.sequences], pad_id, side, device)
+        batch = collate([work.sequences[i] for i in sequences], pad_id, side, device)
         with autocast:
-            logprobs = answer_logprobs(policy, *batch)
-        logratio = logprobs - reference[step.sequences]
+            logprobs = answer_logprobs(trainer, *batch)
+        logratio = logprobs - reference[sequences]
         rewards = config.beta * logratio.detach()  # the implicit reward of DPO
 
         # 3. Loss. DPO and IPO compare each pair's two answers; KTO scores each answer against z0.
         if kto:
             with torch.no_grad(), autocast:
-                mismatched = collate([work.sequences[i] for i in step.mismatched], pad_id, side, device)
-                z0 = kl_reference_point(answer_logprobs(policy, *mismatched) - reference[step.mismatched])
-            good = desirable[step.sequences]
+                mismatched = collate([work.sequences[i] for i in mismatched_sequences], pad_id, side, device)
+                mismatched_logratio = answer_logprobs(policy, *mismatched) - reference[mismatched_sequences]
+                z0 = kl_reference_point(mismatched_logratio[: len(mine) if weight else 0], world)
+            good = desirable[sequences]
             loss = kto_loss(logratio, good, z0, config.beta, config.desirable_weight, config.undesirable_weight).mean()
             chosen_rewards, rejected_rewards = rewards[good], rewards[~good]
             chosen_logps, rejected_logps = logprobs.detach()[good], logprobs.detach()[~good]
             correct = torch.where(good, rewards > 0, rewards < 0)
-            kl, items = z0, len(step.sequences)
+            kl = z0
         else:
-            items = len(step.sequences) // 2
-            chosen, rejected = logratio[:items], logratio[items:]
+            half = len(mine)
+            chosen, rejected = logratio[:half], logratio[half:]
             if config.loss == "ipo":
-                lengths = answer_lengths[step.sequences]
-                loss = ipo_loss(chosen / lengths[:items], rejected / lengths[items:], config.beta).mean()
+                lengths = answer_lengths[sequences]
+                loss = ipo_loss(chosen / lengths[:half], rejected / lengths[half:], config.beta).mean()
             else:
                 loss = dpo_loss(chosen, rejected, config.beta).mean()
-            chosen_rewards, rejected_rewards = rewards[:items], rewards[items:]
-            chosen_logps, rejected_logps = logprobs.detach()[:items], logprobs.detach()[items:]
+            chosen_rewards, rejected_rewards = rewards[:half], rewards[half:]
+            chosen_logps, rejected_logps = logprobs.detach()[:half], logprobs.detach()[half:]
             correct = chosen_rewards > rejected_rewards
             # On the data's answers, not on the policy's own samples: a gauge of drift from the
             # reference, not the KL a sampler would see.
@@ -417,17 +444,18 @@ def train(
 
         # 4. Update.
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (weight * loss).backward()
         torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
         optimizer.step()
         schedule.step()
         elapsed = time.perf_counter() - began
 
-        # 5. Metrics, in named groups; KTO's margin compares the batch's desirable and undesirable means.
+        # 5. Metrics, in named groups, averaged over the ranks; KTO's margin compares the batch's
+        # desirable and undesirable means.
         chosen_mean, rejected_mean = _mean(chosen_rewards), _mean(rejected_rewards)
         row = {
             "step": number + 1,
-            f"loss/{config.loss}": float(loss.detach()),
+            f"loss/{config.loss}": float(world.sum(weight * loss) / world.size),  # the whole batch's mean
             "rewards/chosen": chosen_mean,
             "rewards/rejected": rejected_mean,
             "rewards/accuracy": _mean(correct),
@@ -436,21 +464,31 @@ def train(
             "logps/rejected": _mean(rejected_logps),
             "objective/kl": float(kl),
             "policy/learning_rate": optimizer.param_groups[0]["lr"],
-            "speed/pairs_per_second": items / elapsed,
         }
-        with metrics_file.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        # A rank whose share was empty ran one example for DDP's sake: its figures weigh nothing.
+        row = {**world.mean(row, weight=len(mine) if weight else 0), "speed/pairs_per_second": items / elapsed}
         if (number + 1) % config.checkpoint_every == 0 and number + 1 < len(work.steps):
             state = {
-                "model": policy.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                "rng": reward.rng_state(), "step": number + 1, "reference": reference.cpu(),
+                "model": world.state_dict(policy), "optimizer": world.optimizer_state_dict(policy, optimizer),
+                "schedule": schedule.state_dict(),
+                **reward.rng_states(world), "step": number + 1, "reference": reference.cpu(),
             }  # fmt: skip
-            torch.save(state, checkpoint.with_suffix(".tmp"))
-            checkpoint.with_suffix(".tmp").replace(checkpoint)
+            if world.main:
+                torch.save(state, checkpoint.with_suffix(".tmp"))
+                checkpoint.with_suffix(".tmp").replace(checkpoint)
+        if not world.main:
+            continue
+        with metrics_file.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
         if progress is not None:
             progress(number + 1, len(work.steps), row)
 
-    reward.unwrap_peft(policy, merge=True).save_pretrained(out)
+    world.check_in_step(policy)
+    merged = reward.unwrap_peft(policy, merge=True)
+    weights = world.state_dict(merged)
+    if not world.main:
+        return {}  # rank 0 writes and reports the run
+    merged.save_pretrained(out, state_dict=weights)
     tokenizer.save_pretrained(out)
     summary = summarize(config, [json.loads(line) for line in metrics_file.read_text().splitlines()])
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -494,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = train(config, load_preferences(args.data), args.out, progress=_progress_bar)
     except ValueError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
-    print(json.dumps(summary))
+    if distributed.world().main:
+        print(json.dumps(summary))
     return 0
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from training import ppo, reward
+from training import distributed, ppo, reward
 from training.ppo import Prompt
 
 ESTIMATORS = ("grpo", "rloo")
@@ -126,23 +126,26 @@ def train(
     `out`, beside grpo_config.json, metrics.jsonl (a row per step) and summary.json, as
     `ppo.train` does. A checkpoint in `out` is resumed; `stop_after` ends the run after that many
     steps, as a killed worker would, leaving the last checkpoint behind."""
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    world = distributed.world()
+    device = device or world.device
     ppo.check_run(config, prompts)
     if config.estimator not in ESTIMATORS:
         raise ValueError(f"estimator {config.estimator!r}: grpo or rloo")
     if config.group_size < 2:
         raise ValueError(f"group_size {config.group_size}: a group baseline needs at least 2 responses per prompt")
-    episodes_per_step = config.batch_size * config.group_size
-    if episodes_per_step % config.minibatches:
-        raise ValueError(f"{episodes_per_step} episodes per step do not split into {config.minibatches} minibatches")
-    done = ppo.open_run(out, config, "grpo_config.json")
+    # Each rank samples whole groups (its share of the prompts), so the group baselines are exact.
+    ppo.check_shares(world, config.batch_size, 1, "batch_size (prompts)")
+    episodes_per_rank = config.batch_size // world.size * config.group_size
+    ppo.check_shares(world, episodes_per_rank * world.size, config.minibatches, "episodes per step")
+    done = ppo.open_run(out, config, "grpo_config.json", world)
     if done is not None:
         return done
     roles = ppo.load_roles(config, device)
+    learner = world.wrap(ppo.Learner(roles.policy), fsdp=config.fsdp)  # before the optimizer: FSDP swaps parameters
     trainable = [p for p in roles.policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
     encoded = [ppo.prompt_ids(roles.tokenizer, p, config.max_prompt_length) for p in prompts]
-    run = ppo.Run(out, config, config.steps, roles, optimizer)
+    run = ppo.Run(out, config, config.steps, roles, optimizer, learner, world)
     start = run.resume()["step"]
     autocast = reward.autocast_for(device)
 
@@ -150,9 +153,9 @@ def train(
         if stop_after is not None and step >= stop_after:
             return {"stopped_at": step}
         began = time.perf_counter()
-        # 1. Rollout: batch_size prompts, each sampled group_size times (a group's rows adjacent).
+        # 1. Rollout: batch_size prompts (this rank's share), each sampled group_size times (a group's rows adjacent).
         episodes = ppo.rollout(
-            roles, config, encoded, run.sampler, count=config.batch_size, group_size=config.group_size
+            roles, config, encoded, run.sampler, count=config.batch_size, group_size=config.group_size, world=world
         )
         ids, mask, context, response_mask = episodes.ids, episodes.mask, episodes.context, episodes.response_mask
         generated = time.perf_counter()
@@ -173,9 +176,9 @@ def train(
 
         # 5. Update: clipped ratio objective over shuffled minibatches (one pass by default: on-policy).
         stats: dict[str, list[float]] = {k: [] for k in ("loss", "clip", "approxkl")}
-        for rows in ppo.shuffled_minibatches(episodes_per_step, config.epochs, config.minibatches):
+        for rows in ppo.shuffled_minibatches(episodes_per_rank, config.epochs, config.minibatches):
             with autocast:
-                logprobs = ppo.token_logprobs(roles.policy, ids[rows], mask[rows], context, config.temperature)
+                logprobs, _ = learner(ids[rows], mask[rows], context, config.temperature)
             old, row_mask = scored.logprobs[rows], response_mask[rows]
             if config.estimator == "rloo":
                 loss, clip_fraction, approx_kl = rloo_loss(logprobs, old, advantages[rows], row_mask, config.cliprange)
@@ -198,8 +201,9 @@ def train(
             "policy/clipfrac": float(np.mean(stats["clip"])),
             "policy/approxkl": float(np.mean(stats["approxkl"])),
             "loss/policy": float(np.mean(stats["loss"])),
-            **ppo.timing_metrics(episodes, began, generated, scored_at, updated),
+            **ppo.timing_metrics(episodes, began, generated, scored_at, updated, world.size),
         }
+        row = world.mean(row)
         run.record(step + 1, row)
         if progress is not None:
             progress(step + 1, config.steps, row)

@@ -35,7 +35,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from training import backbones, cli, reward
+from training import backbones, cli, distributed, reward
 
 Messages = list[dict[str, str]]
 Prompt = str | Messages
@@ -67,11 +67,17 @@ class OnlineConfig:
         default=False, metadata={"help": "Train LoRA adapters; the reference is the adapter-off policy."}
     )
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank."})
+    fsdp: bool = field(
+        default=False,
+        metadata={
+            "help": "Under torchrun: shard policy, critic and reference over the ranks (FSDP2), not a copy each."
+        },
+    )
     checkpoint_every: int = field(default=10, metadata={"help": "Steps between resumable checkpoints."})
     seed: int = field(default=42, metadata={"help": "Seed of sampling, prompt order and initialisation."})
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
+    def to_json(self, world_size: int = 1) -> str:
+        return json.dumps({**dataclasses.asdict(self), "world_size": world_size}, indent=2)
 
 
 @dataclass
@@ -211,6 +217,21 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logprobs.exp() * logprobs).sum(-1)
 
 
+class Learner(torch.nn.Module):
+    """The forward pass of an update, the policy's log-probs (and the critic's values, when there
+    is one) as one module, for DDP to wrap: its gradient hooks follow forward calls."""
+
+    def __init__(self, policy: PreTrainedModel, critic: PreTrainedModel | None = None) -> None:
+        super().__init__()
+        self.policy, self.critic = policy, critic
+
+    def forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, context: int, temperature: float
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logprobs = token_logprobs(self.policy, ids, mask, context, temperature)
+        return logprobs, token_values(self.critic, ids, mask, context) if self.critic is not None else None
+
+
 def token_values(critic: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, context: int) -> torch.Tensor:
     """The critic's value of the state before each response token."""
     base = critic.base_model
@@ -241,10 +262,13 @@ def sample(
         do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True,
     )  # fmt: skip
+    # A policy sharded by FSDP gathers its weights on every rank at once: all ranks keep stepping
+    # until the last one's answers are done.
+    synced = {"synced_gpus": True} if distributed.sharded(model) else {}
     inner = reward.unwrap_peft(model)  # a LoRA policy's generate() reads the wrapped model's config
     own, inner.generation_config = inner.generation_config, config
     try:
-        out = model.generate(input_ids=query, attention_mask=query_mask, generation_config=config)  # type: ignore[operator]  # causal LMs mix generate in
+        out = model.generate(input_ids=query, attention_mask=query_mask, generation_config=config, **synced)  # type: ignore[operator]  # causal LMs mix generate in
     finally:
         inner.generation_config = own
     context = query.shape[1]
@@ -293,10 +317,14 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
-def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    mean = masked_mean(values, mask)
-    variance = masked_mean((values - mean) ** 2, mask)
-    variance = variance * mask.sum() / (mask.sum() - 1).clamp(min=1)  # unbiased, as TRL and the papers
+def whiten(
+    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, world: distributed.World = distributed.ALONE
+) -> torch.Tensor:
+    """Whitened over the real tokens of the whole batch (every rank's share)."""
+    count = world.sum(mask.sum())
+    mean = world.sum((values * mask).sum()) / count.clamp(min=1)
+    variance = world.sum((((values - mean) ** 2) * mask).sum()) / count.clamp(min=1)
+    variance = variance * count / (count - 1).clamp(min=1)  # unbiased, as TRL and the papers
     whitened = (values - mean) * torch.rsqrt(variance + 1e-8)
     return (whitened if shift_mean else whitened + mean) * mask
 
@@ -403,12 +431,16 @@ def load_roles(config: OnlineConfig, device: torch.device, *, critic: bool = Fal
     if not config.lora or (config.reference and config.reference != config.policy):
         reference, _ = load_policy(config.reference or config.policy, device)
         reference.requires_grad_(False)
+        if config.fsdp:
+            distributed.world().wrap(reference, fsdp=True)  # sharded in place
     return Roles(policy, tokenizer, reference, reward_model, value_model)
 
 
 def check_run(config: OnlineConfig, prompts: Sequence[Prompt]) -> None:
     if not prompts:
         raise ValueError("no prompts to train on")
+    if config.fsdp and config.lora:
+        raise ValueError("--fsdp with --lora: LoRA's adapters are small enough to train on a whole copy each")
     if config.top_p != 1.0:
         # The ratio and the KL use the full distribution; a nucleus would bias both.
         raise ValueError(f"top_p {config.top_p}: training samples from the full distribution (top_p 1.0)")
@@ -434,10 +466,11 @@ def rollout(
     *,
     count: int,
     group_size: int = 1,
+    world: distributed.World = distributed.ALONE,
 ) -> Episodes:
     """Draw `count` prompts (with replacement) and sample `group_size` responses to each with the
-    KV cache."""
-    drawn = [sampler.randrange(len(encoded)) for _ in range(count)]
+    KV cache. Every rank draws the same prompts (its sampler is seeded alike) and samples its share."""
+    drawn = world.share([sampler.randrange(len(encoded)) for _ in range(count)])
     prompt_index = [index for index in drawn for _ in range(group_size)]
     with reward.autocast_for(roles.device):
         ids, mask, context = sample(
@@ -512,25 +545,35 @@ def rollout_metrics(episodes: Episodes, scored: Scored) -> dict[str, float]:
 
 
 def timing_metrics(
-    episodes: Episodes, began: float, generated: float, scored: float, updated: float
+    episodes: Episodes, began: float, generated: float, scored: float, updated: float, ranks: int = 1
 ) -> dict[str, float]:
+    """Seconds of each phase, and throughput of all `ranks` (each rank's share taken as its own)."""
     return {
         "timing/generation_s": generated - began,
         "timing/scoring_s": scored - generated,
         "timing/update_s": updated - scored,
-        "timing/episodes_per_second": len(episodes.ids) / (updated - began),
-        "timing/generated_tokens_per_second": float(episodes.response_mask.sum()) / (generated - began),
+        "timing/episodes_per_second": ranks * len(episodes.ids) / (updated - began),
+        "timing/generated_tokens_per_second": ranks * float(episodes.response_mask.sum()) / (generated - began),
     }
 
 
-def open_run(out: Path, config: OnlineConfig, config_name: str) -> dict[str, Any] | None:
+def open_run(out: Path, config: OnlineConfig, config_name: str, world: distributed.World) -> dict[str, Any] | None:
     """The summary of a run already finished in `out` (a redelivered task finds the work done);
-    otherwise None, with the config written beside what the run will write."""
+    otherwise None, with the config written (by rank 0) beside what the run will write."""
     out.mkdir(parents=True, exist_ok=True)
     if (out / "summary.json").exists():
         return json.loads((out / "summary.json").read_text())
-    (out / config_name).write_text(config.to_json())
+    if world.main:
+        (out / config_name).write_text(config.to_json(world_size=world.size))
     return None
+
+
+def check_shares(world: distributed.World, units: int, minibatches: int, name: str) -> None:
+    """`units` (a step's episodes or prompts) split evenly over the ranks, and each share into
+    `minibatches`: every rank then updates on the same number of minibatches of the same size."""
+    if units % (world.size * minibatches):
+        shares = f"{world.size} ranks x {minibatches} minibatches" if world.size > 1 else f"minibatches {minibatches}"
+        raise ValueError(f"{name} {units} is not a multiple of {shares}")
 
 
 class Run:
@@ -539,10 +582,18 @@ class Run:
     and at the end the policy (adapters merged) in Hugging Face format and summary.json."""
 
     def __init__(
-        self, out: Path, config: OnlineConfig, steps: int, roles: Roles, optimizer: torch.optim.Optimizer
+        self,
+        out: Path,
+        config: OnlineConfig,
+        steps: int,
+        roles: Roles,
+        optimizer: torch.optim.Optimizer,
+        learner: torch.nn.Module,
+        world: distributed.World = distributed.ALONE,
     ) -> None:
         self.out, self.config, self.steps, self.roles, self.optimizer = out, config, steps, roles, optimizer
-        self.sampler = random.Random(config.seed)  # prompt order
+        self.learner, self.world = learner, world  # the optimizer's module (FSDP's optimizer state is per module)
+        self.sampler = random.Random(config.seed)  # prompt order: the same on every rank
         self.checkpoint, self.metrics = out / "checkpoint.pt", out / "metrics.jsonl"
 
     def _modules(self) -> dict[str, torch.nn.Module]:
@@ -556,31 +607,45 @@ class Run:
         if self.checkpoint.exists():
             state = torch.load(self.checkpoint, weights_only=False)
             for name, module in self._modules().items():
-                module.load_state_dict(state[name])
-            self.optimizer.load_state_dict(state["optimizer"])
-            reward.set_rng_state(state["rng"])
+                self.world.load_state_dict(module, state[name])
+            self.world.load_optimizer_state_dict(self.learner, self.optimizer, state["optimizer"])
+            reward.set_rng_states(state, self.world)
             self.sampler.setstate(state["rng"]["sampler"])
         else:
-            torch.manual_seed(self.config.seed)
-        # Rows written after the checkpoint belong to steps that will run again.
-        rows = self.metrics.read_text().splitlines()[: state["step"]] if self.metrics.exists() else []
-        self.metrics.write_text("".join(row + "\n" for row in rows))
+            torch.manual_seed(self.config.seed + self.world.rank)  # each rank samples its own answers
+        if self.world.main:  # rows written after the checkpoint belong to steps that will run again
+            rows = self.metrics.read_text().splitlines()[: state["step"]] if self.metrics.exists() else []
+            self.metrics.write_text("".join(row + "\n" for row in rows))
         return state
 
     def record(self, step: int, row: dict[str, float], **trainer_state: Any) -> None:
-        """The row of `step` (counted from 1), and a checkpoint after it when one is due."""
-        with self.metrics.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        """The row of `step` (counted from 1), and a checkpoint after it when one is due: rank 0
+        writes both, with every rank's generators (a collective: every rank calls it)."""
+        if self.world.main:
+            with self.metrics.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
         if step % self.config.checkpoint_every == 0 and step < self.steps:
-            rng = {**reward.rng_state(), "sampler": self.sampler.getstate()}
-            modules = {name: module.state_dict() for name, module in self._modules().items()}
-            state = {**modules, "optimizer": self.optimizer.state_dict(), "rng": rng, **trainer_state, "step": step}
-            torch.save(state, self.checkpoint.with_suffix(".tmp"))
-            self.checkpoint.with_suffix(".tmp").replace(self.checkpoint)
+            generators = reward.rng_states(self.world)
+            rng = {**generators["rng"], "sampler": self.sampler.getstate()}
+            modules = {name: self.world.state_dict(module) for name, module in self._modules().items()}
+            optimizer = self.world.optimizer_state_dict(self.learner, self.optimizer)
+            state = {
+                **modules, "optimizer": optimizer, "rng": rng,
+                "rng_by_rank": generators["rng_by_rank"], **trainer_state, "step": step,
+            }  # fmt: skip
+            if self.world.main:
+                torch.save(state, self.checkpoint.with_suffix(".tmp"))
+                self.checkpoint.with_suffix(".tmp").replace(self.checkpoint)
 
     def finish(self) -> dict[str, Any]:
+        """Rank 0 saves the policy and the summary and returns it; the other ranks return {}."""
+        for module in self._modules().values():
+            self.world.check_in_step(module)
         policy = reward.unwrap_peft(self.roles.policy, merge=True)
-        policy.save_pretrained(self.out)
+        weights = self.world.state_dict(policy)
+        if not self.world.main:
+            return {}
+        policy.save_pretrained(self.out, state_dict=weights)
         self.roles.tokenizer.save_pretrained(self.out)
         summary = summarize([json.loads(line) for line in self.metrics.read_text().splitlines()])
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -622,7 +687,10 @@ def command_line(argv: list[str] | None, *, prog: str, doc: str, config_class: t
     if not args.reward_model:
         parser.error("--reward-model is required")
     config = cli.config_from_flags(config_class, args)
-    print(json.dumps(train(config, load_prompts(args.prompts), args.out, progress=progress_bar)))
+    world = distributed.world()
+    summary = train(config, load_prompts(args.prompts), args.out, progress=progress_bar if world.main else None)
+    if world.main:
+        print(json.dumps(summary))
     return 0
 
 
@@ -643,21 +711,23 @@ def train(
     in `out`, beside ppo_config.json, metrics.jsonl (a row per step) and summary.json. A
     checkpoint in `out` is resumed; `stop_after` ends the run after that many steps, as a killed
     worker would, leaving the last checkpoint behind."""
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    world = distributed.world()
+    device = device or world.device
     check_run(config, prompts)
-    if config.batch_size % config.minibatches:
-        raise ValueError(f"batch_size {config.batch_size} is not a multiple of minibatches {config.minibatches}")
-    done = open_run(out, config, "ppo_config.json")
+    check_shares(world, config.batch_size, config.minibatches, "batch_size")
+    done = open_run(out, config, "ppo_config.json", world)
     if done is not None:
         return done
     roles = load_roles(config, device, critic=True)
     critic = roles.critic
     assert critic is not None  # asked for just above
+    learner = world.wrap(Learner(roles.policy, critic), fsdp=config.fsdp)  # before the optimizer: FSDP swaps parameters
     trainable = [p for p in (*roles.policy.parameters(), *critic.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, eps=1e-5, weight_decay=0.0)
     encoded = [prompt_ids(roles.tokenizer, p, config.max_prompt_length) for p in prompts]
-    run = Run(out, config, config.steps, roles, optimizer)
+    run = Run(out, config, config.steps, roles, optimizer, learner, world)
     state = run.resume()
+    episodes_per_rank = config.batch_size // world.size
     beta, start = state.get("beta", config.beta), state["step"]
     autocast = reward.autocast_for(device)
 
@@ -665,8 +735,8 @@ def train(
         if stop_after is not None and step >= stop_after:
             return {"stopped_at": step}
         began = time.perf_counter()
-        # 1. Rollout: sample a response to each prompt of the batch with the KV cache.
-        episodes = rollout(roles, config, encoded, run.sampler, count=config.batch_size)
+        # 1. Rollout: sample a response to each prompt of the batch (this rank's share) with the KV cache.
+        episodes = rollout(roles, config, encoded, run.sampler, count=config.batch_size, world=world)
         ids, mask, context, response_mask = episodes.ids, episodes.mask, episodes.context, episodes.response_mask
         generated = time.perf_counter()
 
@@ -679,17 +749,18 @@ def train(
         # 3. KL shaping: -beta * (log pi - log ref) per token, the score at the last real token.
         rewards, kl = shaped_rewards(scored.logprobs, scored.ref_logprobs, response_mask, scored.score, beta)
 
-        # 4. Advantages: GAE, whitened over the batch's real tokens.
+        # 4. Advantages: GAE, whitened over the real tokens of the whole batch (every rank's share).
         advantages, returns = gae(rewards, old_values, response_mask, config.gamma, config.lam)
-        advantages = whiten(advantages, response_mask)
+        advantages = whiten(advantages, response_mask, world=world)
 
-        # 5. Update: several epochs of clipped policy and value losses over shuffled minibatches.
+        # 5. Update: several epochs of clipped policy and value losses over shuffled minibatches
+        # (each rank's minibatch a share of the global one; DDP averages the gradients).
         stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "clip", "vclip", "approxkl")}
-        for rows in shuffled_minibatches(config.batch_size, config.ppo_epochs, config.minibatches):
+        for rows in shuffled_minibatches(episodes_per_rank, config.ppo_epochs, config.minibatches):
             row_mask = response_mask[rows]
             with autocast:
-                logprobs = token_logprobs(roles.policy, ids[rows], mask[rows], context, config.temperature)
-                values = token_values(critic, ids[rows], mask[rows], context)
+                logprobs, values = learner(ids[rows], mask[rows], context, config.temperature)
+            assert values is not None  # the learner has the critic
             pg, clip_fraction, approx_kl = policy_loss(
                 logprobs, scored.logprobs[rows], advantages[rows], row_mask, config.cliprange
             )
@@ -717,8 +788,9 @@ def train(
             "val/clipfrac": float(np.mean(stats["vclip"])),
             "val/explained_variance": float(1 - residual / variance) if variance > 0 else 0.0,
             "kl_controller/beta": beta,
-            **timing_metrics(episodes, began, generated, scored_at, updated),
+            **timing_metrics(episodes, began, generated, scored_at, updated, world.size),
         }
+        row = world.mean(row)
         if config.adaptive_kl:
             beta = adaptive_beta(beta, row["objective/kl"], config)
         run.record(step + 1, row, beta=beta)

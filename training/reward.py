@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from training import backbones, cli
+from training import backbones, cli, distributed
 from training.reward_config import (  # noqa: F401 - the config is reward.RewardConfig to its users
     MIN_TRAIN_PAIRS,
     PRESETS,
@@ -158,6 +158,17 @@ def scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torc
     return head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last]).squeeze(-1).float()
 
 
+class Scorer(torch.nn.Module):
+    """`scores` as a module's forward, for DDP to wrap: its gradient hooks follow forward calls."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return scores(self.model, input_ids, attention_mask)
+
+
 def bradley_terry_loss(
     chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None, center: float = 0.0
 ) -> torch.Tensor:
@@ -250,6 +261,20 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def rng_states(world: distributed.World) -> dict[str, Any]:
+    """A checkpoint's generators: rank 0's under "rng", every rank's under "rng_by_rank" (a
+    collective: every rank calls it)."""
+    every = world.gather_objects(rng_state())
+    return {"rng": every[0], "rng_by_rank": every}
+
+
+def set_rng_states(state: dict[str, Any], world: distributed.World) -> None:
+    """This rank's generators from a checkpoint written with as many ranks; with another count
+    (or none recorded) rank 0's, so a resumed run is exact only with the count that wrote it."""
+    every = state.get("rng_by_rank") or [state["rng"]]
+    set_rng_state(every[world.rank] if len(every) == world.size else every[0])
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
@@ -277,9 +302,11 @@ def validation_steps(pairs: int, config: RewardConfig) -> set[int]:
     return {epoch * per_epoch + round(k * per_epoch / count) for epoch in epochs for k in range(1, count + 1)}
 
 
-def validate(model: PreTrainedModel, data: Encoded, device: torch.device, batch_size: int) -> dict[str, float]:
+def validate(
+    model: PreTrainedModel, data: Encoded, device: torch.device, batch_size: int, world: distributed.World
+) -> dict[str, float]:
     """Accuracy and mean Bradley-Terry loss on validation pairs; the model is left in training mode."""
-    rewards = pair_rewards(model, data, device, batch_size)
+    rewards = pair_rewards(model, data, device, batch_size, world)
     model.train()
     gap = torch.from_numpy(rewards[:, 0] - rewards[:, 1])
     return {"accuracy": float((gap > 0).float().mean()), "loss": float(-F.logsigmoid(gap).mean())}
@@ -297,18 +324,23 @@ def train_member(
     progress: Any = None,
     validation: Encoded | None = None,
     watch: Encoded | None = None,
+    world: distributed.World = distributed.ALONE,
 ) -> TrainResult:
     """Train one reward model. A checkpoint in checkpoint_dir is resumed; `stop_after` ends the run
     after that many steps (as a killed worker would), leaving the last checkpoint behind. With
     `validation` pairs the model is validated `validations_per_epoch` times an epoch and ends with
     the weights of its best validation (accuracy, then loss), stopping early after `patience`
     validations without improvement. `watch` pairs are scored at each validation and reported,
-    never used to choose (a benchmark's held-out curve)."""
+    never used to choose (a benchmark's held-out curve). In a `world` of several ranks each takes
+    its share of every batch (`batches` are the same on all), DDP averages the gradients, and only
+    rank 0 writes the checkpoint."""
     config, _ = resolve_defaults(config)
     assert config.batch_size is not None and config.epochs is not None and config.learning_rate is not None
     rng = random.Random(seed)
     torch.manual_seed(seed)
     batches = [b for _ in range(config.epochs) for b in length_grouped_batches(data.lengths(), config.batch_size, rng)]
+    model.train()
+    scorer = world.wrap(Scorer(model), fsdp=config.fsdp)  # before the optimizer: FSDP replaces the parameters
     # Fused AdamW: one kernel for all parameters instead of a loop over them (CPU and CUDA).
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=config.learning_rate, weight_decay=config.weight_decay,
@@ -325,26 +357,27 @@ def train_member(
     checkpoint = checkpoint_dir / "checkpoint.pt" if checkpoint_dir else None
     if checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        world.load_state_dict(model, state["model"])
+        world.load_optimizer_state_dict(model, optimizer, state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        set_rng_state(state["rng"])
+        set_rng_states(state, world)
         start, losses = state["step"], state["losses"]
         validations, best = state.get("validations", []), state.get("best")
     checks = validation_steps(len(data.pairs), config) if validation is not None and validation.pairs else set()
 
-    model.train()
     interrupted = False
     for step in range(start, len(batches)):
         if stop_after is not None and step >= stop_after:
             interrupted = True
             break
-        # Forward: chosen and rejected in one pass; Bradley-Terry loss on the score gap.
-        ids, mask, margins = data.batch(batches[step], device)
+        # Forward: this rank's share of the batch, chosen and rejected in one pass; Bradley-Terry
+        # loss on the score gap, weighted so that DDP's average is the whole batch's mean.
+        share, weight = world.share_or_one(batches[step])
+        ids, mask, margins = data.batch(share, device)
         with autocast_for(device):
-            rewards = scores(model, ids, mask)
-        half = len(batches[step])
-        loss = bradley_terry_loss(
+            rewards = scorer(ids, mask)
+        half = len(share)
+        loss = weight * bradley_terry_loss(
             rewards[:half], rewards[half:], margins if config.margin_from_strength else None,
             config.center_rewards_coefficient,
         )  # fmt: skip
@@ -354,33 +387,39 @@ def train_member(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        losses.append(float(loss.detach()))
+        losses.append(float(world.sum(loss) / world.size))
         if progress is not None:
             progress(step + 1, len(batches), losses[-1])
         # Validate: keep the best weights so far; stop when `patience` validations bring nothing better.
         stop = False
         if validation is not None and step + 1 in checks:
-            row = {"step": step + 1, **validate(model, validation, device, config.batch_size)}
+            row = {"step": step + 1, **validate(model, validation, device, config.batch_size, world)}
             if watch is not None:
-                row["watched_accuracy"] = validate(model, watch, device, config.batch_size)["accuracy"]
+                row["watched_accuracy"] = validate(model, watch, device, config.batch_size, world)["accuracy"]
             validations.append(row)
             key = (row["accuracy"], -row["loss"])
             if best is None or key > best["key"]:
-                weights = {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}
+                weights = {
+                    name: tensor.detach().to("cpu", copy=True) for name, tensor in world.state_dict(model).items()
+                }
                 best = {"step": step + 1, "key": key, "weights": weights}
             stop = bool(config.patience) and sum(1 for v in validations if v["step"] > best["step"]) >= config.patience
         if checkpoint is not None and ((step + 1) % config.checkpoint_every == 0 or stop):
             state = {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                "rng": rng_state(), "step": len(batches) if stop else step + 1, "losses": losses,
+                "model": world.state_dict(model), "optimizer": world.optimizer_state_dict(model, optimizer),
+                "schedule": schedule.state_dict(),
+                **rng_states(world), "step": len(batches) if stop else step + 1, "losses": losses,
                 "validations": validations, "best": best,
             }  # fmt: skip
-            torch.save(state, checkpoint.with_suffix(".tmp"))
-            checkpoint.with_suffix(".tmp").replace(checkpoint)
+            if world.main:
+                torch.save(state, checkpoint.with_suffix(".tmp"))
+                checkpoint.with_suffix(".tmp").replace(checkpoint)
         if stop:
             break
+    if not interrupted:
+        world.check_in_step(model)
     if best is not None and not interrupted:
-        model.load_state_dict(best["weights"])
+        world.load_state_dict(model, best["weights"])
     return TrainResult(
         model=model, losses=losses, steps=len(losses), validations=validations,
         best_step=best["step"] if best is not None else None,
@@ -388,17 +427,28 @@ def train_member(
 
 
 @torch.no_grad()
-def pair_rewards(model: PreTrainedModel, data: Encoded, device: torch.device, batch_size: int) -> np.ndarray:
-    """(pairs, 2): reward of chosen and of rejected."""
+def pair_rewards(
+    model: PreTrainedModel,
+    data: Encoded,
+    device: torch.device,
+    batch_size: int,
+    world: distributed.World = distributed.ALONE,
+) -> np.ndarray:
+    """(pairs, 2): reward of chosen and of rejected; each rank scores its share, all get them all."""
     model.eval()
-    out = []
-    for start in range(0, len(data.pairs), batch_size):
-        indices = list(range(start, min(start + batch_size, len(data.pairs))))
-        ids, mask, _ = data.batch(indices, device)
+    first, last = world.bounds(len(data.pairs))
+    # FSDP gathers each block's weights on every rank at once: all ranks take as many passes (an
+    # empty share a pass over the first pair, dropped).
+    share = -(-len(data.pairs) // world.size) if distributed.sharded(model) else last - first
+    passes = -(-share // batch_size)
+    out = [torch.zeros((0, 2), device=device)]
+    for start in range(first, first + passes * batch_size, batch_size):
+        indices = list(range(start, min(start + batch_size, last)))
+        ids, mask, _ = data.batch(indices or [0], device)
         with autocast_for(device):
-            rewards = scores(model, ids, mask).float().cpu().numpy()
-        out.append(np.stack([rewards[: len(indices)], rewards[len(indices) :]], axis=1))
-    return np.concatenate(out) if out else np.zeros((0, 2))
+            rewards = scores(model, ids, mask).float()
+        out.append(torch.stack([rewards[: len(indices)], rewards[len(indices) : 2 * len(indices)]], dim=1))
+    return world.gather(torch.cat(out)).cpu().numpy()
 
 
 def _ranks(values: np.ndarray) -> np.ndarray:
@@ -466,8 +516,10 @@ def train(
     each per-backbone default has its value), metrics.json (held-out figures at the top level,
     validation figures under "validation") and uncertainty.jsonl (the members' spread per held-out
     pair). `watch_held_out` also scores the held-out pairs at each validation, for a benchmark's
-    curve; they never choose anything."""
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    curve; they never choose anything. Under torchrun every rank runs this, each on its share of
+    the batches; rank 0 alone writes `out` (config.json records the world size)."""
+    world = distributed.world()
+    device = device or world.device
     train_pairs, held_out = split_by_prompt(pairs, config.eval_fraction)
     if len(train_pairs) < MIN_TRAIN_PAIRS:
         raise ValueError(
@@ -478,12 +530,16 @@ def train(
         raise ValueError(f"no held-out prompt among {len(pairs)} pairs: raise --eval-fraction or add prompts")
     config, reasons = resolve_defaults(config)
     assert config.batch_size is not None
+    if config.fsdp and config.lora:
+        raise ValueError("--fsdp with --lora: LoRA's adapters are small enough to train on a whole copy each")
     fit_pairs, validation_pairs = split_validation(train_pairs, config.eval_fraction, config.validation_fraction)
     if len(fit_pairs) < MIN_TRAIN_PAIRS or not validation_pairs:
         # Too few pairs to spare some: train on them all and keep the last checkpoint.
         fit_pairs, validation_pairs = train_pairs, []
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(config.to_json(reasons))
+    if world.main:
+        saved = {**json.loads(config.to_json(reasons)), "world_size": world.size}
+        (out / "config.json").write_text(json.dumps(saved, indent=2))
     member_rewards, member_validation_rewards, members = [], [], []
     for member in range(config.ensemble_size):
         torch.manual_seed(config.seed + member)
@@ -494,18 +550,20 @@ def train(
         member_dir.mkdir(exist_ok=True)
         result = train_member(
             model, train_data, config, seed=config.seed + member, device=device, checkpoint_dir=member_dir,
-            stop_after=stop_after, progress=progress, validation=validation_data,
-            watch=eval_data if watch_held_out else None,
+            stop_after=stop_after, progress=progress if world.main else None, validation=validation_data,
+            watch=eval_data if watch_held_out else None, world=world,
         )  # fmt: skip
         if stop_after is not None:
             return {"stopped_at": result.steps}
         merged = unwrap_peft(model, merge=True)
-        merged.save_pretrained(member_dir)
-        tokenizer.save_pretrained(member_dir)
-        (member_dir / "checkpoint.pt").unlink(missing_ok=True)
-        member_rewards.append(pair_rewards(merged, eval_data, device, config.batch_size))
-        member_validation_rewards.append(pair_rewards(merged, validation_data, device, config.batch_size))
-        (member_dir / "losses.json").write_text(json.dumps(result.losses))
+        weights = world.state_dict(merged)
+        if world.main:
+            merged.save_pretrained(member_dir, state_dict=weights)
+            tokenizer.save_pretrained(member_dir)
+            (member_dir / "checkpoint.pt").unlink(missing_ok=True)
+            (member_dir / "losses.json").write_text(json.dumps(result.losses))
+        member_rewards.append(pair_rewards(merged, eval_data, device, config.batch_size, world))
+        member_validation_rewards.append(pair_rewards(merged, validation_data, device, config.batch_size, world))
         members.append({"steps": result.steps, "best_step": result.best_step, "validations": result.validations})
     rewards = np.mean(member_rewards, axis=0)
     spread = np.std([r[:, 0] - r[:, 1] for r in member_rewards], axis=0)
@@ -513,6 +571,8 @@ def train(
     summary["mean_ensemble_spread"] = float(spread.mean()) if len(spread) else None
     validation_metrics = metrics(np.mean(member_validation_rewards, axis=0), validation_data)
     summary["validation"] = {**validation_metrics, "members": members}
+    if not world.main:
+        return summary
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     with (out / "uncertainty.jsonl").open("w") as handle:
         for pair, value in zip(held_out, spread, strict=True):
@@ -566,7 +626,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = train(pairs, config, args.out, progress=_progress_bar)
     except ValueError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
-    print(json.dumps(summary))
+    if distributed.world().main:
+        print(json.dumps(summary))
     return 0
 
 

@@ -42,6 +42,9 @@ class RewardConfig:
     lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (peft) instead of all weights."})
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory."})
+    fsdp: bool = field(
+        default=False, metadata={"help": "Under torchrun: shard the model over the ranks (FSDP2), not a copy each."}
+    )
     eval_fraction: float = field(default=0.1, metadata={"help": "Share of prompts held out for evaluation."})
     validation_fraction: float = field(
         default=0.1,
