@@ -46,6 +46,12 @@ def lease_claim(claimable: models.QuerySet[Row], *, worker: str, **changes: Any)
     return row
 
 
+def lease_release(row: LeasedRun, *, worker: str) -> None:
+    """Hand the row back now, its lease run out, for the next attempt to claim (a worker whose
+    launched run was killed gives it up rather than let it wait out the lease)."""
+    type(row)._default_manager.filter(pk=row.pk, lease_owner=worker).update(lease_expires_at=timezone.now())
+
+
 class Heartbeat:
     """Progress callback of a training loop: writes step/total and renews the lease, at most every
     `every` seconds (and at the last step); raises LeaseLost when another worker took it over.

@@ -21,7 +21,8 @@ from django.utils import timezone
 from annotation.export import PreferenceFilters, encode_jsonl, preference_rows
 from annotation.models import Project
 from config.celery import delay_best_effort
-from rounds.leases import Heartbeat, LeaseLost, kept_alive, lease_claim, worker_name
+from rounds import launching
+from rounds.leases import Heartbeat, LeaseLost, kept_alive, lease_claim, lease_release, worker_name
 from rounds.models import LEASE, RewardModel, TrainingRound
 from training import reward_config  # torch-free: torch is imported where training runs
 
@@ -119,7 +120,11 @@ def reward_model_train(
         partial.replace(data_file)
     pairs = reward.load_pairs(data_file)
     RewardModel.objects.filter(pk=model.pk).update(data={"pairs": len(pairs), "file": str(data_file)})
-    return reward.train(pairs, reward.RewardConfig(**model.config), out, progress=progress, stop_after=stop_after)
+    config = reward.RewardConfig(**model.config)
+    return launching.train(
+        "reward", config, ["--data", str(data_file)], out, progress=progress, stop_after=stop_after,
+        in_process=lambda: reward.train(pairs, config, out, progress=progress, stop_after=stop_after),
+    )  # fmt: skip
 
 
 def succeeded(model: RewardModel, summary: dict[str, Any]) -> dict[str, Any]:
@@ -150,6 +155,11 @@ def reward_model_run(*, reward_model_id: int, worker: str | None = None, stop_af
         RewardModel.objects.filter(pk=model.pk, lease_owner=worker).update(**succeeded(model, summary))
     except LeaseLost:
         return
+    except launching.ChildKilled:
+        from rounds.tasks import reward_model_train_task
+
+        lease_release(model, worker=worker)
+        delay_best_effort(reward_model_train_task, model.pk)
     except Exception as error:  # noqa: BLE001 - a failed run is recorded, never left "running"
         message = f"{type(error).__name__}: {error}\n\n{traceback.format_exc()[-4000:]}"
         RewardModel.objects.filter(pk=model.pk).update(**failed(message))

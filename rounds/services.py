@@ -39,7 +39,8 @@ from annotation.models import AggregatedLabel, Comparison, Project, Prompt, Vote
 from annotation.selectors import latest_snapshot
 from annotation.services import pairs_import
 from config.celery import delay_best_effort
-from rounds.leases import Heartbeat, LeaseLost, kept_alive, lease_claim, worker_name
+from rounds import launching
+from rounds.leases import Heartbeat, LeaseLost, kept_alive, lease_claim, lease_release, worker_name
 from rounds.models import (
     LEASE,
     OFFLINE_ALGORITHMS,
@@ -376,8 +377,11 @@ def _train_offline(
     this round's reward model: the baseline is what PPO's first step would have measured."""
     from training import dpo, evaluation, ppo
 
-    preferences = dpo.load_preferences(_round_preferences(training_round, directory))
-    summary = dpo.train(config, preferences, out, progress=lease, stop_after=stop_after)
+    data = _round_preferences(training_round, directory)
+    summary = launching.train(
+        "dpo", config, ["--data", str(data)], out, progress=lease, stop_after=stop_after,
+        in_process=lambda: dpo.train(config, dpo.load_preferences(data), out, progress=lease, stop_after=stop_after),
+    )  # fmt: skip
     if "stopped_at" in summary:
         return summary
     assert training_round.reward_model is not None
@@ -405,13 +409,18 @@ def _train_policy(training_round: TrainingRound, worker: str, lease: Heartbeat, 
     config = optimizer_config(training_round, previous)
     directory = _round_dir(training_round)
     directory.mkdir(parents=True, exist_ok=True)
-    prompts = ppo.load_prompts(_round_prompts(training_round, directory))
+    prompts_file = _round_prompts(training_round, directory)
+    prompts = ppo.load_prompts(prompts_file)
     out = directory / "policy"
     if algorithm in OFFLINE_ALGORITHMS:
         summary = _train_offline(training_round, config, previous, prompts, directory, out, lease, stop_after)
     else:
         trainer = ppo if algorithm == Algorithm.PPO else grpo
-        summary = trainer.train(config, prompts, out, progress=lease, stop_after=stop_after)
+        summary = launching.train(
+            trainer.__name__.removeprefix("training."), config, ["--prompts", str(prompts_file)], out,
+            progress=lease, stop_after=stop_after,
+            in_process=lambda: trainer.train(config, prompts, out, progress=lease, stop_after=stop_after),
+        )  # fmt: skip
     if "stopped_at" in summary:
         return False
     with transaction.atomic():
@@ -522,6 +531,11 @@ def round_run(*, round_id: int, worker: str | None = None, stop_after: int | Non
                 _sample(training_round, worker)
     except LeaseLost:
         return
+    except launching.ChildKilled:  # the next attempt resumes from the checkpoint, as after a killed worker
+        from rounds.tasks import round_run_task
+
+        lease_release(training_round, worker=worker)
+        delay_best_effort(round_run_task, training_round.pk)
     except Exception as error:  # noqa: BLE001 - a failed round is recorded, never left running
         message = f"{type(error).__name__}: {error}"
         training_round.refresh_from_db(fields=["state"])

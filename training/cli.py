@@ -4,6 +4,8 @@ progress bar on stderr."""
 
 import argparse
 import dataclasses
+import json
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -28,6 +30,18 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type, *, def
 
 def config_from_flags(config_class: type, args: argparse.Namespace) -> Any:
     return config_class(**{spec.name: getattr(args, spec.name) for spec in dataclasses.fields(config_class)})
+
+
+def flags_of(config: Any) -> list[str]:
+    """The command line that `config_from_flags` turns back into `config` (None fields left out)."""
+    flags = []
+    for spec in dataclasses.fields(config):
+        value, flag = getattr(config, spec.name), "--" + spec.name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        elif value is not None:
+            flags += [flag, str(value)]
+    return flags
 
 
 def flags_given(config_class: type, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -60,8 +74,17 @@ class _Pace:
     started, drawn, first_step, last_step = 0.0, 0.0, 0, 0
 
 
+PROGRESS_LINES = "FLYWHEEL_PROGRESS"  # set to "json": a line {"step", "total", "text"} a step, for a launcher
+
+
 def progress_bar(step: int, total: int, text: str) -> None:
-    """A bar on stderr with the time left at the pace since the first step it was shown."""
+    """A bar on stderr with the time left at the pace since the first step it was shown; with
+    FLYWHEEL_PROGRESS=json in the environment, a JSON line a step instead, for the process that
+    launched this one to read (`training.launch`)."""
+    if os.environ.get(PROGRESS_LINES) == "json":
+        sys.stderr.write(json.dumps({"step": step, "total": total, "text": text}) + "\n")
+        sys.stderr.flush()
+        return
     now = time.monotonic()
     if step <= _Pace.last_step or not _Pace.started:
         _Pace.started, _Pace.first_step = now, step
