@@ -3,11 +3,13 @@ real Celery worker on Redis runs the rounds (reward model, PPO, sampling back), 
 everything; the first round's policy beats the start on the labelers' hidden preference, and the
 second keeps that gain."""
 
+import contextlib
 import json
 import os
 import random
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ from rounds import services
 from rounds.models import TrainingRound, TrainingSettings
 from tests.factories import TINY
 from tests.tiny_models import banana_answer
-from tests.workers import Worker, celery_worker
+from tests.workers import Host, Worker, celery_worker, other_host
 from training import ppo
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -174,10 +176,26 @@ def test_a_dpo_round_and_a_grpo_round_each_beat_their_predecessor(
     assert win_rate > 0.5, win_rates
 
 
+@pytest.fixture(params=["one host", "two hosts"])
+def hosts(request) -> Iterator[tuple[Host | None, Host | None]]:
+    """Where the doomed worker and its rescuer run: both here, or each on a host of its own (a
+    network namespace reaching PostgreSQL and Redis over a veth link)."""
+    if request.param == "one host":
+        yield None, None
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            pair = stack.enter_context(other_host(1)), stack.enter_context(other_host(2))
+        except OSError as error:
+            pytest.skip(f"two hosts need network namespaces, which this machine forbids ({error})")
+        yield pair
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_round_whose_worker_is_killed_mid_ppo_resumes_on_another_worker(
-    live_server, tiny_backbone, tiny_policy, tmp_path, settings
+    live_server, tiny_backbone, tiny_policy, tmp_path, settings, hosts
 ):
+    first_host, second_host = hosts
     settings.ARTIFACTS_DIR = tmp_path / "artifacts"
     project = project_get_or_create(slug="killed", overlap=1)
     rng = random.Random(1)
@@ -193,7 +211,7 @@ def test_a_round_whose_worker_is_killed_mid_ppo_resumes_on_another_worker(
         optimizer_overrides={**PPO, "steps": 40, "checkpoint_every": 2},
     )  # fmt: skip
     environment = {"ARTIFACTS_DIR": str(settings.ARTIFACTS_DIR)}
-    with celery_worker("gpu", **environment) as doomed:
+    with celery_worker("gpu", first_host, **environment) as doomed:
         label(live_server, project.slug)
         agreement_refresh(project_id=project.pk)
         training_round = TrainingRound.objects.get(pk=services.rounds_check()["started"][0])
@@ -211,7 +229,7 @@ def test_a_round_whose_worker_is_killed_mid_ppo_resumes_on_another_worker(
         training_round.state == State.TRAINING_POLICY and training_round.lease_live()
     )  # stuck until the lease runs out
     TrainingRound.objects.filter(pk=training_round.pk).update(lease_expires_at=timezone.now())  # two minutes later
-    with celery_worker("gpu", **environment) as rescuer:
+    with celery_worker("gpu", second_host, **environment) as rescuer:
         assert services.rounds_check()["reclaimed"] == [training_round.pk]
         wait_for(training_round, {State.LABELING, State.FAILED}, rescuer)
     assert training_round.state == State.LABELING, training_round.error
