@@ -35,8 +35,8 @@ def test_a_two_device_worker_trains_under_torchrun_and_resumes_when_its_ranks_ar
 ):
     settings.ARTIFACTS_DIR = tmp_path / "artifacts"
     project = voted_project(120)
-    # Batches of 2 over 10 epochs: about 500 steps, long enough to be caught between two checkpoints.
-    overrides = {"backbone": tiny_backbone, **TINY, "batch_size": 2, "epochs": 10, "checkpoint_every": 20}
+    # Batches of 2 over 6 epochs: about 300 steps, long enough to be caught after the first checkpoint.
+    overrides = {"backbone": tiny_backbone, **TINY, "batch_size": 2, "epochs": 6, "checkpoint_every": 20}
     with celery_worker("gpu", ARTIFACTS_DIR=str(settings.ARTIFACTS_DIR), FLYWHEEL_GPUS_PER_WORKER="2") as worker:
         model = reward_model_start(project=project, overrides=overrides)
         checkpoint = Path(settings.ARTIFACTS_DIR) / project.slug / "reward" / "v1" / "member_0" / "checkpoint.pt"
@@ -56,6 +56,6 @@ def test_a_two_device_worker_trains_under_torchrun_and_resumes_when_its_ranks_ar
     assert model.attempts == 2  # the killed launch, then the one that resumed
     artifact = Path(model.artifact_path)
     losses = json.loads((artifact / "member_0" / "losses.json").read_text())
-    assert len(losses) == model.total_steps == model.step > 400  # every step once: none lost, none twice
+    assert len(losses) == model.total_steps == model.step > 250  # every step once: none lost, none twice
     assert json.loads((artifact / "config.json").read_text())["world_size"] == 2
     assert model.metrics["accuracy"] > 0.9
