@@ -123,10 +123,6 @@ class World:
         if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
             raise RuntimeError(f"the ranks' weights differ at the end of the run (checksums {sums})")
 
-    def barrier(self) -> None:
-        if self.size > 1:
-            dist.barrier()
-
     def wrap(self, module: torch.nn.Module, *, fsdp: bool = False) -> torch.nn.Module:
         """`module` for training. DDP over the ranks: the gradients averaged at each backward pass.
         With `fsdp`, FSDP2 instead: each Hugging Face model inside `module` sharded in place (its
@@ -136,7 +132,7 @@ class World:
             return module
         if fsdp:
             for model in [m for m in module.modules() if isinstance(m, PreTrainedModel)]:
-                if not any(isinstance(p, DTensor) for p in model.parameters()):
+                if not sharded(model):
                     shard(model)
             return module
         device_ids = [self.local_rank] if self.device.type == "cuda" else None

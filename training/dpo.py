@@ -455,7 +455,7 @@ def train(
         chosen_mean, rejected_mean = _mean(chosen_rewards), _mean(rejected_rewards)
         row = {
             "step": number + 1,
-            f"loss/{config.loss}": float(world.sum(weight * loss) / world.size),  # the whole batch's mean
+            f"loss/{config.loss}": float(loss.detach()),  # this share's mean: the weighted mean below makes the batch's
             "rewards/chosen": chosen_mean,
             "rewards/rejected": rejected_mean,
             "rewards/accuracy": _mean(correct),

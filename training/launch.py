@@ -64,11 +64,10 @@ def torchrun(
     *,
     processes: int,
     progress: Callable[[int, int], Any] | None = None,
-    on_start: Callable[[int], Any] | None = None,
 ) -> dict[str, Any]:
     """`python -m torch.distributed.run --standalone --nproc-per-node N -m module arguments`: its
     summary (the last line it prints). `progress(step, total)` is called for each step rank 0
-    reports; `on_start(pid)` with the group's id once it runs."""
+    reports."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
                "-m", module, *arguments]  # fmt: skip
     environment = {**os.environ, PROGRESS_LINES: "json"}
@@ -80,8 +79,6 @@ def torchrun(
             preexec_fn=_own_group_dying_with_parent,
         )  # fmt: skip
         try:
-            if on_start is not None:
-                on_start(process.pid)
             assert process.stderr is not None
             for line in process.stderr:
                 report = _progress_line(line)

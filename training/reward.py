@@ -538,8 +538,7 @@ def train(
         fit_pairs, validation_pairs = train_pairs, []
     out.mkdir(parents=True, exist_ok=True)
     if world.main:
-        saved = {**json.loads(config.to_json(reasons)), "world_size": world.size}
-        (out / "config.json").write_text(json.dumps(saved, indent=2))
+        (out / "config.json").write_text(config.to_json(reasons, world_size=world.size))
     member_rewards, member_validation_rewards, members = [], [], []
     for member in range(config.ensemble_size):
         torch.manual_seed(config.seed + member)

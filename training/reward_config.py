@@ -59,9 +59,11 @@ class RewardConfig:
     checkpoint_every: int = field(default=200, metadata={"help": "Steps between resumable checkpoints."})
     seed: int = field(default=42, metadata={"help": "Seed of the first ensemble member."})
 
-    def to_json(self, reasons: dict[str, str] | None = None) -> str:
-        """The config, with where each per-backbone default came from under "defaults"."""
-        return json.dumps({**dataclasses.asdict(self), **({"defaults": reasons} if reasons else {})}, indent=2)
+    def to_json(self, reasons: dict[str, str] | None = None, world_size: int = 1) -> str:
+        """The config, the processes that train it, and where each per-backbone default came from
+        under "defaults"."""
+        saved = {**dataclasses.asdict(self), "world_size": world_size, **({"defaults": reasons} if reasons else {})}
+        return json.dumps(saved, indent=2)
 
 
 # The fields whose defaults depend on the backbone. A preset per packaged backbone, measured on
