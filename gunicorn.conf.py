@@ -1,7 +1,7 @@
 """Gunicorn settings used by docker compose, the README and the load benchmark alike.
 
 Sized with bench/labeling_load.py on a 2-core machine (bench/results/labeling_load.json): a
-claim + vote costs ~30 ms of Django CPU and about as much PostgreSQL CPU there, so the cores are
+claim + vote costs ~5 ms of gunicorn CPU and ~2 ms of PostgreSQL CPU there, so the cores are
 the limit, not the number of request slots. One process per core uses both; a second thread per
 process overlaps the time a request waits on PostgreSQL. More threads (8 per process was the old
 default) only add GIL hand-offs and pile more requests onto the same row locks: it measured

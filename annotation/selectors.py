@@ -1,12 +1,13 @@
 """Reads for pages, the API and the services."""
 
+import functools
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from django.contrib.auth.models import AnonymousUser, User
 from django.core.exceptions import PermissionDenied
-from django.db import connection
+from django.db import connection, connections
 from django.db.models import DateTimeField, Exists, OuterRef, Q, QuerySet, Subquery, Value
 from django.db.models.functions import Coalesce
 from django.http import Http404
@@ -186,12 +187,13 @@ def assignment_for_display(*, assignment_id: int) -> Assignment:
         raise Assignment.DoesNotExist(f"no assignment {assignment_id}")
     instances: list[Any] = []
     start = 0
-    for _, model, _ in _DISPLAY_JOIN:
-        fields = model._meta.concrete_fields
-        columns = row[start : start + len(fields)]
-        values = [_from_db_value(field, value) for field, value in zip(fields, columns, strict=True)]
-        instances.append(model.from_db(connection.alias, [field.attname for field in fields], values))
-        start += len(fields)
+    for model, attnames, converters in _display_converters(connection.alias):
+        values = list(row[start : start + len(attnames)])
+        for index, field, field_converters in converters:
+            for converter in field_converters:
+                values[index] = converter(values[index], field.cached_col, connection)
+        instances.append(model.from_db(connection.alias, attnames, values))
+        start += len(attnames)
     assignment, comparison, prompt, response_a, response_b, project = instances
     comparison.prompt, comparison.response_a, comparison.response_b, comparison.project = (
         prompt, response_a, response_b, project,
@@ -200,10 +202,22 @@ def assignment_for_display(*, assignment_id: int) -> Assignment:
     return assignment
 
 
-def _from_db_value(field: Any, value: Any) -> Any:
-    for converter in connection.ops.get_db_converters(field.cached_col) + field.get_db_converters(connection):
-        value = converter(value, field.cached_col, connection)
-    return value
+@functools.cache
+def _display_converters(alias: str) -> list[tuple[Any, list[str], list[tuple[int, Any, list[Any]]]]]:
+    """For each of _DISPLAY_JOIN's models: its column names, and the converters the ORM would apply
+    to each column that has any (a JSON field's, a boolean on SQLite), found once per database alias
+    rather than once per row."""
+    database = connections[alias]
+    out = []
+    for _, model, _ in _DISPLAY_JOIN:
+        fields = model._meta.concrete_fields
+        converters = []
+        for index, field in enumerate(fields):
+            found = database.ops.get_db_converters(field.cached_col) + field.get_db_converters(database)
+            if found:
+                converters.append((index, field, found))
+        out.append((model, [field.attname for field in fields], converters))
+    return out
 
 
 @dataclass(frozen=True)

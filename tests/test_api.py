@@ -7,11 +7,15 @@ import pytest
 from django.db import connection
 from django.test import Client
 from django.utils import timezone
-from rest_framework.exceptions import ValidationError
-from rest_framework.test import APIClient
+from rest_framework.exceptions import NotAcceptable, ValidationError
+from rest_framework.negotiation import DefaultContentNegotiation
+from rest_framework.renderers import BrowsableAPIRenderer, JSONRenderer
+from rest_framework.request import Request
+from rest_framework.test import APIClient, APIRequestFactory
 
 from annotation.api import VoteAPI, vote_input
 from annotation.models import Assignment, Vote
+from annotation.negotiation import ContentNegotiation
 from tests.factories import PASSWORD, api_client_for, make_project
 
 pytestmark = pytest.mark.django_db
@@ -308,3 +312,51 @@ def test_the_vote_inputs_shortcut_answers_as_the_serializer(body):
         with pytest.raises(ValidationError) as refused:
             vote_input(body)
         assert refused.value.detail == serializer.errors
+
+
+@pytest.mark.parametrize(
+    "accept",
+    [None, "*/*", "application/json", "application/json; indent=4", "text/html", "text/html, */*;q=0.1", "", "*/*, x"],
+)
+@pytest.mark.parametrize("renderers", [[JSONRenderer], [BrowsableAPIRenderer, JSONRenderer], [BrowsableAPIRenderer]])
+def test_the_content_negotiations_shortcut_answers_as_drfs(accept, renderers):
+    headers = {} if accept is None else {"HTTP_ACCEPT": accept}
+    request = Request(APIRequestFactory().get("/api/v1/", **headers))
+    instances = [renderer() for renderer in renderers]
+
+    def answer(negotiation):
+        try:
+            renderer, media_type = negotiation().select_renderer(request, instances)
+        except NotAcceptable:
+            return "406"
+        return type(renderer), media_type
+
+    assert answer(ContentNegotiation) == answer(DefaultContentNegotiation)
+
+
+def test_a_claim_that_accepts_only_html_is_406_and_claims_nothing(alice, project):
+    response = api_client_for(alice).post(f"/api/v1/projects/{project.slug}/assignments/", HTTP_ACCEPT="text/html")
+    assert response.status_code == 406
+    assert not Assignment.objects.filter(labeler=alice).exists()
+    assert claim(api_client_for(alice), project).status_code == 201
+
+
+def test_the_labeling_statements_are_prepared_on_a_persistent_connection(alice):
+    """DB_PREPARE_THRESHOLD (5): from its fifth run on a connection, PostgreSQL runs a statement
+    prepared, without parsing and planning it again."""
+    project = make_project(pairs=8)
+    client = api_client_for(alice)
+    for _ in range(6):
+        assignment = claim(client, project).json()["assignment"]
+        assert (
+            client.post(f"/api/v1/assignments/{assignment}/vote/", {"choice": "left"}, format="json").status_code == 201
+        )
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement FROM pg_prepared_statements")
+        prepared = [row[0] for row in cursor.fetchall()]
+    for statement in (
+        "INSERT INTO annotation_vote",
+        "UPDATE annotation_comparison SET vote_count",
+        "FOR UPDATE OF c SKIP LOCKED",
+    ):
+        assert any(statement in text for text in prepared), (statement, prepared)

@@ -352,9 +352,10 @@ def http(url: str, *, data: bytes | None = None, headers: dict[str, str] | None 
 
 
 @contextmanager
-def gunicorn(database_url: str) -> Iterator[dict[str, str]]:
+def gunicorn(database_url: str, **settings: str) -> Iterator[dict[str, str]]:
     """The app as production runs it (gunicorn gthread, DEBUG off, no Redis) on `database_url`, with a
-    2 s connect timeout; yields its environment, GUNICORN_BIND and ALLOWED_HOSTS included."""
+    2 s connect timeout and `settings` in its environment; yields the environment, GUNICORN_BIND and
+    ALLOWED_HOSTS included."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "DJANGO_SETTINGS_MODULE"}}
     env.update(
@@ -362,6 +363,7 @@ def gunicorn(database_url: str) -> Iterator[dict[str, str]]:
         SECRET_KEY="a-test-only-secret-key-that-is-long-enough-0123456789", SECURE_SSL_REDIRECT="0",
         GUNICORN_BIND=f"127.0.0.1:{port}", GUNICORN_WORKERS="1", GUNICORN_THREADS="2",
     )  # fmt: skip
+    env.update(settings)
     process = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "config.wsgi"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -397,11 +399,14 @@ def gunicorn_on_a_silent_database(silent_server) -> Iterator[dict[str, str]]:
         yield env
 
 
+def served_database_url() -> str:
+    database = connection.settings_dict
+    return f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/{database['NAME']}"
+
+
 @pytest.mark.django_db
 def test_the_compose_health_check_passes_on_a_healthy_database():
-    database = connection.settings_dict
-    url = f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/{database['NAME']}"
-    with gunicorn(url) as env:
+    with gunicorn(served_database_url()) as env:
         result = healthcheck(env)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {"database": "ok", "broker": "none"}
@@ -476,3 +481,30 @@ def test_a_database_error_outside_any_view_answers_503_and_other_errors_json_und
     assert api_answer.status_code == page_answer.status_code == 500
     assert json.loads(api_answer.content) == {"detail": "Internal server error."}
     assert "text/html" in page_answer["Content-Type"]
+
+
+def drop_the_servers_connections() -> int:
+    """What a database restart does to the server's persistent connections: end every other backend."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        return cursor.fetchone()[0]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("grace", ["0", "3600"])
+def test_a_dropped_persistent_connection_is_reopened_by_the_health_check_once_the_grace_is_over(grace):
+    """config/postgresql: a connection that just finished a request skips the health check for
+    DB_HEALTH_CHECK_GRACE seconds. Past the grace (0 here) the check finds the dropped connection and
+    reopens it: no request fails. Within it (an hour here) the next request fails once, with a 503 and
+    no lie, and the connection is reopened for the one after."""
+    with gunicorn(
+        served_database_url(), GUNICORN_THREADS="1", DB_CONN_MAX_AGE="600", DB_HEALTH_CHECK_GRACE=grace
+    ) as env:
+        base = f"http://{env['GUNICORN_BIND']}"
+        assert http(f"{base}/healthz").status == 200
+        assert drop_the_servers_connections() == 1
+        after_drop = [http(f"{base}/healthz").status for _ in range(3)]
+    assert after_drop == ([200, 200, 200] if grace == "0" else [503, 200, 200])
