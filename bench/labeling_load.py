@@ -4,7 +4,8 @@ What it measures, on a database of its own (dropped and recreated every run):
 
 1. Setup, as a new user would start (issue 16): a fresh database, `manage.py migrate`, N labelers
    with API tokens, and --pairs (4,000) synthetic pairs imported with `manage.py import_pairs`
-   (overlap 3). Nothing else warms the database: no ANALYZE but what the import does itself.
+   (overlap 3) into a project of each HTTP phase's own, so that no phase labels what an earlier one
+   left (or runs it dry). Nothing else warms the database: no ANALYZE but what the import does itself.
 2. gunicorn (`gunicorn -c gunicorn.conf.py config.wsgi`) on a free loopback port.
 3. N simulated labelers, one keep-alive HTTP/1.1 connection each (raw asyncio streams, no client
    library, so the generator stays cheap on a small machine). One "vote" is one claim
@@ -158,7 +159,14 @@ class Seed:
     tokens: list[str]
     labeler_ids: list[int]
     probe_token: str
-    http_project_id: int
+    # Each HTTP phase's project, slug and id: at 4k a fresh import of its own (a phase that ran the
+    # import dry would measure the 204s), at 1m the one project built in SQL.
+    http_projects: dict[str, tuple[str, int]]
+
+    @property
+    def http_project_id(self) -> int:
+        """The first phase's project: the one the probe and the plans read."""
+        return self.http_projects[HTTP_PHASES[0]][1]
 
 
 def seed(cfg: Config) -> Seed:
@@ -188,21 +196,26 @@ def seed(cfg: Config) -> Seed:
                                                   for i in range(OVERLAP)])  # fmt: skip
         membership.objects.bulk_create([membership(user_id=user.pk, group_id=group.pk) for user in fillers])
         Token.objects.create(key=binascii.hexlify(os.urandom(20)).decode(), user=veteran)
-        http_project_id = seed_million(cfg, veteran.pk, [user.pk for user in fillers])
+        project_id = seed_million(cfg, veteran.pk, [user.pk for user in fillers])
+        http_projects = {phase: (HTTP_SLUG, project_id) for phase in HTTP_PHASES}
     else:
+        http_projects = {}
         with tempfile.NamedTemporaryFile("w", prefix="bench-pairs-", suffix=".jsonl") as pairs_file:
             pairs = synthetic_pairs(cfg.http_comparisons, cfg.text_chars)
             pairs_file.writelines(json.dumps(pair) + "\n" for pair in pairs)
             pairs_file.flush()
-            command = ["manage.py", "import_pairs", HTTP_SLUG, pairs_file.name, "--overlap", str(OVERLAP)]
-            subprocess.run([sys.executable, *command], cwd=cfg.app_root, env=app.environment(cfg.db_url), check=True)
-        http_project_id = Project.objects.get(slug=HTTP_SLUG).pk
+            for phase in HTTP_PHASES:
+                slug = f"{HTTP_SLUG}-{phase}".replace("_", "-")
+                command = ["manage.py", "import_pairs", slug, pairs_file.name, "--overlap", str(OVERLAP)]
+                subprocess.run([sys.executable, *command], cwd=cfg.app_root, env=app.environment(cfg.db_url),
+                               check=True)  # fmt: skip
+                http_projects[phase] = (slug, Project.objects.get(slug=slug).pk)
     connection.close()
     return Seed(
         tokens=[t.key for t in tokens[:-1]],
         labeler_ids=[u.pk for u in users[:-1]],
         probe_token=tokens[-1].key,
-        http_project_id=http_project_id,
+        http_projects=http_projects,
     )
 
 
@@ -313,7 +326,7 @@ class Probe:
     claim_sql: str  # the candidate query, for EXPLAIN ANALYZE later
 
 
-def probe_queries(token: str) -> Probe:
+def probe_queries(token: str, slug: str) -> Probe:
     """A claim, a vote, and a vote with ?next=1 through Django's test client, recording every statement."""
     from django.db import connection
     from django.test import Client
@@ -332,18 +345,18 @@ def probe_queries(token: str) -> Probe:
         return response.json()
 
     # A first claim and vote fill the access cache, as every request after a labeler's first finds it.
-    warm = client.post(f"/api/v1/projects/{HTTP_SLUG}/assignments/")
+    warm = client.post(f"/api/v1/projects/{slug}/assignments/")
     assert warm.status_code == 201, warm.content
     vote(warm.json()["assignment"], "", "probe-0")
     # Each list is read as soon as its request is done: a request outside a capture clears the log.
     with CaptureQueriesContext(connection) as captured:
-        response = client.post(f"/api/v1/projects/{HTTP_SLUG}/assignments/")
+        response = client.post(f"/api/v1/projects/{slug}/assignments/")
     assert response.status_code == 201, response.content
     claim_queries = [q["sql"] for q in captured.captured_queries]
     with CaptureQueriesContext(connection) as captured:
         vote(response.json()["assignment"], "", "probe-1")
     vote_queries = [q["sql"] for q in captured.captured_queries]
-    response = client.post(f"/api/v1/projects/{HTTP_SLUG}/assignments/")
+    response = client.post(f"/api/v1/projects/{slug}/assignments/")
     with CaptureQueriesContext(connection) as captured:
         assert vote(response.json()["assignment"], "?next=1", "probe-2")["next"] is not None
     vote_next_queries = [q["sql"] for q in captured.captured_queries]
@@ -629,7 +642,9 @@ class PhaseStats:
             self.errors += 1
 
 
-async def one_vote(conn: HttpConnection, stats: PhaseStats, rng: random.Random, one_call: bool = False) -> bool:
+async def one_vote(
+    conn: HttpConnection, slug: str, stats: PhaseStats, rng: random.Random, one_call: bool = False
+) -> bool:
     """Claim, then vote. With `one_call` the vote asks for the next assignment (`?next=1`) and the
     claim is sent only when the labeler holds none from the vote before. Returns False when the
     project had nothing left for this labeler."""
@@ -638,7 +653,7 @@ async def one_vote(conn: HttpConnection, stats: PhaseStats, rng: random.Random, 
     conn.next_assignment = None
     if assignment is None:
         try:
-            status, body = await conn.post(f"/api/v1/projects/{HTTP_SLUG}/assignments/")
+            status, body = await conn.post(f"/api/v1/projects/{slug}/assignments/")
         except Exception as error:  # noqa: BLE001 - counted, the run goes on
             stats.record("claim", type(error).__name__)
             return True
@@ -678,14 +693,16 @@ async def one_vote(conn: HttpConnection, stats: PhaseStats, rng: random.Random, 
     return True
 
 
-async def flat_out(conns: list[HttpConnection], seconds: float, name: str, one_call: bool = False) -> PhaseStats:
+async def flat_out(
+    conns: list[HttpConnection], slug: str, seconds: float, name: str, one_call: bool = False
+) -> PhaseStats:
     stats = PhaseStats(name)
     start = time.perf_counter()
     end = start + seconds
 
     async def labeler(conn: HttpConnection, rng: random.Random) -> None:
         while time.perf_counter() < end:
-            if not await one_vote(conn, stats, rng, one_call):
+            if not await one_vote(conn, slug, stats, rng, one_call):
                 await asyncio.sleep(0.05)
 
     await _run_labelers([labeler(c, random.Random(i)) for i, c in enumerate(conns)], seconds)
@@ -693,7 +710,7 @@ async def flat_out(conns: list[HttpConnection], seconds: float, name: str, one_c
     return stats
 
 
-async def paced(conns: list[HttpConnection], seconds: float, rate: float) -> PhaseStats:
+async def paced(conns: list[HttpConnection], slug: str, seconds: float, rate: float) -> PhaseStats:
     """Each labeler starts a vote every len(conns) / rate seconds, staggered evenly."""
     stats = PhaseStats("paced")
     interval = len(conns) / rate
@@ -716,7 +733,7 @@ async def paced(conns: list[HttpConnection], seconds: float, rate: float) -> Pha
             stats.start_lag_ms.append(lag_ms)
             stats.late += lag_ms > LATE_TOLERANCE_MS
             before = len(stats.total_ms)
-            await one_vote(conn, stats, rng)
+            await one_vote(conn, slug, stats, rng)
             if len(stats.total_ms) > before:
                 stats.from_schedule_ms.append((time.perf_counter() - scheduled) * 1000)
             scheduled += interval
@@ -753,19 +770,20 @@ async def http_phases(cfg: Config, server: Server, seed_: Seed) -> tuple[list[Ph
     acked: list[int] = []
     try:
         if cfg.warmup > 0:
-            phases.append(await flat_out(conns, cfg.warmup, "warmup"))
+            phases.append(await flat_out(conns, seed_.http_projects[HTTP_PHASES[0]][0], cfg.warmup, "warmup"))
         for name in HTTP_PHASES:
+            slug, project_id = seed_.http_projects[name]
             if name == "paced":
                 log(f"paced {cfg.paced_rate}/s for {cfg.paced_duration} s")
-                phases.append(await _measured(server, paced(conns, cfg.paced_duration, cfg.paced_rate)))
+                phases.append(await _measured(server, paced(conns, slug, cfg.paced_duration, cfg.paced_rate)))
             else:
                 log(f"{name}: flat out {cfg.duration} s")
                 one_call = name == "flat_one_call"
-                phases.append(await _measured(server, flat_out(conns, cfg.duration, name, one_call)))
+                phases.append(await _measured(server, flat_out(conns, slug, cfg.duration, name, one_call)))
             reconnects = sum(c.reconnects for c in conns)
             phases[-1].reconnects = reconnects - sum(p.reconnects for p in phases[:-1])
             acked = [i for p in phases for i in p.vote_ids]
-            invariants[name] = await asyncio.to_thread(check_invariants, cfg, seed_.http_project_id, acked)
+            invariants[name] = await asyncio.to_thread(check_invariants, cfg, project_id, acked)
         return phases, invariants
     finally:
         for conn in conns:
@@ -1185,7 +1203,7 @@ def main(argv: list[str] | None = None) -> int:
             result["gunicorn_log_tail"] = server.log_tail(10)
             server.stop()
             result["http"] = {p.name: phase_summary(p) for p in phases}
-            probe = probe_queries(seed_.probe_token)
+            probe = probe_queries(seed_.probe_token, seed_.http_projects["paced"][0])
             result["queries_per_request"] = {
                 "claim": len(probe.claim_queries),
                 "vote": len(probe.vote_queries),
