@@ -6,6 +6,7 @@ checkpoint. Rows that use this carry `lease_owner`, `lease_expires_at`, `attempt
 `step` and `total_steps`.
 """
 
+import logging
 import os
 import socket
 import threading
@@ -17,7 +18,9 @@ from typing import Any, TypeVar
 from django.db import connection, models, transaction
 from django.utils import timezone
 
-from rounds.models import LEASE, LeasedRun
+from rounds.models import LEASE, MAX_ATTEMPTS, LeasedRun
+
+logger = logging.getLogger(__name__)
 
 Row = TypeVar("Row", bound=LeasedRun)
 
@@ -50,6 +53,19 @@ def lease_release(row: LeasedRun, *, worker: str) -> None:
     """Hand the row back now, its lease run out, for the next attempt to claim (a worker whose
     launched run was killed gives it up rather than let it wait out the lease)."""
     type(row)._default_manager.filter(pk=row.pk, lease_owner=worker).update(lease_expires_at=timezone.now())
+
+
+def lease_retry(row: LeasedRun, *, worker: str, error: Exception) -> bool:
+    """After the run this worker launched was killed: hand the row back for the next attempt to
+    resume from the checkpoint (True), unless MAX_ATTEMPTS attempts died on it (False: the caller
+    fails it). A run the kernel kills for memory dies the same way each time; no endless retries."""
+    if row.attempts >= MAX_ATTEMPTS:
+        return False
+    name = f"{type(row).__name__} {row.pk}"
+    logger.warning("%s: attempt %d of %d was killed, the next resumes from the checkpoint: %s", name, row.attempts,
+                   MAX_ATTEMPTS, error)  # fmt: skip
+    lease_release(row, worker=worker)
+    return True
 
 
 class Heartbeat:

@@ -81,6 +81,8 @@ class RewardModel(LeasedRun):
 
 
 LEASE = timedelta(minutes=2)
+# Workers or launched runs that may die on one row (out of memory, a CUDA fault, a kill) before it is failed.
+MAX_ATTEMPTS = 5
 
 
 class Algorithm(models.TextChoices):

@@ -22,8 +22,8 @@ from annotation.export import PreferenceFilters, encode_jsonl, preference_rows
 from annotation.models import Project
 from config.celery import delay_best_effort
 from rounds import launching
-from rounds.leases import Heartbeat, LeaseLost, kept_alive, lease_claim, lease_release, worker_name
-from rounds.models import LEASE, RewardModel, TrainingRound
+from rounds.leases import Heartbeat, LeaseLost, kept_alive, lease_claim, lease_retry, worker_name
+from rounds.models import LEASE, MAX_ATTEMPTS, RewardModel, TrainingRound
 from training import reward_config  # torch-free: torch is imported where training runs
 
 
@@ -155,18 +155,22 @@ def reward_model_run(*, reward_model_id: int, worker: str | None = None, stop_af
         RewardModel.objects.filter(pk=model.pk, lease_owner=worker).update(**succeeded(model, summary))
     except LeaseLost:
         return
-    except launching.ChildKilled:
-        from rounds.tasks import reward_model_train_task
+    except launching.ChildKilled as error:
+        if lease_retry(model, worker=worker, error=error):
+            from rounds.tasks import reward_model_train_task
 
-        lease_release(model, worker=worker)
-        delay_best_effort(reward_model_train_task, model.pk)
+            delay_best_effort(reward_model_train_task, model.pk)
+        else:
+            message = f"killed on each of {model.attempts} attempts: {error}"
+            RewardModel.objects.filter(pk=model.pk).update(**failed(message))
     except Exception as error:  # noqa: BLE001 - a failed run is recorded, never left "running"
         message = f"{type(error).__name__}: {error}\n\n{traceback.format_exc()[-4000:]}"
         RewardModel.objects.filter(pk=model.pk).update(**failed(message))
 
 
 def reward_models_reclaim() -> list[int]:
-    """Re-enqueue runs whose worker stopped renewing its lease, and versions that no worker took up
+    """Re-enqueue runs whose worker stopped renewing its lease (failing one that MAX_ATTEMPTS
+    workers died on), and versions that no worker took up
     within a lease period (their task was never queued: the broker was down when they were
     started). Beat calls this every minute; a message sent twice is harmless, as the second finds
     the version claimed. A round's version is left to the round: beat's rounds_check re-enqueues
@@ -176,6 +180,10 @@ def reward_models_reclaim() -> list[int]:
     now = timezone.now()
     abandoned = Q(status=RewardModel.Status.RUNNING, lease_expires_at__lt=now)
     never_started = Q(status=RewardModel.Status.QUEUED, started_at__isnull=True, created_at__lt=now - LEASE)
+    # A process that dies (out of memory, a CUDA fault) never reaches its own error handling.
+    without_rounds(RewardModel.objects.filter(abandoned, attempts__gte=MAX_ATTEMPTS)).update(
+        **failed(f"{MAX_ATTEMPTS} workers died on it")
+    )
     stale = list(without_rounds(RewardModel.objects.filter(abandoned | never_started)).values_list("pk", flat=True))
     for pk in stale:
         delay_best_effort(reward_model_train_task, pk)

@@ -40,9 +40,10 @@ from annotation.selectors import latest_snapshot
 from annotation.services import pairs_import
 from config.celery import delay_best_effort
 from rounds import launching
-from rounds.leases import Heartbeat, LeaseLost, kept_alive, lease_claim, lease_release, worker_name
+from rounds.leases import Heartbeat, LeaseLost, kept_alive, lease_claim, lease_retry, worker_name
 from rounds.models import (
     LEASE,
+    MAX_ATTEMPTS,
     OFFLINE_ALGORITHMS,
     Algorithm,
     PolicyVersion,
@@ -64,7 +65,6 @@ from training.hacking import hacking_reason
 
 State = TrainingRound.State
 logger = logging.getLogger(__name__)
-MAX_ATTEMPTS = 5  # workers that may die on one round before it is failed
 # Fields of the algorithm's config a round sets itself; the project's overrides may not change them.
 ROUND_OWNED_FIELDS = {"policy", "reward_model", "reference"}
 
@@ -531,18 +531,26 @@ def round_run(*, round_id: int, worker: str | None = None, stop_after: int | Non
                 _sample(training_round, worker)
     except LeaseLost:
         return
-    except launching.ChildKilled:  # the next attempt resumes from the checkpoint, as after a killed worker
-        from rounds.tasks import round_run_task
+    except launching.ChildKilled as error:  # the next attempt resumes from the checkpoint, as after a killed worker
+        if lease_retry(training_round, worker=worker, error=error):
+            from rounds.tasks import round_run_task
 
-        lease_release(training_round, worker=worker)
-        delay_best_effort(round_run_task, training_round.pk)
+            delay_best_effort(round_run_task, training_round.pk)
+        else:
+            message = f"killed on each of {training_round.attempts} attempts: {error}"
+            _fail_on(training_round, worker, RoundFailed(message))
     except Exception as error:  # noqa: BLE001 - a failed round is recorded, never left running
-        message = f"{type(error).__name__}: {error}"
-        training_round.refresh_from_db(fields=["state"])
-        try:
-            _fail(training_round, worker=worker, note=message, error=f"{message}\n\n{traceback.format_exc()[-4000:]}")
-        except LeaseLost:
-            return
+        _fail_on(training_round, worker, error)
+
+
+def _fail_on(training_round: TrainingRound, worker: str, error: Exception) -> None:
+    """Fail the round on the error being handled, its traceback kept."""
+    message = f"{type(error).__name__}: {error}"
+    training_round.refresh_from_db(fields=["state"])
+    try:
+        _fail(training_round, worker=worker, note=message, error=f"{message}\n\n{traceback.format_exc()[-4000:]}")
+    except LeaseLost:
+        return
 
 
 def win_rate(training_round: TrainingRound) -> tuple[float | None, int]:

@@ -9,6 +9,7 @@ import collections
 import ctypes
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -94,10 +95,18 @@ def torchrun(
         printed = output.read()
     if process.returncode:
         message = "".join(tail)[-3000:]
-        # torchrun's report names a rank ended by a signal as "exitcode  : -9" (or "Signal 9 ...").
-        killed = process.returncode < 0 or "exitcode  : -" in message or "Signal " in message
+        killed = process.returncode < 0 or _root_cause_was_a_signal(message)
         raise ChildFailed(f"{module} under torchrun exited with {process.returncode}:\n{message}", killed=killed)
     return json.loads(printed.strip().splitlines()[-1])
+
+
+def _root_cause_was_a_signal(report: str) -> bool:
+    """torchrun's failure report lists every rank that ended, the ones it stopped itself (SIGTERM,
+    "exitcode  : -15") included, then the "Root Cause (first observed failure)": only that rank
+    says whether the run was killed or failed on an error of its own."""
+    _, found, root = report.rpartition("Root Cause")
+    code = re.search(r"exitcode\s*:\s*(-?\d+)", root) if found else None
+    return code is not None and int(code.group(1)) < 0
 
 
 def _progress_line(line: str) -> dict[str, Any] | None:

@@ -531,13 +531,19 @@ def test_a_rounds_reward_model_is_trained_by_the_round_never_by_its_own_task_or_
     assert checkpoint.exists()
 
     # Both leases ran out. Beat re-enqueues a stale version of its own (another project's), never
-    # the round's; a stray task for the round's version does nothing.
+    # the round's, and fails one that MAX_ATTEMPTS workers died on; a stray task for the round's
+    # version does nothing.
     expire_lease(training_round)
     stale = {"status": RewardModel.Status.RUNNING, "lease_owner": "doomed",
              "lease_expires_at": timezone.now() - timedelta(seconds=1)}  # fmt: skip
     RewardModel.objects.filter(pk=model.pk).update(**stale)
     other = RewardModel.objects.create(project=make_project(pairs=0), version=1, config={}, **stale)
+    exhausted = RewardModel.objects.create(
+        project=make_project(pairs=0), version=1, config={}, attempts=services.MAX_ATTEMPTS, **stale
+    )
     assert reward_models.reward_models_reclaim() == [other.pk]
+    exhausted.refresh_from_db()
+    assert exhausted.status == RewardModel.Status.FAILED and exhausted.error == "5 workers died on it"
     reward_models.reward_model_run(reward_model_id=model.pk, worker="stray")
     model.refresh_from_db()
     assert (model.status, model.attempts, model.lease_owner) == (RewardModel.Status.RUNNING, 1, "doomed")

@@ -79,6 +79,17 @@ def test_a_killed_caller_takes_its_torchrun_group_with_it(tiny_backbone, tmp_pat
     assert wait_until_gone(ranks) == []
 
 
+@pytest.mark.parametrize("ending", ["error", "killed"])
+def test_only_the_root_cause_says_whether_the_run_was_killed(ending):
+    """torchrun lists the rank it stopped itself (SIGTERM) among the failures whatever happened;
+    the first failure decides. A killed run is retried from its checkpoint, one that failed on its
+    own error is recorded as failed: taking the one for the other retried it forever."""
+    with pytest.raises(launch.ChildFailed) as failure:
+        launch.torchrun("tests.training.rank_ends", [ending], processes=2)
+    assert "exitcode  : -15" in str(failure.value)  # rank 1, stopped by torchrun in both cases
+    assert failure.value.killed == (ending == "killed")
+
+
 def test_a_bad_device_count_is_named(monkeypatch):
     monkeypatch.setenv("FLYWHEEL_GPUS_PER_WORKER", "two")
     with pytest.raises(ValueError, match="FLYWHEEL_GPUS_PER_WORKER='two'"):
