@@ -13,6 +13,7 @@ What the trainers rely on:
 """
 
 import datetime
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -209,6 +210,18 @@ def shard(model: PreTrainedModel) -> None:
 
 
 ALONE = World()  # a world of one: the default of the functions that take a world
+
+
+def finish(summary: dict[str, Any]) -> None:
+    """The end of a command line: rank 0 prints the run's summary (the only line a run prints),
+    then every rank leaves the process group at once. A rank that exits with the group still open,
+    while rank 0 saves, can die in its own teardown ("terminate called without an active
+    exception": SIGABRT), failing a run that trained to the end."""
+    if world().main:
+        print(json.dumps(summary))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def world() -> World:

@@ -689,8 +689,7 @@ def command_line(argv: list[str] | None, *, prog: str, doc: str, config_class: t
     config = cli.config_from_flags(config_class, args)
     world = distributed.world()
     summary = train(config, load_prompts(args.prompts), args.out, progress=progress_bar if world.main else None)
-    if world.main:
-        print(json.dumps(summary))
+    distributed.finish(summary)
     return 0
 
 

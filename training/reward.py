@@ -625,8 +625,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = train(pairs, config, args.out, progress=_progress_bar)
     except ValueError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
-    if distributed.world().main:
-        print(json.dumps(summary))
+    distributed.finish(summary)
     return 0
 
 

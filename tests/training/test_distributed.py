@@ -106,9 +106,16 @@ def mean_gold(policy: str) -> float:
 
 ONLINE = {
     "grpo": ["--steps", "15", "--batch-size", "4", "--group-size", "4", "--learning-rate", "5e-3"],
-    "ppo": ["--steps", "15", "--batch-size", "8", "--minibatches", "2", "--learning-rate", "3e-3"],
+    "ppo": ["--steps", "30", "--batch-size", "8", "--minibatches", "2", "--learning-rate", "1e-3"],
 }
 SHARDED = {"grpo": [], "ppo": ["--fsdp"]}  # the two processes' runs: DDP for GRPO, FSDP for PPO
+# Runs of each kind pooled: one GRPO run is steady, one PPO run is not (alone, a PPO run's gold
+# gain spans 0.04 to 0.91 and its KL 0.24 to 10 over the reward models of seed offsets 0-4).
+SEEDS = {"grpo": 1, "ppo": 3}
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 @pytest.mark.statistical
@@ -118,23 +125,31 @@ def test_online_runs_on_two_processes_reach_one_processes_gold_and_kl(
 ):
     """Each rank samples its share of the prompts (GRPO: whole groups) from its own generator, so
     the answers differ from one process's and only the outcome can match: the gold score of the
-    trained policy and the KL it took. PPO whitens its advantages over both ranks' tokens."""
+    trained policies and the KL they took, over a few seeds. PPO whitens its advantages over both
+    ranks' tokens."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": prompt}) + "\n" for prompt in PROMPTS))
     flags = ["--policy", tiny_policy, "--reward-model", banana_reward_model, "--prompts", str(prompts),
-             "--max-new-tokens", "12", "--beta", "0.3", "--seed", str(seed_offset), *ONLINE[algorithm]]  # fmt: skip
+             "--max-new-tokens", "12", "--beta", "0.3", *ONLINE[algorithm]]  # fmt: skip
     before = mean_gold(tiny_policy)
-    one = launch(f"training.{algorithm}", *flags, "--out", str(tmp_path / "one"), processes=1)
-    two = launch(f"training.{algorithm}", *flags, *SHARDED[algorithm], "--out", str(tmp_path / "two"), processes=2)
-    gold_one, gold_two = mean_gold(str(tmp_path / "one")), mean_gold(str(tmp_path / "two"))
-    gain = figures(f"distributed.{algorithm}.gold_gain_two_processes", gold_two - before)
-    gap = figures(f"distributed.{algorithm}.gold_gap", gold_two - gold_one)
-    kl_ratio = figures(f"distributed.{algorithm}.kl_ratio", two["kl"] / one["kl"])
-    # Seen on seeds 0-3 (gold 0.40 before): GRPO gains 0.63 to 0.74 with two processes, gaps -0.05
-    # to -0.01, KL ratios 0.63 to 1.30; PPO gains 0.23 to 0.48, gaps -0.07 to +0.18, KL ratios 0.92
-    # to 2.44 (one PPO run's KL is noisy: 0.77 to 2.22 over the same seeds with one process). The
-    # run itself fails if the ranks' weights drifted apart (World.check_in_step).
+    gold, kl = {"one": [], "two": []}, {"one": [], "two": []}
+    for seed in range(100 * seed_offset, 100 * seed_offset + SEEDS[algorithm]):
+        for run, processes, extra in (("one", 1, []), ("two", 2, SHARDED[algorithm])):
+            out = tmp_path / f"{run}-{seed}"
+            kl[run].append(launch(f"training.{algorithm}", *flags, *extra, "--seed", str(seed), "--out", str(out),
+                                  processes=processes)["kl"])  # fmt: skip
+            gold[run].append(mean_gold(str(out)))
+    gain = figures(f"distributed.{algorithm}.gold_gain_two_processes", mean(gold["two"]) - before)
+    gap = figures(f"distributed.{algorithm}.gold_gap", mean(gold["two"]) - mean(gold["one"]))
+    kl_ratio = figures(f"distributed.{algorithm}.kl_ratio", mean(kl["two"]) / mean(kl["one"]))
+    # Seen (gold 0.40 before): GRPO on seeds 0-3 gains 0.63 to 0.74 with two processes, gaps -0.05
+    # to 0.00, KL ratios 0.63 to 1.30; PPO on the reward models of seed offsets 0-4, pooled over
+    # seeds 0-2, gains 0.20 to 0.76, gaps -0.17 to +0.29, KL ratios 0.61 to 1.68. The gap is
+    # bounded below only: what could go wrong in the distributed update (a rank's gradient lost or
+    # weighted wrong) slows learning, and the KL ratio bounds the rest. The run itself fails if
+    # the ranks' weights drifted apart (World.check_in_step).
     assert gain > 0.1
-    assert abs(gap) < 0.35
+    assert gap > -0.4
     assert 0.33 < kl_ratio < 3.0
-    assert json.loads((tmp_path / "two" / f"{algorithm}_config.json").read_text())["world_size"] == 2
+    config = json.loads((tmp_path / f"two-{100 * seed_offset}" / f"{algorithm}_config.json").read_text())
+    assert config["world_size"] == 2
