@@ -219,17 +219,21 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 class Learner(torch.nn.Module):
     """The forward pass of an update, the policy's log-probs (and the critic's values, when there
-    is one) as one module, for DDP to wrap: its gradient hooks follow forward calls."""
+    is one) as one module, for DDP to wrap: its gradient hooks follow forward calls. With
+    `with_entropy`, also each token's entropy (no gradient), for a trainer whose update's forward
+    is also its scoring pass."""
 
     def __init__(self, policy: PreTrainedModel, critic: PreTrainedModel | None = None) -> None:
         super().__init__()
         self.policy, self.critic = policy, critic
 
     def forward(
-        self, ids: torch.Tensor, mask: torch.Tensor, context: int, temperature: float
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logprobs = token_logprobs(self.policy, ids, mask, context, temperature)
-        return logprobs, token_values(self.critic, ids, mask, context) if self.critic is not None else None
+        self, ids: torch.Tensor, mask: torch.Tensor, context: int, temperature: float, with_entropy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        logits = response_logits(self.policy, ids, mask, context, temperature)
+        logprobs = gathered_logprobs(logits, ids[:, context:])
+        values = token_values(self.critic, ids, mask, context) if self.critic is not None else None
+        return logprobs, values, entropy(logits.detach()) if with_entropy else None
 
 
 def token_values(critic: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, context: int) -> torch.Tensor:
@@ -492,18 +496,28 @@ class Scored:
 
 
 @torch.no_grad()
-def score(roles: Roles, config: OnlineConfig, episodes: Episodes, prompts: Sequence[Prompt]) -> Scored:
+def score(
+    roles: Roles,
+    config: OnlineConfig,
+    episodes: Episodes,
+    prompts: Sequence[Prompt],
+    *,
+    policy_pass: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> Scored:
     """The reward model reads the decoded text with its own tokenizer; the policy and the reference
-    give each response token its log-probability."""
+    give each response token its log-probability. `policy_pass`: the policy's (log-probs, entropy)
+    of these episodes, already computed by the caller's update, so not computed again."""
     ids, mask, context = episodes.ids, episodes.mask, episodes.context
     answers = decode(roles.tokenizer, ids[:, context:], mask[:, context:])
     with reward.autocast_for(roles.device):
         raw_score = roles.reward_model([prompts[i] for i in episodes.prompt_index], answers)
         penalised = raw_score - config.missing_eos_penalty * (~episodes.has_eos).float()
-        logits = response_logits(roles.policy, ids, mask, context, config.temperature)
-        logprobs = gathered_logprobs(logits, ids[:, context:])
-        token_entropy = entropy(logits)
-        del logits
+        if policy_pass is None:
+            logits = response_logits(roles.policy, ids, mask, context, config.temperature)
+            logprobs, token_entropy = gathered_logprobs(logits, ids[:, context:]), entropy(logits)
+            del logits
+        else:
+            logprobs, token_entropy = policy_pass[0].detach(), policy_pass[1]
         with roles.as_reference() as reference:
             ref_logprobs = token_logprobs(reference, ids, mask, context, config.temperature)
     return Scored(raw_score, penalised, logprobs, ref_logprobs, token_entropy)
@@ -758,7 +772,7 @@ def train(
         for rows in shuffled_minibatches(episodes_per_rank, config.ppo_epochs, config.minibatches):
             row_mask = response_mask[rows]
             with autocast:
-                logprobs, values = learner(ids[rows], mask[rows], context, config.temperature)
+                logprobs, values, _ = learner(ids[rows], mask[rows], context, config.temperature)
             assert values is not None  # the learner has the critic
             pg, clip_fraction, approx_kl = policy_loss(
                 logprobs, scored.logprobs[rows], advantages[rows], row_mask, config.cliprange
