@@ -170,11 +170,10 @@ def reward_model_run(*, reward_model_id: int, worker: str | None = None, stop_af
 
 def reward_models_reclaim() -> list[int]:
     """Re-enqueue runs whose worker stopped renewing its lease (failing one that MAX_ATTEMPTS
-    workers died on), and versions that no worker took up
-    within a lease period (their task was never queued: the broker was down when they were
-    started). Beat calls this every minute; a message sent twice is harmless, as the second finds
-    the version claimed. A round's version is left to the round: beat's rounds_check re-enqueues
-    the round itself."""
+    workers died on), and versions that no worker took up within a lease period (their task was
+    never queued: the broker was down when they were started). Beat calls this every minute; a
+    message sent twice is harmless, as the second finds the version claimed. A round's version is
+    left to the round: beat's rounds_check re-enqueues the round itself."""
     from rounds.tasks import reward_model_train_task
 
     now = timezone.now()
