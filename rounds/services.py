@@ -707,11 +707,12 @@ class Progress:
         return ", ".join(part for part in (f"{self.phase}{steps}", self.detail, self.left) if part)
 
 
-def round_progress(training_round: TrainingRound) -> Progress | None:
-    """None once the round is over."""
+def round_progress(training_round: TrainingRound, state: str | None = None) -> Progress | None:
+    """None once the round is over. `state`, one the round has left, gives that phase's last
+    figures: a training phase's final step count (the heartbeat always stores the last step)."""
     from training.cli import time_left
 
-    state = training_round.state
+    state = state or training_round.state
     elapsed = lambda: (timezone.now() - training_round.state_since).total_seconds()  # noqa: E731
     if state == State.WAITING_FOR_LABELS:
         return Progress("waiting for labels", round_shortfall(training_round.project) or "enough: training starts")

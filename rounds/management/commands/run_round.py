@@ -88,9 +88,16 @@ class Command(BaseCommand):
         run it here when no worker takes it up."""
         unclaimed_since = time.monotonic()
         runner: threading.Thread | None = None
-        shown = ""
+        shown, phase = "", training_round.state
         while True:
             training_round.refresh_from_db()
+            # Each training phase the round has gone through since the last poll (a fast one can
+            # end between two polls): its final count, on a line of its own.
+            for passed in _phases_passed(phase, training_round.state):
+                finished = services.round_progress(training_round, passed)
+                if finished is not None and finished.total:
+                    shown = self._report(finished, shown, final=True)
+            phase = training_round.state
             if training_round.state in (State.LABELING, *TrainingRound.TERMINAL_STATES):
                 break
             if runner is not None and not runner.is_alive():
@@ -113,17 +120,26 @@ class Command(BaseCommand):
         if sys.stderr.isatty():
             self.stderr.write("")
 
-    def _report(self, progress: services.Progress, shown: str) -> str:
-        """On a terminal one line rewritten in place, the time left with it; in a log a line each
-        time the phase, step or detail changes."""
+    def _report(self, progress: services.Progress, shown: str, *, final: bool = False) -> str:
+        """On a terminal one line rewritten in place, the time left with it (a `final` one is kept);
+        in a log a line each time the phase, step or detail changes."""
         line = progress.line()
         if sys.stderr.isatty():
-            self.stderr.write(f"\r{line}\033[K", ending="")
+            self.stderr.write(f"\r{line}\033[K", ending="\n" if final else "")
             return line
         key = f"{progress.phase} {progress.step} {progress.detail}"
         if key != shown:
             self.stderr.write(line)
         return key
+
+
+def _phases_passed(left: str, now: str) -> list[str]:
+    """The training phases from `left` up to `now`, in the lifecycle's order, `now` excluded."""
+    order: list[str] = list(State)
+    return [
+        phase for phase in (State.TRAINING_REWARD_MODEL, State.TRAINING_POLICY)
+        if left != now and order.index(left) <= order.index(phase) < order.index(now)
+    ]  # fmt: skip
 
 
 def _run_here(round_id: int) -> None:
