@@ -15,6 +15,7 @@ What the trainers rely on:
 import datetime
 import json
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -214,14 +215,20 @@ ALONE = World()  # a world of one: the default of the functions that take a worl
 
 def finish(summary: dict[str, Any]) -> None:
     """The end of a command line: rank 0 prints the run's summary (the only line a run prints),
-    then every rank leaves the process group at once. A rank that exits with the group still open,
-    while rank 0 saves, can die in its own teardown ("terminate called without an active
-    exception": SIGABRT), failing a run that trained to the end."""
+    then every rank leaves the process group at once and exits on the spot. A rank that exits with
+    the group still open, while rank 0 saves, can die in its own teardown ("terminate called
+    without an active exception": SIGABRT), failing a run that trained to the end; and even after
+    the group is gone, the interpreter's teardown of torch's native threads did so in about 1 of
+    18 two-process runs on a loaded 2-core machine. Everything is saved by now: nothing is left to
+    tear down but memory."""
     if world().main:
         print(json.dumps(summary))
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def world() -> World:
