@@ -13,6 +13,7 @@ line are shared with the critic-free trainers of `training.grpo`.
 
 import argparse
 import dataclasses
+import inspect
 import json
 import random
 import sys
@@ -259,6 +260,67 @@ def sample(
     device = next(model.parameters()).device
     query, query_mask = reward.pad(prompts, tokenizer.pad_token_id, "left")
     query, query_mask = query.to(device), query_mask.to(device)
+    way = _generate_synced if distributed.sharded(model) else _decode
+    out = way(model, tokenizer, query, query_mask, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    context = query.shape[1]
+    response = out[:, context:]
+    is_eos = response == tokenizer.eos_token_id
+    after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
+    return out, torch.cat([query_mask, (~after_eos).long()], dim=1), context
+
+
+def _decode(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    query: torch.Tensor,
+    query_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+) -> torch.Tensor:
+    """Sampling with the KV cache, draw for draw as `generate` samples with only these settings
+    (the same answers for the same seed: a test holds it), without its per-token machinery, which
+    is most of a small policy's rollout time. Stops when every answer has its EOS."""
+    inner = reward.unwrap_peft(model)
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(inner.forward).parameters else {}
+    step_ids, mask, step_positions = query, query_mask, positions(query_mask)
+    cache, tokens = None, []
+    unfinished = torch.ones(len(query), dtype=torch.bool, device=query.device)
+    for _ in range(max_new_tokens):
+        out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_positions,
+                    past_key_values=cache, use_cache=True, **last_only)  # fmt: skip
+        cache, scores = out.past_key_values, out.logits[:, -1].float()
+        if temperature != 1.0:
+            scores = scores / temperature
+        if top_p < 1.0:  # transformers' TopPLogitsWarper: the smallest set over top_p, at least one token
+            ascending, order = torch.sort(scores)
+            drop = ascending.softmax(-1).cumsum(-1) <= 1 - top_p
+            drop[:, -1] = False
+            scores = scores.masked_fill(drop.scatter(1, order, drop), -float("inf"))
+        token = torch.multinomial(scores.softmax(-1), 1).squeeze(1)
+        token = torch.where(unfinished, token, tokenizer.pad_token_id)
+        tokens.append(token)
+        unfinished &= token != tokenizer.eos_token_id
+        if not unfinished.any():
+            break
+        step_ids, step_positions = token[:, None], step_positions[:, -1:] + 1
+        mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1)
+    return torch.cat([query, torch.stack(tokens, 1)], 1)
+
+
+def _generate_synced(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    query: torch.Tensor,
+    query_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+) -> torch.Tensor:
+    """`generate` for a policy sharded by FSDP, which gathers its weights on every rank at once: all
+    ranks keep stepping until the last one's answers are done (synced_gpus)."""
     # Only these settings: a model's own (a repetition penalty, a minimum length, suppressed tokens)
     # would sample from another distribution than the log-probs in PPO's ratio. generate() fills
     # unset fields from the model's config, so the model carries this one while it samples.
@@ -266,20 +328,13 @@ def sample(
         do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True,
     )  # fmt: skip
-    # A policy sharded by FSDP gathers its weights on every rank at once: all ranks keep stepping
-    # until the last one's answers are done.
-    synced = {"synced_gpus": True} if distributed.sharded(model) else {}
     inner = reward.unwrap_peft(model)  # a LoRA policy's generate() reads the wrapped model's config
     own, inner.generation_config = inner.generation_config, config
     try:
-        out = model.generate(input_ids=query, attention_mask=query_mask, generation_config=config, **synced)  # type: ignore[operator]  # causal LMs mix generate in
+        out = model.generate(input_ids=query, attention_mask=query_mask, generation_config=config, synced_gpus=True)  # type: ignore[operator]  # causal LMs mix generate in
     finally:
         inner.generation_config = own
-    context = query.shape[1]
-    response = out[:, context:]
-    is_eos = response == tokenizer.eos_token_id
-    after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
-    return out, torch.cat([query_mask, (~after_eos).long()], dim=1), context
+    return cast(torch.Tensor, out)
 
 
 def generate(

@@ -109,6 +109,24 @@ def test_sampling_ignores_the_models_own_generation_settings(tiny_policy):
     assert (clean[1][:, clean[2] :] == 0).any()  # some answer ended early: EOS and what follows are masked
 
 
+@pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.7, 0.9)])
+def test_sampling_draws_what_generate_draws(tiny_policy, temperature, top_p):
+    """Our decoding loop skips generate's per-token machinery and must still be generate: the same
+    answers from the same seed, padding after each EOS included."""
+    model, tokenizer = ppo.load_policy(tiny_policy, torch.device("cpu"))
+    prompts = [ppo.prompt_ids(tokenizer, text, 64) for text in PROMPTS[:8]] * 2
+    torch.manual_seed(3)
+    ids, mask, context = ppo.sample(model, tokenizer, prompts, max_new_tokens=10, temperature=temperature, top_p=top_p)
+    query, query_mask = ids[:, :context], mask[:, :context]
+    torch.manual_seed(3)
+    expected = model.generate(
+        input_ids=query, attention_mask=query_mask, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+        max_new_tokens=10, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    assert torch.equal(ids, expected)
+    assert (mask[:, context:] == 0).any() and (mask[:, context:] == 1).all(1).any()  # some ended early, some not
+
+
 def test_nucleus_sampling_is_refused_for_ppo(tiny_policy, banana_reward_model, tmp_path):
     config = PPOConfig(policy=tiny_policy, reward_model=banana_reward_model, top_p=0.9, **TINY)
     with pytest.raises(ValueError, match="top_p 0.9"):
