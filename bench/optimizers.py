@@ -147,6 +147,7 @@ class Setup:
     learning_rate: float
     max_new_tokens: int
     max_length: int
+    seed: int  # every side's training seed (the task, warm start and evaluation keep SEED)
 
 
 # --- one side, in its own process -------------------------------------------------------------
@@ -160,7 +161,7 @@ def run_ours_online(method: str, setup: Setup, prompts: list[str], device: torch
     common: dict[str, Any] = dict(
         policy=setup.policy, reward_model=setup.reward_model, steps=setup.steps, max_new_tokens=setup.max_new_tokens,
         temperature=TEMPERATURE, learning_rate=setup.learning_rate, beta=BETAS[method],
-        reward_max_length=setup.max_length, checkpoint_every=10**6, seed=SEED,
+        reward_max_length=setup.max_length, checkpoint_every=10**6, seed=setup.seed,
     )  # fmt: skip
     began = time.perf_counter()
     if method == "ppo":
@@ -190,7 +191,7 @@ def run_ours_offline(
     batch = 2 * PAIRS_PER_STEP if loss == "kto" else PAIRS_PER_STEP
     config = dpo.DPOConfig(
         policy=setup.policy, loss=loss, beta=BETAS[loss], epochs=1, learning_rate=setup.learning_rate, batch_size=batch,
-        max_length=setup.max_length, checkpoint_every=10**6, seed=SEED,
+        max_length=setup.max_length, checkpoint_every=10**6, seed=setup.seed,
     )  # fmt: skip
     preferences = dpo.Preferences([reward.Pair(p["prompt"], p["chosen"], p["rejected"]) for p in pairs], [])
     reference_seconds = time_calls(dpo, "reference_logprobs", device)
@@ -247,7 +248,7 @@ def trl_arguments(setup: Setup, device: torch.device, output_dir: str) -> dict[s
     return dict(
         output_dir=output_dir, learning_rate=setup.learning_rate, max_steps=setup.steps, max_grad_norm=1.0,
         weight_decay=0.0, gradient_checkpointing=False, bf16=device.type == "cuda", use_cpu=device.type == "cpu",
-        model_init_kwargs={"dtype": "float32"}, report_to="none", save_strategy="no", logging_steps=1, seed=SEED,
+        model_init_kwargs={"dtype": "float32"}, report_to="none", save_strategy="no", logging_steps=1, seed=setup.seed,
         disable_tqdm=True, dataloader_num_workers=0,
     )  # fmt: skip
 
@@ -526,6 +527,11 @@ def main(argv: list[str] | None = None) -> int:
         help="torch CPU threads per side (--device cpu). 1 by default: on a small shared CPU, more threads than "
         "free cores make OpenMP barriers stall: that measures the neighbours.",
     )  # fmt: skip
+    parser.add_argument(
+        "--seed", type=int, default=SEED,
+        help=f"Every side's training seed (default {SEED}); the task, the warm start and the evaluation keep theirs. "
+        "The gold figures are one seed each: rerun with others to see the spread between seeds.",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path)
     args = parse_training_args(parser, argv, side, Setup, "--task")
     if args is None:  # this process was one side, started by run_side
@@ -550,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
         setup = Setup(
             device=args.device, threads=args.threads, policy=policy, reward_model=reward_model,
             work=str(directory / "trained"), steps=steps, warmup=preset.warmup, learning_rate=preset.learning_rate,
-            max_new_tokens=preset.max_new_tokens, max_length=preset.max_length,
+            max_new_tokens=preset.max_new_tokens, max_length=preset.max_length, seed=args.seed,
         )  # fmt: skip
         task_file = directory / "task.json"
         task_file.write_text(json.dumps(task))
@@ -581,6 +587,7 @@ def main(argv: list[str] | None = None) -> int:
             **dataclasses.asdict(preset),
             "steps": steps,
             "threads": args.threads,
+            "training_seed": args.seed,
             "episodes_per_step": EPISODES,
             "group": GROUP,
             "pairs_per_step": PAIRS_PER_STEP,
