@@ -260,8 +260,14 @@ def sample(
     device = next(model.parameters()).device
     query, query_mask = reward.pad(prompts, tokenizer.pad_token_id, "left")
     query, query_mask = query.to(device), query_mask.to(device)
+    # Only these settings: a model's own (a repetition penalty, a minimum length, suppressed tokens)
+    # would sample from another distribution than the log-probs in PPO's ratio.
+    config = GenerationConfig(
+        do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+    )  # fmt: skip
     way = _generate_synced if distributed.sharded(model) else _decode
-    out = way(model, tokenizer, query, query_mask, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    out = way(model, query, query_mask, config)
     context = query.shape[1]
     response = out[:, context:]
     is_eos = response == tokenizer.eos_token_id
@@ -270,38 +276,31 @@ def sample(
 
 
 def _decode(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    query: torch.Tensor,
-    query_mask: torch.Tensor,
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
+    model: PreTrainedModel, query: torch.Tensor, query_mask: torch.Tensor, config: GenerationConfig
 ) -> torch.Tensor:
-    """Sampling with the KV cache, draw for draw as `generate` samples with only these settings
-    (the same answers for the same seed: a test holds it), without its per-token machinery, which
-    is most of a small policy's rollout time. Stops when every answer has its EOS."""
+    """Sampling with the KV cache, draw for draw as `generate` samples with `config` (the same
+    answers for the same seed: a test holds it), without its per-token machinery, which is most of
+    a small policy's rollout time. Stops when every answer has its EOS."""
     inner = reward.unwrap_peft(model)
     last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(inner.forward).parameters else {}
     step_ids, mask, step_positions = query, query_mask, positions(query_mask)
     cache, tokens = None, []
     unfinished = torch.ones(len(query), dtype=torch.bool, device=query.device)
-    for _ in range(max_new_tokens):
+    for _ in range(config.max_new_tokens):
         out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_positions,
                     past_key_values=cache, use_cache=True, **last_only)  # fmt: skip
         cache, scores = out.past_key_values, out.logits[:, -1].float()
-        if temperature != 1.0:
-            scores = scores / temperature
-        if top_p < 1.0:  # transformers' TopPLogitsWarper: the smallest set over top_p, at least one token
+        if config.temperature != 1.0:
+            scores = scores / config.temperature
+        if config.top_p < 1.0:  # transformers' TopPLogitsWarper: the smallest set over top_p, at least one token
             ascending, order = torch.sort(scores)
-            drop = ascending.softmax(-1).cumsum(-1) <= 1 - top_p
+            drop = ascending.softmax(-1).cumsum(-1) <= 1 - config.top_p
             drop[:, -1] = False
             scores = scores.masked_fill(drop.scatter(1, order, drop), -float("inf"))
         token = torch.multinomial(scores.softmax(-1), 1).squeeze(1)
-        token = torch.where(unfinished, token, tokenizer.pad_token_id)
+        token = torch.where(unfinished, token, config.pad_token_id)
         tokens.append(token)
-        unfinished &= token != tokenizer.eos_token_id
+        unfinished &= token != config.eos_token_id
         if not unfinished.any():
             break
         step_ids, step_positions = token[:, None], step_positions[:, -1:] + 1
@@ -310,24 +309,11 @@ def _decode(
 
 
 def _generate_synced(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    query: torch.Tensor,
-    query_mask: torch.Tensor,
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
+    model: PreTrainedModel, query: torch.Tensor, query_mask: torch.Tensor, config: GenerationConfig
 ) -> torch.Tensor:
     """`generate` for a policy sharded by FSDP, which gathers its weights on every rank at once: all
-    ranks keep stepping until the last one's answers are done (synced_gpus)."""
-    # Only these settings: a model's own (a repetition penalty, a minimum length, suppressed tokens)
-    # would sample from another distribution than the log-probs in PPO's ratio. generate() fills
-    # unset fields from the model's config, so the model carries this one while it samples.
-    config = GenerationConfig(
-        do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True,
-    )  # fmt: skip
+    ranks keep stepping until the last one's answers are done (synced_gpus). generate() fills unset
+    fields from the model's config, so the model carries `config` while it samples."""
     inner = reward.unwrap_peft(model)  # a LoRA policy's generate() reads the wrapped model's config
     own, inner.generation_config = inner.generation_config, config
     try:
