@@ -54,6 +54,14 @@ class GRPOConfig(ppo.OnlineConfig):
         },
     )
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (log-probs use the same; TRL: 1)."})
+    unbiased_kl: bool = field(
+        default=False,
+        metadata={
+            "help": "grpo: weight the k3 KL by the policy ratio (1, but differentiable), so that its gradient is "
+            "the reverse KL's own (DeepSeek-V3.2; TRL's use_bias_correction_kl, on by default there). Off: the GRPO "
+            "paper's k3, whose gradient pulls toward the reference more."
+        },
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,11 +90,15 @@ def grpo_loss(
     mask: torch.Tensor,
     clip: float,
     beta: float,
+    unbiased_kl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The GRPO paper's objective, negated: on every token, PPO's clipped surrogate with the
     episode's advantage, plus beta times the k3 estimate of the KL to the reference,
     exp(ref - logp) - (ref - logp) - 1; averaged over each response's tokens, then over the
-    responses. Returns (loss, clip fraction, approximate KL to the sampling policy)."""
+    responses. `unbiased_kl` multiplies k3 by the ratio pi / pi_old (TRL's use_bias_correction_kl):
+    the same value on-policy, but the gradient of the reverse KL, (logp - ref) d logp, where k3's
+    alone is (1 - exp(ref - logp)) d logp. Returns (loss, clip fraction, approximate KL to the
+    sampling policy)."""
     # Weights 1/|response| make the token mean of ppo.policy_loss the paper's mean of per-response means.
     weights = mask / mask.sum(1, keepdim=True).clamp(min=1)
     token_advantages = advantages[:, None].expand_as(logprobs)
@@ -94,6 +106,8 @@ def grpo_loss(
     # Zero on padding before exp: a pad token's log-ratio may be large enough to overflow.
     log_ratio = (ref_logprobs - logprobs) * (mask > 0)
     kl = log_ratio.exp() - log_ratio - 1
+    if unbiased_kl:
+        kl = kl * ((logprobs - old_logprobs) * (mask > 0)).exp()
     return surrogate + beta * ppo.masked_mean(kl, weights), clip_fraction, approx_kl
 
 
@@ -195,8 +209,9 @@ def train(
                 loss, clip_fraction, approx_kl = rloo_loss(logprobs, old, advantages[rows], row_mask, config.cliprange)
             else:
                 loss, clip_fraction, approx_kl = grpo_loss(
-                    logprobs, old, scored.ref_logprobs[rows], advantages[rows], row_mask, config.cliprange, config.beta
-                )
+                    logprobs, old, scored.ref_logprobs[rows], advantages[rows], row_mask, config.cliprange, config.beta,
+                    unbiased_kl=config.unbiased_kl,
+                )  # fmt: skip
             ppo.optimizer_step(optimizer, trainable, loss, config.max_grad_norm)
             for key, value in zip(stats, (loss, clip_fraction, approx_kl), strict=True):
                 stats[key].append(float(value.detach()))

@@ -60,6 +60,26 @@ def test_grpo_clips_each_token_and_keeps_the_kl_gradient():
     torch.testing.assert_close(logprobs.grad, torch.tensor(expected))
 
 
+def test_the_unbiased_kl_has_the_same_value_on_policy_and_the_reverse_kls_gradient():
+    # On-policy (old = logp), as in the default one update a rollout; no advantage: only the KL acts.
+    logprobs = torch.tensor([[-1.0, -2.0], [-0.5, -3.0]], requires_grad=True)
+    old, reference = logprobs.detach().clone(), torch.tensor([[-1.5, -1.0], [-0.5, -2.0]])
+    mask, advantages = torch.tensor([[1.0, 1.0], [1.0, 0.0]]), torch.zeros(2)
+    gradients, values = [], []
+    for unbiased in (False, True):
+        logprobs.grad = None
+        loss, _, _ = grpo_loss(logprobs, old, reference, advantages, mask, clip=0.2, beta=0.1, unbiased_kl=unbiased)
+        loss.backward()
+        gradients.append(logprobs.grad.clone())
+        values.append(loss.item())
+    assert values[0] == pytest.approx(values[1])  # the ratio is 1: the loss reads the same
+    # Weights: response 0 has two tokens (1/2 each), response 1 one; then the mean of the 2 responses.
+    weights = torch.tensor([[0.25, 0.25], [0.5, 0.0]])
+    x = logprobs.detach() - reference
+    torch.testing.assert_close(gradients[0], 0.1 * weights * (1 - torch.exp(-x)))  # k3's own
+    torch.testing.assert_close(gradients[1], 0.1 * weights * x)  # d KL(pi || ref): (logp - ref) d logp
+
+
 def test_rloo_clips_the_ratio_of_the_whole_response():
     old = torch.zeros(2, 2)
     # Response 0: token ratios 1.25 and 1.2, a response ratio of 1.5 (clipped at 1.2 for A > 0);
