@@ -87,6 +87,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "warmup-0.1": {"warmup_ratio": 0.1},
     "no-warmup": {"warmup_ratio": 0.0},
     "one-epoch-no-dropout": {"epochs": 1, "dropout": False},
+    "lr-1e-4": {"learning_rate": 1e-4},
+    "one-epoch-no-dropout-lr-1e-4": {"epochs": 1, "dropout": False, "learning_rate": 1e-4},
+    "one-epoch-no-dropout-lr-2e-4": {"epochs": 1, "dropout": False, "learning_rate": 2e-4},
     "no-dropout": {"dropout": False},
     "max-length-384": {"max_length": 384},
 }
@@ -289,13 +292,14 @@ def print_table(results: dict[str, Any]) -> None:
 
 
 def merge(paths: list[Path]) -> dict[str, Any]:
-    """Runs from several result files of the same data and split, in one."""
+    """Runs from several result files (single or merged) of the same data and split, in one."""
     parts = [json.loads(path.read_text()) for path in paths]
     if any(part["data"] != parts[0]["data"] for part in parts):
         raise ValueError("the result files differ in their data or split: their runs are not comparable")
     return {
-        "machines": [part["machine"] for part in parts],
-        "commands": [part["command"] for part in parts],
+        # A file merged before lists its machines and commands: it joins again as its runs' sum.
+        "machines": [machine for part in parts for machine in part.get("machines", [part.get("machine")])],
+        "commands": [command for part in parts for command in part.get("commands", [part.get("command")])],
         "data": parts[0]["data"],
         "runs": {name: run for part in parts for name, run in part["runs"].items()},
     }
