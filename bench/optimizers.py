@@ -325,7 +325,7 @@ def run_trl_online(method: str, setup: Setup, prompts: list[str], device: torch.
         dataset = datasets.Dataset.from_list([{"prompt": p} for p in prompts])
         # ours: the paper's per-response token mean, group z-scores and k3 KL gradient. TRL 1.16's
         # default multiplies its KL by the ratio (use_bias_correction_kl), the reverse KL's gradient:
-        # a looser leash (8 seeds: gold 9.14 against 8.44 without), which ours takes with --unbiased-kl.
+        # a looser leash (README: more gold and KL), which ours takes with --unbiased-kl.
         if method == "grpo":
             args = GRPOConfig(**common, loss_type="grpo", scale_rewards="group", use_bias_correction_kl=False)
             trainer = GRPOTrainer(model=setup.policy, reward_funcs=reward_model_score, args=args,
