@@ -177,13 +177,9 @@ def train(
         # 2. Score: the reward model reads the decoded text; log-probs of the policy and the reference.
         # With one update on the whole batch (epochs 1, minibatches 1: the default, TRL's too) that
         # update's forward pass, taken here, gives the sampling policy's log-probs: no pass of its own.
-        live, policy_pass = None, None
-        if config.epochs == 1 and config.minibatches == 1:
-            with autocast:
-                live, _, live_entropy = learner(ids, mask, context, config.temperature, with_entropy=True)
-            assert live_entropy is not None
-            policy_pass = (live, live_entropy)
-        scored = ppo.score(roles, config, episodes, prompts, policy_pass=policy_pass)
+        live = config.epochs == 1 and config.minibatches == 1
+        live_logprobs, _, live_entropy = ppo.sampling_pass(learner, episodes, config.temperature, live)
+        scored = ppo.score(roles, config, episodes, prompts, policy_pass=(live_logprobs, live_entropy))
         scored_at = time.perf_counter()
 
         # 3. KL: RLOO subtracts beta * the response's summed log-ratio from its reward; GRPO's is in the loss.
@@ -199,8 +195,8 @@ def train(
         # 5. Update: clipped ratio objective over shuffled minibatches (one pass by default: on-policy).
         stats: dict[str, list[float]] = {k: [] for k in ("loss", "clip", "approxkl")}
         for rows in ppo.shuffled_minibatches(episodes_per_rank, config.epochs, config.minibatches):
-            if live is not None:
-                logprobs = live[rows]
+            if live:
+                logprobs = live_logprobs[rows]
             else:
                 with autocast:
                     logprobs, _, _ = learner(ids[rows], mask[rows], context, config.temperature)

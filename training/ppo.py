@@ -96,6 +96,14 @@ class PPOConfig(OnlineConfig):
     lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
     cliprange_value: float = field(default=0.2, metadata={"help": "Value prediction clip around the old value."})
     vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
+    shared_critic: bool = field(
+        default=False,
+        metadata={
+            "help": "The critic as a value head on the policy's last hidden state (TRL's former "
+            "AutoModelForCausalLMWithValueHead), starting at zero, instead of a model of its own started from the "
+            "reward model: one pass instead of two, and the value loss also trains the policy's trunk."
+        },
+    )
 
 
 def load_prompts(path: Path) -> list[Prompt]:
@@ -197,8 +205,16 @@ def response_logits(
     model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, context: int, temperature: float
 ) -> torch.Tensor:
     """Logits of the sampling distribution (over temperature) at each response token."""
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
-    return logits[:, context - 1 : -1].float() / temperature
+    return _response_pass(model, ids, mask, context, temperature, hidden=False)[0]
+
+
+def _response_pass(
+    model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, context: int, temperature: float, hidden: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(response_logits, and with `hidden` the last hidden state before each response token)."""
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), output_hidden_states=hidden)
+    logits = out.logits[:, context - 1 : -1].float() / temperature
+    return logits, out.hidden_states[-1][:, context - 1 : -1] if hidden else None
 
 
 def token_logprobs(
@@ -218,22 +234,41 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logprobs.exp() * logprobs).sum(-1)
 
 
+class ValueHead(torch.nn.Module):
+    """A critic that is a scalar head on the policy's own last hidden state (TRL's former
+    AutoModelForCausalLMWithValueHead), instead of a model of its own: one forward and backward
+    pass serve both, and the value loss trains the shared trunk too. Starts at zero."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.score = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.zeros_(self.score.weight)
+        torch.nn.init.zeros_(self.score.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.score(hidden).squeeze(-1).float()
+
+
 class Learner(torch.nn.Module):
     """The forward pass of an update, the policy's log-probs (and the critic's values, when there
     is one) as one module, for DDP to wrap: its gradient hooks follow forward calls. With
     `with_entropy`, also each token's entropy (no gradient), for a trainer whose update's forward
     is also its scoring pass."""
 
-    def __init__(self, policy: PreTrainedModel, critic: PreTrainedModel | None = None) -> None:
+    def __init__(self, policy: PreTrainedModel, critic: PreTrainedModel | ValueHead | None = None) -> None:
         super().__init__()
         self.policy, self.critic = policy, critic
 
     def forward(
         self, ids: torch.Tensor, mask: torch.Tensor, context: int, temperature: float, with_entropy: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        logits = response_logits(self.policy, ids, mask, context, temperature)
+        head = isinstance(self.critic, ValueHead)
+        logits, hidden = _response_pass(self.policy, ids, mask, context, temperature, hidden=head)
         logprobs = gathered_logprobs(logits, ids[:, context:])
-        values = token_values(self.critic, ids, mask, context) if self.critic is not None else None
+        if isinstance(self.critic, ValueHead):
+            values = self.critic(hidden)
+        else:
+            values = token_values(self.critic, ids, mask, context) if self.critic is not None else None
         return logprobs, values, entropy(logits.detach()) if with_entropy else None
 
 
@@ -446,7 +481,7 @@ class Roles:
     tokenizer: PreTrainedTokenizerBase
     reference: PreTrainedModel | None  # None: the policy with its LoRA adapter switched off
     reward_model: RewardModel
-    critic: PreTrainedModel | None = None  # PPO's value model; the critic-free trainers have none
+    critic: PreTrainedModel | ValueHead | None = None  # PPO's; the critic-free trainers have none
 
     @property
     def device(self) -> torch.device:
@@ -562,6 +597,20 @@ def score(
         with roles.as_reference() as reference:
             ref_logprobs = token_logprobs(reference, ids, mask, context, config.temperature)
     return Scored(raw_score, penalised, logprobs, ref_logprobs, token_entropy)
+
+
+def sampling_pass(
+    learner: torch.nn.Module, episodes: Episodes, temperature: float, live: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The sampling policy's log-probs, the critic's values (when the learner has one) and each
+    token's entropy, over the episodes. `live`, for one update on the whole batch: with the
+    gradient, so that the update takes this pass as its own forward pass instead of another."""
+    with torch.set_grad_enabled(live), reward.autocast_for(episodes.ids.device):
+        logprobs, values, token_entropy = learner(
+            episodes.ids, episodes.mask, episodes.context, temperature, with_entropy=True
+        )
+    assert token_entropy is not None  # asked for
+    return logprobs, values, token_entropy
 
 
 def shuffled_minibatches(episodes: int, epochs: int, minibatches: int) -> Iterator[torch.Tensor]:
@@ -769,12 +818,16 @@ def train(
     device = device or world.device
     check_run(config, prompts)
     check_shares(world, config.batch_size, config.minibatches, "batch_size")
+    if config.shared_critic and config.fsdp:
+        raise ValueError("--shared-critic with --fsdp: FSDP shards Hugging Face models, not the value head")
     done = open_run(out, config, "ppo_config.json", world)
     if done is not None:
         return done
-    roles = load_roles(config, device, critic=True)
+    roles = load_roles(config, device, critic=not config.shared_critic)
+    if config.shared_critic:
+        roles.critic = ValueHead(reward.unwrap_peft(roles.policy).config.hidden_size).to(device)
     critic = roles.critic
-    assert critic is not None  # asked for just above
+    assert critic is not None  # loaded or made just above
     learner = world.wrap(Learner(roles.policy, critic), fsdp=config.fsdp)  # before the optimizer: FSDP swaps parameters
     trainable = [p for p in (*roles.policy.parameters(), *critic.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, eps=1e-5, weight_decay=0.0)
@@ -795,9 +848,13 @@ def train(
         generated = time.perf_counter()
 
         # 2. Score: the reward model reads the decoded text; log-probs of policy and reference, values.
-        scored = score(roles, config, episodes, prompts)
-        with torch.no_grad(), autocast:
-            old_values = token_values(critic, ids, mask, context)
+        # With one update on the whole batch (ppo_epochs 1, minibatches 1), that update's forward
+        # pass, taken here with its gradient, gives the sampling policy's log-probs and values.
+        live = config.ppo_epochs == 1 and config.minibatches == 1
+        live_logprobs, live_values, live_entropy = sampling_pass(learner, episodes, config.temperature, live)
+        assert live_values is not None  # the learner has the critic
+        scored = score(roles, config, episodes, prompts, policy_pass=(live_logprobs, live_entropy))
+        old_values = live_values.detach()
         scored_at = time.perf_counter()
 
         # 3. KL shaping: -beta * (log pi - log ref) per token, the score at the last real token.
@@ -812,8 +869,11 @@ def train(
         stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "clip", "vclip", "approxkl")}
         for rows in shuffled_minibatches(episodes_per_rank, config.ppo_epochs, config.minibatches):
             row_mask = response_mask[rows]
-            with autocast:
-                logprobs, values, _ = learner(ids[rows], mask[rows], context, config.temperature)
+            if live:
+                logprobs, values = live_logprobs[rows], live_values[rows]
+            else:
+                with autocast:
+                    logprobs, values, _ = learner(ids[rows], mask[rows], context, config.temperature)
             assert values is not None  # the learner has the critic
             pg, clip_fraction, approx_kl = policy_loss(
                 logprobs, scored.logprobs[rows], advantages[rows], row_mask, config.cliprange

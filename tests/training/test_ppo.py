@@ -1,6 +1,7 @@
 """PPO core: the objective's pieces against hand-computed values, log-probs that match sampling,
 resume, LoRA, the command line, and over-optimization reproduced with a tiny policy."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -157,9 +158,36 @@ def assert_resuming_is_bit_exact(train: Callable[..., dict], config: Any, tmp_pa
     assert train(config, PROMPTS, tmp_path / "resumed") == done
 
 
-def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tiny_policy, banana_reward_model, tmp_path):
-    config = PPOConfig(policy=tiny_policy, reward_model=banana_reward_model, steps=4, checkpoint_every=2, **TINY)
+# The default recipe (a critic model, 4 epochs x 4 minibatches) and the lean one (a value head on
+# the policy, one update whose forward pass is also the scoring pass).
+RECIPES = {"default": {}, "lean": {"shared_critic": True, "ppo_epochs": 1, "minibatches": 1}}
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tiny_policy, banana_reward_model, tmp_path, recipe):
+    config = PPOConfig(
+        policy=tiny_policy, reward_model=banana_reward_model, steps=4, checkpoint_every=2, **TINY, **RECIPES[recipe]
+    )
     assert_resuming_is_bit_exact(ppo.train, config, tmp_path)
+
+
+def test_a_shared_critic_is_a_value_head_on_the_policy_trained_with_it_and_not_saved(
+    tiny_policy, banana_reward_model, tmp_path
+):
+    config = PPOConfig(
+        policy=tiny_policy, reward_model=banana_reward_model, steps=3, checkpoint_every=2, **TINY, **RECIPES["lean"]
+    )
+    assert ppo.load_roles(config, torch.device("cpu"), critic=False).critic is None  # no critic model is loaded
+    ppo.train(config, PROMPTS, tmp_path / "run", stop_after=2)
+    head = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["critic"]
+    assert set(head) == {"score.weight", "score.bias"}  # the head alone: the trunk is the policy's
+    assert head["score.weight"].abs().sum() > 0  # it starts at zero and the value loss moved it
+    ppo.train(config, PROMPTS, tmp_path / "run")
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run").state_dict()
+    assert set(saved) == set(AutoModelForCausalLM.from_pretrained(tiny_policy).state_dict())
+
+    with pytest.raises(ValueError, match="--shared-critic with --fsdp"):
+        ppo.train(dataclasses.replace(config, fsdp=True), PROMPTS, tmp_path / "fsdp")
 
 
 def test_lora_uses_the_adapter_off_policy_as_reference_and_saves_a_merged_model(
