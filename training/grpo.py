@@ -178,8 +178,8 @@ def train(
         # With one update on the whole batch (epochs 1, minibatches 1: the default, TRL's too) that
         # update's forward pass, taken here, gives the sampling policy's log-probs: no pass of its own.
         live = config.epochs == 1 and config.minibatches == 1
-        live_logprobs, _, live_entropy = ppo.sampling_pass(learner, episodes, config.temperature, live)
-        scored = ppo.score(roles, config, episodes, prompts, policy_pass=(live_logprobs, live_entropy))
+        sampling_logprobs, _, sampling_entropy = ppo.sampling_pass(learner, episodes, config.temperature, live)
+        scored = ppo.score(roles, config, episodes, prompts, policy_pass=(sampling_logprobs, sampling_entropy))
         scored_at = time.perf_counter()
 
         # 3. KL: RLOO subtracts beta * the response's summed log-ratio from its reward; GRPO's is in the loss.
@@ -196,7 +196,7 @@ def train(
         stats: dict[str, list[float]] = {k: [] for k in ("loss", "clip", "approxkl")}
         for rows in ppo.shuffled_minibatches(episodes_per_rank, config.epochs, config.minibatches):
             if live:
-                logprobs = live_logprobs[rows]
+                logprobs = sampling_logprobs[rows]
             else:
                 with autocast:
                     logprobs, _, _ = learner(ids[rows], mask[rows], context, config.temperature)

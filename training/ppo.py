@@ -262,8 +262,8 @@ class Learner(torch.nn.Module):
     def forward(
         self, ids: torch.Tensor, mask: torch.Tensor, context: int, temperature: float, with_entropy: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        head = isinstance(self.critic, ValueHead)
-        logits, hidden = _response_pass(self.policy, ids, mask, context, temperature, hidden=head)
+        on_policy = isinstance(self.critic, ValueHead)  # the critic reads the policy's own hidden states
+        logits, hidden = _response_pass(self.policy, ids, mask, context, temperature, hidden=on_policy)
         logprobs = gathered_logprobs(logits, ids[:, context:])
         if isinstance(self.critic, ValueHead):
             values = self.critic(hidden)
@@ -851,10 +851,12 @@ def train(
         # With one update on the whole batch (ppo_epochs 1, minibatches 1), that update's forward
         # pass, taken here with its gradient, gives the sampling policy's log-probs and values.
         live = config.ppo_epochs == 1 and config.minibatches == 1
-        live_logprobs, live_values, live_entropy = sampling_pass(learner, episodes, config.temperature, live)
-        assert live_values is not None  # the learner has the critic
-        scored = score(roles, config, episodes, prompts, policy_pass=(live_logprobs, live_entropy))
-        old_values = live_values.detach()
+        sampling_logprobs, sampling_values, sampling_entropy = sampling_pass(
+            learner, episodes, config.temperature, live
+        )
+        assert sampling_values is not None  # the learner has the critic
+        scored = score(roles, config, episodes, prompts, policy_pass=(sampling_logprobs, sampling_entropy))
+        old_values = sampling_values.detach()
         scored_at = time.perf_counter()
 
         # 3. KL shaping: -beta * (log pi - log ref) per token, the score at the last real token.
@@ -870,7 +872,7 @@ def train(
         for rows in shuffled_minibatches(episodes_per_rank, config.ppo_epochs, config.minibatches):
             row_mask = response_mask[rows]
             if live:
-                logprobs, values = live_logprobs[rows], live_values[rows]
+                logprobs, values = sampling_logprobs[rows], sampling_values[rows]
             else:
                 with autocast:
                     logprobs, values, _ = learner(ids[rows], mask[rows], context, config.temperature)
