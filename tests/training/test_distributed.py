@@ -153,3 +153,19 @@ def test_online_runs_on_two_processes_reach_one_processes_gold_and_kl(
     assert 0.33 < kl_ratio < 3.0
     config = json.loads((tmp_path / f"two-{100 * seed_offset}" / f"{algorithm}_config.json").read_text())
     assert config["world_size"] == 2
+
+
+def test_the_lean_ppo_recipe_keeps_two_processes_in_step(tiny_policy, banana_reward_model, tmp_path):
+    """--shared-critic with one update a rollout under DDP: the value head sits inside the wrapped
+    module, so its gradient is averaged with the policy's, and the run's end checks that both
+    ranks hold the same weights, the head's included (World.check_in_step raises otherwise)."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": prompt}) + "\n" for prompt in PROMPTS))
+    summary = launch(
+        "training.ppo", "--policy", tiny_policy, "--reward-model", banana_reward_model, "--prompts", str(prompts),
+        "--max-new-tokens", "8", "--steps", "3", "--batch-size", "8", "--learning-rate", "1e-3", "--shared-critic",
+        "--ppo-epochs", "1", "--minibatches", "1", "--out", str(tmp_path / "lean"), processes=2,
+    )  # fmt: skip
+    assert summary["steps"] == 3
+    config = json.loads((tmp_path / "lean" / "ppo_config.json").read_text())
+    assert config["world_size"] == 2 and config["shared_critic"]
