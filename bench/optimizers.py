@@ -92,12 +92,13 @@ SEED = 42
 TEMPERATURE = 1.0
 EPISODES, GROUP = 16, 4  # online: episodes per step; GRPO/RLOO: 4 prompts x 4 samples
 PAIRS_PER_STEP = 8  # offline; KTO: 16 answers
-BETAS = {"ppo": 0.05, "ppo-lean": 0.05, "grpo": 0.04, "rloo": 0.05, "dpo": 0.1, "ipo": 0.1, "kto": 0.1}  # defaults
 # PPO twice: its default recipe, and a lean one (a value head on the policy instead of a critic
 # model, one update per rollout, whose forward pass is also the scoring pass).
 PPO_RECIPES: dict[str, dict[str, Any]] = {
     "ppo": {}, "ppo-lean": {"shared_critic": True, "ppo_epochs": 1, "minibatches": 1},
 }  # fmt: skip
+BETAS = {"ppo": 0.05, "grpo": 0.04, "rloo": 0.05, "dpo": 0.1, "ipo": 0.1, "kto": 0.1}  # each trainer's default
+BETAS |= {recipe: BETAS["ppo"] for recipe in PPO_RECIPES}  # one trainer, one beta
 OURS = ("ppo", "ppo-lean", "grpo", "rloo", "dpo", "ipo", "kto")
 PAIRED = ("dpo", "ipo", "kto", "grpo", "rloo")  # ours against TRL's counterpart
 ONLINE = ("ppo", "ppo-lean", "grpo", "rloo")
