@@ -190,11 +190,13 @@ def answer_logprobs(
     model: PreTrainedModel | torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, answer_mask: torch.Tensor
 ) -> torch.Tensor:
     """Per sequence, the sum of its answer tokens' log-probabilities; prompt and padding add
-    nothing. Position ids skip left padding, so left and right padding give the same sums."""
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=ppo.positions(mask)).logits[:, :-1].float()
-    tokens = ppo.gathered_logprobs(logits, ids[:, 1:])
+    nothing. Position ids skip left padding, so left and right padding give the same sums. Logits
+    start at the batch's first answer token: none for prompt tokens before it."""
+    first = max(1, int(answer_mask.argmax(1).min()))
+    logits = ppo.answer_pass(model, ids, mask, first)[0].float()
+    tokens = ppo.gathered_logprobs(logits, ids[:, first:])
     # where, not a product: a fully masked padding row may hold NaN, and NaN * 0 is NaN
-    return torch.where(answer_mask[:, 1:].bool(), tokens, 0.0).sum(1)
+    return torch.where(answer_mask[:, first:].bool(), tokens, 0.0).sum(1)
 
 
 @torch.no_grad()

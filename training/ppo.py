@@ -208,13 +208,33 @@ def response_logits(
     return _response_pass(model, ids, mask, context, temperature, hidden=False)[0]
 
 
+def keeps_logits(model: torch.nn.Module) -> bool:
+    """Whether the model (inside a DDP or peft wrapper) takes `logits_to_keep`: logits for the last
+    positions only, instead of a vocabulary-wide row for every prompt token."""
+    inner = reward.unwrap_peft(cast(PreTrainedModel, getattr(model, "module", model)))
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
+def answer_pass(
+    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, first: int, hidden: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The logits that predict ids[:, first:] (at positions first - 1 to the last but one), and with
+    `hidden` the last hidden state at those positions. The prompt's logits are never computed
+    when the model can skip them: with a large vocabulary they are most of a pass's memory."""
+    keep = ids.shape[1] - first + 1
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=positions(mask), output_hidden_states=hidden,
+        **({"logits_to_keep": keep} if keeps_logits(model) else {}),
+    )  # fmt: skip
+    return out.logits[:, -keep:-1], out.hidden_states[-1][:, first - 1 : -1] if hidden else None
+
+
 def _response_pass(
     model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, context: int, temperature: float, hidden: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(response_logits, and with `hidden` the last hidden state before each response token)."""
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), output_hidden_states=hidden)
-    logits = out.logits[:, context - 1 : -1].float() / temperature
-    return logits, out.hidden_states[-1][:, context - 1 : -1] if hidden else None
+    logits, states = answer_pass(model, ids, mask, context, hidden)
+    return logits.float() / temperature, states
 
 
 def token_logprobs(
@@ -316,8 +336,7 @@ def _decode(
     """Sampling with the KV cache, draw for draw as `generate` samples with `config` (the same
     answers for the same seed: a test holds it), without its per-token machinery, which is most of
     a small policy's rollout time. Stops when every answer has its EOS."""
-    inner = reward.unwrap_peft(model)
-    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(inner.forward).parameters else {}
+    last_only = {"logits_to_keep": 1} if keeps_logits(model) else {}
     step_ids, mask, step_positions = query, query_mask, positions(query_mask)
     cache, tokens = None, []
     unfinished = torch.ones(len(query), dtype=torch.bool, device=query.device)

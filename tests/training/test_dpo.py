@@ -130,9 +130,15 @@ def test_answer_log_probs_sum_the_answer_tokens_only_under_left_and_right_paddin
             by_hand.append(
                 sum(logits[t - 1, sequence.ids[t]] for t in range(sequence.prompt_length, len(sequence.ids)))
             )
+        widths: list[int] = []
+        model.register_forward_hook(lambda _module, _args, out: widths.append(out.logits.shape[1]))
         for side in ("left", "right"):
-            padded = answer_logprobs(model, *collate(sequences, tokenizer.pad_token_id, side, CPU))
+            batch = collate(sequences, tokenizer.pad_token_id, side, CPU)
+            padded = answer_logprobs(model, *batch)
             torch.testing.assert_close(padded, torch.stack(by_hand), atol=1e-5, rtol=0)
+            # No logits for the prompt tokens before the batch's first answer token (logits_to_keep).
+            first_answer = int(batch[2].argmax(1).min())
+            assert widths.pop() == batch[0].shape[1] - first_answer + 1 < batch[0].shape[1]
 
 
 def test_long_sequences_lose_the_oldest_prompt_tokens_then_the_end_of_the_answer(tiny_policy):

@@ -90,9 +90,12 @@ def test_training_log_probs_equal_the_sampling_distribution_with_left_padding(ti
     response = out.sequences[:, query.shape[1] :]
     expected = torch.gather(sampled, 2, response.unsqueeze(-1)).squeeze(-1)
     mask = torch.cat([query_mask, torch.ones_like(response)], 1)
+    widths: list[int] = []
+    model.register_forward_hook(lambda _module, _args, out: widths.append(out.logits.shape[1]))
     with torch.no_grad():
         logprobs = ppo.token_logprobs(model, out.sequences, mask, query.shape[1], temperature=0.7)
     torch.testing.assert_close(logprobs, expected, atol=1e-5, rtol=1e-5)
+    assert widths == [response.shape[1] + 1]  # no logits computed for the prompt (logits_to_keep)
 
 
 def test_sampling_ignores_the_models_own_generation_settings(tiny_policy):
