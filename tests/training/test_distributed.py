@@ -70,7 +70,15 @@ def test_dpo_and_kto_trained_by_two_processes_follow_one_processes_losses(tiny_p
     assert len(one) == len(two) == (16 if loss == "dpo" else 30)
     key = f"loss/{loss}"
     assert max(abs(a[key] - b[key]) / abs(a[key]) for a, b in zip(one, two, strict=True)) < 1e-3
-    assert max(abs(a["rewards/accuracy"] - b["rewards/accuracy"]) for a, b in zip(one, two, strict=True)) < 1e-3
+
+    # Step 1's policy is the reference: DPO's implicit rewards are rounding noise (1e-8) whose sign
+    # decides its accuracy, so accuracy is compared where the margin is more than noise.
+    def noise(row: dict) -> bool:
+        return row["rewards/margin"] is not None and abs(row["rewards/margin"]) < 1e-4
+
+    learned = [(a, b) for a, b in zip(one, two, strict=True) if not noise(a) and not noise(b)]
+    assert len(learned) >= len(one) - 2 and (loss == "kto" or noise(one[0]))
+    assert max(abs(a["rewards/accuracy"] - b["rewards/accuracy"]) for a, b in learned) < 1e-3
     assert two[-1][key] < two[0][key]
     assert json.loads((tmp_path / "two" / "dpo_config.json").read_text())["world_size"] == 2
 
