@@ -310,13 +310,6 @@ def plan(config: DPOConfig, preferences: Preferences, tokenizer: PreTrainedToken
     return Plan(chosen + rejected, [True] * len(pairs) + [False] * len(pairs), steps)
 
 
-def linear_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup_ratio: float) -> Any:
-    warmup = max(1, int(warmup_ratio * steps))
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (steps - step) / max(1, steps - warmup)))
-    )
-
-
 def _mean(values: torch.Tensor) -> float | None:
     return float(values.float().mean()) if values.numel() else None
 
@@ -378,10 +371,8 @@ def train(
     policy.eval()
     trainer = world.wrap(policy, fsdp=config.fsdp)  # before the optimizer: FSDP replaces the parameters
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        trainable, lr=config.learning_rate, weight_decay=config.weight_decay, fused=device.type in ("cpu", "cuda")
-    )
-    schedule = linear_schedule(optimizer, len(work.steps), config.warmup_ratio)
+    optimizer = reward.adamw(trainable, device, lr=config.learning_rate, weight_decay=config.weight_decay)
+    schedule = reward.linear_schedule(optimizer, len(work.steps), config.warmup_ratio)
     start = 0
     if state:
         world.load_state_dict(policy, state["model"])

@@ -157,7 +157,7 @@ def train(
     roles = ppo.load_roles(config, device)
     learner = world.wrap(ppo.Learner(roles.policy), fsdp=config.fsdp)  # before the optimizer: FSDP swaps parameters
     trainable = [p for p in roles.policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
+    optimizer = reward.adamw(trainable, device, lr=config.learning_rate, weight_decay=0.0)
     encoded = [ppo.prompt_ids(roles.tokenizer, p, config.max_prompt_length) for p in prompts]
     run = ppo.Run(out, config, config.steps, roles, optimizer, learner, world)
     start = run.resume()["step"]

@@ -175,8 +175,7 @@ class RewardModel:
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[Prompt], answers: Sequence[str]) -> torch.Tensor:
-        pairs = zip(prompts, answers, strict=True)
-        sequences = [reward.encode(self.tokenizer, prompt, answer, self.max_length) for prompt, answer in pairs]
+        sequences = reward.encode_all(self.tokenizer, list(zip(prompts, answers, strict=True)), self.max_length)
         ids, mask = reward.pad(sequences, self.tokenizer.pad_token_id, self.tokenizer.padding_side)
         ids, mask = ids.to(self.device), mask.to(self.device)
         with reward.autocast_for(self.device):
@@ -856,7 +855,7 @@ def train(
     assert critic is not None  # loaded or made just above
     learner = world.wrap(Learner(roles.policy, critic), fsdp=config.fsdp)  # before the optimizer: FSDP swaps parameters
     trainable = [p for p in (*roles.policy.parameters(), *critic.parameters()) if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, eps=1e-5, weight_decay=0.0)
+    optimizer = reward.adamw(trainable, device, lr=config.learning_rate, eps=1e-5, weight_decay=0.0)
     encoded = [prompt_ids(roles.tokenizer, p, config.max_prompt_length) for p in prompts]
     run = Run(out, config, config.steps, roles, optimizer, learner, world)
     state = run.resume()

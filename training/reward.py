@@ -108,20 +108,33 @@ def split_validation(
 
 def encode(tokenizer: PreTrainedTokenizerBase, prompt: str | Messages, answer: str, max_length: int) -> list[int]:
     """Prompt and answer as the model sees them, cut from the left so the answer always survives."""
-    messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-    if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": answer}], tokenize=False)
-        ids: list[int] = tokenizer(str(text), add_special_tokens=False)["input_ids"]
-    else:
-        text = "\n\n".join(message["content"] for message in messages) + "\n\n" + answer
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-        if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
-            ids.append(tokenizer.eos_token_id)
-    if len(ids) <= max_length:
-        return ids
-    # Keep a leading special token ([CLS], <bos>): encoders pool on it.
-    keep = 1 if ids[0] in tokenizer.all_special_ids else 0
-    return ids[:keep] + ids[len(ids) - (max_length - keep) :]
+    return encode_all(tokenizer, [(prompt, answer)], max_length)[0]
+
+
+def encode_all(
+    tokenizer: PreTrainedTokenizerBase, rows: Sequence[tuple[str | Messages, str]], max_length: int
+) -> list[list[int]]:
+    """`encode` of every (prompt, answer) row, in one call of the tokenizer: a call a row costs
+    about twice as much (a scoring pass encodes a whole rollout batch)."""
+    texts = []
+    for prompt, answer in rows:
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        if tokenizer.chat_template:
+            text = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": answer}], tokenize=False)
+            texts.append(str(text))
+        else:
+            texts.append("\n\n".join(message["content"] for message in messages) + "\n\n" + answer)
+    templated = bool(tokenizer.chat_template)
+    encoded: list[list[int]] = tokenizer(texts, add_special_tokens=not templated)["input_ids"] if texts else []
+    eos, special = tokenizer.eos_token_id, set(tokenizer.all_special_ids)
+    cut = []
+    for ids in encoded:
+        if not templated and eos is not None and ids[-1:] != [eos]:
+            ids = [*ids, eos]
+        # Cut from the left, keeping a leading special token ([CLS], <bos>): encoders pool on it.
+        keep = 1 if ids and ids[0] in special else 0
+        cut.append(ids if len(ids) <= max_length else ids[:keep] + ids[len(ids) - (max_length - keep) :])
+    return cut
 
 
 def pad(sequences: Sequence[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,8 +220,8 @@ class Encoded:
         max_length = config.max_length or resolve_defaults(config)[0].max_length
         assert max_length is not None
         self.pairs = list(pairs)
-        self.chosen = [encode(tokenizer, p.prompt, p.chosen, max_length) for p in self.pairs]
-        self.rejected = [encode(tokenizer, p.prompt, p.rejected, max_length) for p in self.pairs]
+        self.chosen = encode_all(tokenizer, [(p.prompt, p.chosen) for p in self.pairs], max_length)
+        self.rejected = encode_all(tokenizer, [(p.prompt, p.rejected) for p in self.pairs], max_length)
         self.margins = [margin_of(p, config) for p in self.pairs]
         self.pad_id = tokenizer.pad_token_id
         self.side = tokenizer.padding_side
@@ -314,6 +327,20 @@ def validate(
     return {"accuracy": float((gap > 0).float().mean()), "loss": float(-F.logsigmoid(gap).mean())}
 
 
+def adamw(parameters: list[torch.nn.Parameter], device: torch.device, **options: Any) -> torch.optim.AdamW:
+    """AdamW, fused where torch has the kernel (CPU, CUDA): one kernel for all parameters instead of
+    a loop over them (torch's default on CPU), which is most of a small model's optimizer step."""
+    return torch.optim.AdamW(parameters, fused=device.type in ("cpu", "cuda"), **options)
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup_ratio: float) -> Any:
+    """A linear warm-up over `warmup_ratio` of `steps`, then a linear decay to 0 (reward and DPO)."""
+    warmup = max(1, int(warmup_ratio * steps))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (steps - step) / max(1, steps - warmup)))
+    )
+
+
 def train_member(
     model: PreTrainedModel,
     data: Encoded,
@@ -343,16 +370,11 @@ def train_member(
     batches = [b for _ in range(config.epochs) for b in length_grouped_batches(data.lengths(), config.batch_size, rng)]
     model.train()
     scorer = world.wrap(Scorer(model), fsdp=config.fsdp)  # before the optimizer: FSDP replaces the parameters
-    # Fused AdamW: one kernel for all parameters instead of a loop over them (CPU and CUDA).
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=config.learning_rate, weight_decay=config.weight_decay,
-        fused=device.type in ("cpu", "cuda"),
+    optimizer = adamw(
+        [p for p in model.parameters() if p.requires_grad], device, lr=config.learning_rate,
+        weight_decay=config.weight_decay,
     )  # fmt: skip
-    warmup = max(1, int(config.warmup_ratio * len(batches)))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: min((step + 1) / warmup, max(0.0, (len(batches) - step) / max(1, len(batches) - warmup))),
-    )
+    schedule = linear_schedule(optimizer, len(batches), config.warmup_ratio)
     start, losses = 0, []
     validations: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None  # step, key and weights (on the CPU) of the best validation so far

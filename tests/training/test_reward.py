@@ -200,6 +200,27 @@ def test_too_few_pairs_or_no_held_out_prompt_is_a_clear_error(tiny_backbone, tmp
     assert done.returncode == 2 and "at least 50 are needed" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_encoding_a_batch_gives_each_row_its_own_ids():
+    """encode_all tokenizes a batch in one call: every row as if encoded alone, with or without a
+    chat template, truncated or not, and with the appended EOS of an untemplated text."""
+    from training.reward import encode, encode_all
+
+    tokenizer = make_tokenizer()
+    rows = [(" ".join(WORDS[: 3 * i]) or "question", f"banana w{i}") for i in range(8)]
+    rows.append(([{"role": "user", "content": "question w1"}, {"role": "assistant", "content": "w2"},
+                  {"role": "user", "content": "w3 w4"}], "banana"))  # fmt: skip
+    for template in (None, "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"):
+        tokenizer.chat_template = template
+        batched = encode_all(tokenizer, rows, max_length=10)
+        alone = [encode(tokenizer, prompt, answer, max_length=10) for prompt, answer in rows]
+        assert batched == alone
+        assert [len(ids) for ids in batched[:3]] == ([4, 6, 9] if template is None else [7, 9, 10])
+        assert all(len(ids) == 10 for ids in batched[3:8])  # cut from the left
+        assert tokenizer.decode(batched[7][-2:]) == ("w7 <eos>" if template is None else "banana w7")
+        assert all((ids[-1] == tokenizer.eos_token_id) == (template is None) for ids in batched)
+    assert encode_all(tokenizer, [], max_length=10) == []
+
+
 def test_truncation_keeps_the_answer_and_a_leading_special_token():
     from training.reward import encode
 
