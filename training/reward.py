@@ -114,8 +114,8 @@ def encode(tokenizer: PreTrainedTokenizerBase, prompt: str | Messages, answer: s
 def encode_all(
     tokenizer: PreTrainedTokenizerBase, rows: Sequence[tuple[str | Messages, str]], max_length: int
 ) -> list[list[int]]:
-    """`encode` of every (prompt, answer) row, in one call of the tokenizer: a call a row costs
-    about twice as much (a scoring pass encodes a whole rollout batch)."""
+    """`encode` of every (prompt, answer) row, in one call of the tokenizer: a call a row costs 1.5
+    to 2 times as much (a scoring pass encodes a whole rollout batch, training all its pairs)."""
     texts = []
     for prompt, answer in rows:
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
