@@ -116,15 +116,14 @@ def encode_all(
 ) -> list[list[int]]:
     """`encode` of every (prompt, answer) row, in one call of the tokenizer: a call a row costs 1.5
     to 2 times as much (a scoring pass encodes a whole rollout batch, training all its pairs)."""
-    texts = []
+    templated, texts = bool(tokenizer.chat_template), []
     for prompt, answer in rows:
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        if tokenizer.chat_template:
+        if templated:
             text = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": answer}], tokenize=False)
             texts.append(str(text))
         else:
             texts.append("\n\n".join(message["content"] for message in messages) + "\n\n" + answer)
-    templated = bool(tokenizer.chat_template)
     encoded: list[list[int]] = tokenizer(texts, add_special_tokens=not templated)["input_ids"] if texts else []
     eos, special = tokenizer.eos_token_id, set(tokenizer.all_special_ids)
     cut = []
