@@ -142,7 +142,7 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, max_length: i
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids: list[int] = tokenizer(str(text), add_special_tokens=False)["input_ids"]
     else:
-        ids = tokenizer("\n\n".join(m["content"] for m in messages), add_special_tokens=True)["input_ids"]
+        ids = tokenizer(reward.plain_text(messages), add_special_tokens=True)["input_ids"]
     return ids[-max_length:]
 
 

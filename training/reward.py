@@ -115,16 +115,27 @@ def encode_all(
     tokenizer: PreTrainedTokenizerBase, rows: Sequence[tuple[str | Messages, str]], max_length: int
 ) -> list[list[int]]:
     """`encode` of every (prompt, answer) row, in one call of the tokenizer: a call a row costs 1.5
-    to 2 times as much (a scoring pass encodes a whole rollout batch, training all its pairs)."""
-    templated, texts = bool(tokenizer.chat_template), []
-    for prompt, answer in rows:
-        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        if templated:
-            text = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": answer}], tokenize=False)
-            texts.append(str(text))
-        else:
-            texts.append("\n\n".join(message["content"] for message in messages) + "\n\n" + answer)
-    encoded: list[list[int]] = tokenizer(texts, add_special_tokens=not templated)["input_ids"] if texts else []
+    to 2 times as much (a scoring pass encodes a whole rollout batch, training all its pairs).
+    Without a chat template, the prompt is `plain_text` and an encoder with a separator token
+    ([SEP]) reads prompt and answer as a text pair, "[CLS] prompt [SEP] answer [SEP]": where the
+    answer begins is marked, not lost in whitespace. Other tokenizers get them joined by a blank line."""
+    templated = bool(tokenizer.chat_template)
+    prompts = [prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}] for prompt, _ in rows]
+    answers = [answer for _, answer in rows]
+    encoded: list[list[int]] = []
+    if not rows:
+        pass
+    elif templated:
+        texts = [
+            str(tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": answer}], tokenize=False))
+            for messages, answer in zip(prompts, answers, strict=True)
+        ]
+        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    elif tokenizer.sep_token is not None:
+        encoded = tokenizer([plain_text(messages) for messages in prompts], answers)["input_ids"]
+    else:
+        joined = [f"{plain_text(messages)}\n\n{answer}" for messages, answer in zip(prompts, answers, strict=True)]
+        encoded = tokenizer(joined)["input_ids"]
     eos, special = tokenizer.eos_token_id, set(tokenizer.all_special_ids)
     cut = []
     for ids in encoded:
@@ -134,6 +145,14 @@ def encode_all(
         keep = 1 if ids and ids[0] in special else 0
         cut.append(ids if len(ids) <= max_length else ids[:keep] + ids[len(ids) - (max_length - keep) :])
     return cut
+
+
+def plain_text(messages: Messages) -> str:
+    """A prompt for a tokenizer without a chat template: a lone user turn as it is, a dialogue with
+    each turn labelled by its role ("User: ...", "Assistant: ..."), so that who said what survives."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    return "\n\n".join(f"{message['role'].capitalize()}: {message['content']}" for message in messages)
 
 
 def pad(sequences: Sequence[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:

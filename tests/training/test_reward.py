@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from tests.tiny_models import WORDS, make_model, make_tokenizer, marker_pairs
 from training.reward import (
@@ -219,6 +220,25 @@ def test_encoding_a_batch_gives_each_row_its_own_ids():
         assert tokenizer.decode(batched[7][-2:]) == ("w7 <eos>" if template is None else "banana w7")
         assert all((ids[-1] == tokenizer.eos_token_id) == (template is None) for ids in batched)
     assert encode_all(tokenizer, [], max_length=10) == []
+
+
+def test_an_encoder_reads_the_roles_and_where_the_answer_begins():
+    """Without a chat template a dialogue's turns keep their roles, and an encoder with [SEP] reads
+    prompt and answer as a text pair: blank lines between them would be whitespace to it."""
+    from training.reward import encode
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ":", "user", "assistant", *WORDS[:20]]
+    tokenizer = transformers.BertTokenizerFast(vocab={word: index for index, word in enumerate(words)})
+    dialogue = [{"role": "user", "content": "w1 w2"}, {"role": "assistant", "content": "w3"},
+                {"role": "user", "content": "w4"}]  # fmt: skip
+    assert tokenizer.decode(encode(tokenizer, dialogue, "w5 w6", 64)) == (
+        "[CLS] user : w1 w2 assistant : w3 user : w4 [SEP] w5 w6 [SEP]"
+    )
+    assert tokenizer.decode(encode(tokenizer, "w1 w2", "w5", 64)) == "[CLS] w1 w2 [SEP] w5 [SEP]"  # a lone turn
+    assert tokenizer.decode(encode(tokenizer, dialogue, "w5 w6", 6)) == "[CLS] w4 [SEP] w5 w6 [SEP]"  # cut left
+    word_level = make_tokenizer()  # no separator: a blank line between prompt and answer, then EOS
+    text = "User: w1 w2\n\nAssistant: w3\n\nUser: w4\n\nw5"
+    assert encode(word_level, dialogue, "w5", 64) == [*word_level(text)["input_ids"], word_level.eos_token_id]
 
 
 def test_truncation_keeps_the_answer_and_a_leading_special_token():
