@@ -137,7 +137,7 @@ def load_prompts(path: Path) -> list[Prompt]:
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, max_length: int) -> list[int]:
     """The prompt as the policy sees it, ready for the answer; cut from the left."""
-    messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    messages = reward.as_messages(prompt)
     if tokenizer.chat_template:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids: list[int] = tokenizer(str(text), add_special_tokens=False)["input_ids"]

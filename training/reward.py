@@ -119,13 +119,13 @@ def encode_all(
     Without a chat template, the prompt is `plain_text` and an encoder with a separator token
     ([SEP]) reads prompt and answer as a text pair, "[CLS] prompt [SEP] answer [SEP]": where the
     answer begins is marked, not lost in whitespace. Other tokenizers get them joined by a blank line."""
-    templated = bool(tokenizer.chat_template)
-    prompts = [prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}] for prompt, _ in rows]
-    answers = [answer for _, answer in rows]
-    encoded: list[list[int]] = []
     if not rows:
-        pass
-    elif templated:
+        return []
+    templated = bool(tokenizer.chat_template)
+    prompts = [as_messages(prompt) for prompt, _ in rows]
+    answers = [answer for _, answer in rows]
+    encoded: list[list[int]]
+    if templated:
         texts = [
             str(tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": answer}], tokenize=False))
             for messages, answer in zip(prompts, answers, strict=True)
@@ -145,6 +145,11 @@ def encode_all(
         keep = 1 if ids and ids[0] in special else 0
         cut.append(ids if len(ids) <= max_length else ids[:keep] + ids[len(ids) - (max_length - keep) :])
     return cut
+
+
+def as_messages(prompt: str | Messages) -> Messages:
+    """A text prompt as the one user turn it is; a conversational prompt as it is."""
+    return prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
 
 
 def plain_text(messages: Messages) -> str:
